@@ -1,0 +1,45 @@
+"""CRMA: a Sinkhorn-constrained residual mixing side channel that trains beside LoRA, plus ZClip.
+
+The core imports only torch (peft lazily, to dequantise 4-bit weights). The ablation engine lives in
+`crma.ablation`, the Gradio app in `app.py`.
+"""
+
+from __future__ import annotations
+
+from .config import CRMAConfig, ZClipConfig
+from .model import (
+    MixingReport,
+    active_adapter,
+    attach,
+    detach,
+    disable,
+    enable,
+    load,
+    mixing_report,
+    param_groups,
+    save,
+    set_active,
+)
+from .sinkhorn import sinkhorn
+from .zclip import ClipResult, ZClip, clip_by_norm
+
+__all__ = [
+    "CRMAConfig",
+    "ClipResult",
+    "MixingReport",
+    "ZClip",
+    "ZClipConfig",
+    "active_adapter",
+    "attach",
+    "clip_by_norm",
+    "detach",
+    "disable",
+    "enable",
+    "load",
+    "mixing_report",
+    "param_groups",
+    "save",
+    "set_active",
+    "sinkhorn",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,463 @@
+"""Pure chart builders of the ablation engine: `list[StepRecord] -> plotly Figure`, no I/O, no gradio.
+
+Every figure overlays all arms of a run with a fixed colour *and* dash per arm (`arm_style`), so the charts stay
+readable in grey-scale print and for colour-blind readers. When the records hold several seeds and no `seed` is
+chosen, each line is the mean over seeds per step with a faint min–max band.
+
+Traces are plain `go.Scatter` (not `Scattergl`): WebGL is missing in headless browsers and in kaleido's static
+export, and a 1,000-step × 4-arm run is only a few thousand points anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import plotly.graph_objects as go
+
+from crma.ablation.config import StepRecord
+
+# Okabe–Ito palette (colour-blind safe). The four named arms get fixed colours; anything else is hashed
+# (crc32, stable across processes, unlike `hash`) onto the rest.
+_ARM_COLOURS = {
+    "lora": "#0072B2",  # blue
+    "lora+crma": "#D55E00",  # vermillion
+    "lora+zclip": "#009E73",  # bluish green
+    "lora+mix": "#CC79A7",  # reddish purple
+}
+_SPARE_COLOURS = ("#E69F00", "#56B4E9", "#000000", "#F0E442")
+_ARM_DASHES = {"lora": "solid", "lora+crma": "dash", "lora+zclip": "dashdot", "lora+mix": "longdash"}
+_SPARE_DASHES = ("solid", "dash", "dashdot", "longdash")
+# A/A copies (`lora#2`, `lora#3`, ...) keep their arm's colour and take one of these instead; "dot" is left to the
+# post-clip gradient-norm lines.
+_COPY_DASHES = ("longdashdot", "8px,3px,2px,3px,2px,3px", "2px,5px", "12px,4px")
+
+_RAW_OPACITY = 0.25
+_BAND_ALPHA = 0.15
+_CRMA_METRICS = (
+    ("sigma2_mean", "σ₂ (1 = no mixing, 0 = full averaging)"),
+    ("dist_from_identity_mean", "‖M − I‖_F"),
+    ("composite_gain", "Composite gain over depth"),
+)
+
+
+def arm_style(arm: str) -> dict[str, str]:
+    """Fixed plotting style of an arm label: `{"color": "#RRGGBB", "dash": plotly dash}`.
+
+    Args:
+        arm (`str`): arm label such as `lora+crma`; an A/A copy `lora#2` keeps `lora`'s colour with another dash.
+
+    Returns:
+        `dict` with `color` (Okabe–Ito hex colour) and `dash` (a plotly `line.dash` value).
+    """
+    base, _, copy = arm.partition("#")
+    if base in _ARM_COLOURS:
+        colour, dash = _ARM_COLOURS[base], _ARM_DASHES[base]
+    else:
+        idx = zlib.crc32(base.encode("utf-8"))
+        colour, dash = _SPARE_COLOURS[idx % len(_SPARE_COLOURS)], _SPARE_DASHES[idx % len(_SPARE_DASHES)]
+    if copy:
+        n = int(copy) if copy.isdigit() else zlib.crc32(copy.encode("utf-8"))
+        dash = _COPY_DASHES[(max(n, 2) - 2) % len(_COPY_DASHES)]
+    return {"color": colour, "dash": dash}
+
+
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard-style debiased exponential moving average.
+
+    `s_t = weight · s_{t-1} + (1 − weight) · x_t`, divided by `1 − weight^n` (n = finite values seen so far) so the
+    first points are not pulled toward 0. Non-finite inputs give NaN at their position and leave the state unchanged,
+    so one NaN does not poison the rest of the curve.
+
+    Args:
+        values (`Sequence[float]`): the raw series (NaN/inf/None allowed).
+        weight (`float`): smoothing weight in [0, 1); 0 returns the values unchanged (non-finite ones as NaN).
+
+    Returns:
+        `list[float]` of the same length.
+    """
+    if not (isinstance(weight, (int, float)) and 0.0 <= weight < 1.0):
+        raise ValueError(f"`weight` must be a number in [0, 1); got {weight!r}")
+    out: list[float] = []
+    last, n = 0.0, 0
+    for v in values:
+        x = _f(v)
+        if not math.isfinite(x):
+            out.append(math.nan)
+            continue
+        last = last * weight + (1.0 - weight) * x
+        n += 1
+        out.append(last / (1.0 - weight**n))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# record plumbing
+
+
+def _f(v: object) -> float:
+    """Float of a record value; None and junk become NaN."""
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _none_if_bad(values: Iterable[float]) -> list[float | None]:
+    # Plotly draws a gap at None; NaN is converted too, but being explicit keeps the JSON strict.
+    return [v if math.isfinite(v) else None for v in values]
+
+
+def _select_seed(records: Sequence[StepRecord], seed: int | None) -> tuple[list[StepRecord], bool]:
+    """Records of `seed` (all when None) and whether several seeds are left to aggregate."""
+    seeds = sorted({r.seed for r in records})
+    if seed is None:
+        return list(records), len(seeds) > 1
+    if seed not in seeds:
+        raise ValueError(f"`seed` {seed!r} is not in the records; seeds present: {seeds}")
+    return [r for r in records if r.seed == seed], False
+
+
+def _group(records: Iterable[StepRecord]) -> dict[str, dict[int, list[StepRecord]]]:
+    """arm -> step -> records (one per seed); arms in order of first appearance, steps sorted."""
+    out: dict[str, dict[int, list[StepRecord]]] = {}
+    for r in records:
+        out.setdefault(r.arm, {}).setdefault(r.step, []).append(r)
+    return {arm: dict(sorted(by_step.items())) for arm, by_step in out.items()}
+
+
+@dataclass
+class _Series:
+    steps: list[int]
+    y: list[float]  # mean over the seeds whose value is finite; NaN where none is
+    lo: list[float] | None = None  # min / max over seeds (only when aggregating)
+    hi: list[float] | None = None
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (step, hover text) of non-finite / diverged points
+
+
+def _series(by_step: dict[int, list[StepRecord]], get: Callable[[StepRecord], float], multi: bool,
+            label: str) -> _Series:
+    s = _Series(steps=[], y=[], lo=[] if multi else None, hi=[] if multi else None)
+    for step, recs in by_step.items():
+        vals = [_f(get(r)) for r in recs]
+        good = [v for v in vals if math.isfinite(v)]
+        s.steps.append(step)
+        s.y.append(sum(good) / len(good) if good else math.nan)
+        if multi:
+            s.lo.append(min(good) if good else math.nan)  # type: ignore[union-attr]
+            s.hi.append(max(good) if good else math.nan)  # type: ignore[union-attr]
+        broken = [r for r, v in zip(recs, vals) if not math.isfinite(v) or r.diverged]
+        if broken:
+            where = ", ".join(f"seed {r.seed}: {_f(get(r))}" for r in broken)
+            s.bad.append((step, f"{label} diverged at step {step} ({where})"))
+    return s
+
+
+def _last_finite_before(steps: list[int], y: list[float], step: int) -> float | None:
+    best = None
+    for s, v in zip(steps, y):
+        if s > step:
+            break
+        if math.isfinite(v):
+            best = v
+    return best
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _band_traces(arm: str, s: _Series, weight: float, what: str) -> list[go.Scatter]:
+    """Faint min–max band over seeds: a lower edge, then an upper edge filled down to it (`tonexty`)."""
+    if s.lo is None or s.hi is None:
+        return []
+    lo, hi = (smooth(s.lo, weight), smooth(s.hi, weight)) if weight > 0 else (s.lo, s.hi)
+    colour = arm_style(arm)["color"]
+    common = dict(x=s.steps, mode="lines", line=dict(width=0, color=colour), legendgroup=arm, showlegend=False,
+                  hoverinfo="skip")
+    return [
+        go.Scatter(y=_none_if_bad(lo), name=f"{arm} {what} min", **common),
+        go.Scatter(y=_none_if_bad(hi), name=f"{arm} {what} max", fill="tonexty", fillcolor=_rgba(colour, _BAND_ALPHA),
+                   **common),
+    ]
+
+
+def _diverged_trace(arm: str, s: _Series, line_y: list[float]) -> go.Scatter | None:
+    """An "x" on the last finite value of the plotted line before each diverged step."""
+    xs, ys, texts = [], [], []
+    for step, text in s.bad:
+        y = _last_finite_before(s.steps, line_y, step)
+        if y is None:
+            continue
+        xs.append(step)
+        ys.append(y)
+        texts.append(text)
+    if not xs:
+        return None
+    colour = arm_style(arm)["color"]
+    return go.Scatter(x=xs, y=ys, mode="markers", name=f"{arm} diverged", legendgroup=arm, showlegend=False,
+                      marker=dict(symbol="x", size=13, color=colour, line=dict(width=1, color="#000000")),
+                      hovertext=texts, hovertemplate="%{hovertext}<extra></extra>")
+
+
+def _layout(fig: go.Figure, *, title: str, y_title: str, revision: str) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.01, xanchor="left"),
+        xaxis_title="step",
+        yaxis_title=y_title,
+        hovermode="x unified",
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0),
+        margin=dict(t=90, l=60, r=20, b=50),
+        # A constant uirevision keeps the user's zoom/pan and legend toggles when a live update replaces the figure.
+        uirevision=revision,
+    )
+    return fig
+
+
+def _seed_note(multi: bool, seed: int | None, records: Sequence[StepRecord]) -> str:
+    if multi:
+        return f" — mean of {len({r.seed for r in records})} seeds (band: min–max)"
+    return f" — seed {seed}" if seed is not None else ""
+
+
+def _check_weight(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ValueError(f"`{name}` must be a number in [0, 1); got {value!r}")
+
+
+def _empty(fig: go.Figure, text: str) -> go.Figure:
+    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, seed: int | None = None) -> go.Figure:
+    """Training loss vs step, every arm overlaid.
+
+    Args:
+        records (`Sequence[StepRecord]`): the run's records (any arms, any seeds).
+        smoothing (`float`): debiased EMA weight in [0, 1); when > 0 the raw line is drawn faint behind the smoothed.
+        seed (`int | None`): plot this seed only; None with several seeds plots the mean over seeds and a min–max band.
+
+    Returns:
+        `go.Figure`: traces in drawing order bands, raw lines, smoothed lines, divergence markers ("x" on the last
+        finite value, with hover text).
+    """
+    _check_weight("smoothing", smoothing)
+    recs, multi = _select_seed(records, seed)
+    fig = go.Figure()
+    bands, raws, lines, marks = [], [], [], []
+    for arm, by_step in _group(recs).items():
+        style = arm_style(arm)
+        s = _series(by_step, lambda r: r.loss, multi, arm)
+        bands += _band_traces(arm, s, smoothing, "loss")
+        y = smooth(s.y, smoothing) if smoothing > 0 else s.y
+        if smoothing > 0:
+            raws.append(go.Scatter(x=s.steps, y=_none_if_bad(s.y), mode="lines", name=f"{arm} (raw)",
+                                   legendgroup=arm, showlegend=False, opacity=_RAW_OPACITY, hoverinfo="skip",
+                                   line=dict(color=style["color"], dash=style["dash"], width=1)))
+        lines.append(go.Scatter(x=s.steps, y=_none_if_bad(y), mode="lines", name=arm, legendgroup=arm,
+                                line=dict(color=style["color"], dash=style["dash"], width=2),
+                                customdata=_none_if_bad(s.y),
+                                hovertemplate="%{y:.4f} (raw %{customdata:.4f})" if smoothing > 0 else "%{y:.4f}"))
+        mark = _diverged_trace(arm, s, y)
+        if mark is not None:
+            marks.append(mark)
+    fig.add_traces(bands + raws + lines + marks)
+    if not lines:
+        _empty(fig, "No records yet")
+    title = "Training loss" + (f" (EMA {smoothing:g}, raw faint)" if smoothing > 0 else "")
+    return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title="loss", revision="loss")
+
+
+def make_grad_norm_figure(records: Sequence[StepRecord], *, smoothing: float = 0.0, log_scale: bool = False,
+                          seed: int | None = None, show_post: bool = True) -> go.Figure:
+    """Pre-clip global gradient norm per arm, with clipped steps and spikes marked.
+
+    Args:
+        records (`Sequence[StepRecord]`): the run's records.
+        smoothing (`float`): EMA weight for the pre-clip line; when > 0 the raw line is drawn faint behind it.
+        log_scale (`bool`): logarithmic y axis.
+        seed (`int | None`): plot this seed only; None with several seeds plots the mean over seeds and a band.
+        show_post (`bool`): also draw the post-clip norm (thin, dotted, faint).
+
+    Returns:
+        `go.Figure`: clipped steps as small circles, spikes (`report.spike_steps` on the raw pre-clip series) as
+        larger triangles, divergence as "x".
+    """
+    # report imports this module for its figures; importing back here, at call time, avoids the cycle.
+    from crma.ablation.report import spike_steps
+
+    _check_weight("smoothing", smoothing)
+    recs, multi = _select_seed(records, seed)
+    fig = go.Figure()
+    bands, raws, posts, lines, marks = [], [], [], [], []
+    for arm, by_step in _group(recs).items():
+        style = arm_style(arm)
+        s = _series(by_step, lambda r: r.grad_norm_pre, multi, arm)
+        bands += _band_traces(arm, s, smoothing, "grad norm")
+        y = smooth(s.y, smoothing) if smoothing > 0 else s.y
+        if smoothing > 0:
+            raws.append(go.Scatter(x=s.steps, y=_none_if_bad(s.y), mode="lines", name=f"{arm} (raw)",
+                                   legendgroup=arm, showlegend=False, opacity=_RAW_OPACITY, hoverinfo="skip",
+                                   line=dict(color=style["color"], dash=style["dash"], width=1)))
+        if show_post:
+            post = _series(by_step, lambda r: r.grad_norm_post, multi, arm)
+            posts.append(go.Scatter(x=post.steps, y=_none_if_bad(post.y), mode="lines", name=f"{arm} post-clip",
+                                    legendgroup=arm, showlegend=False, opacity=0.6,
+                                    line=dict(color=style["color"], dash="dot", width=1),
+                                    hovertemplate="post-clip %{y:.3f}"))
+        lines.append(go.Scatter(x=s.steps, y=_none_if_bad(y), mode="lines", name=arm, legendgroup=arm,
+                                line=dict(color=style["color"], dash=style["dash"], width=2),
+                                hovertemplate="pre-clip %{y:.3f}"))
+        n_seeds = {step: len(rs) for step, rs in by_step.items()}
+        clipped = [(step, sum(r.clipped for r in rs)) for step, rs in by_step.items() if any(r.clipped for r in rs)]
+        raw_at = dict(zip(s.steps, s.y))
+        pts = [(st, raw_at[st], c) for st, c in clipped if math.isfinite(raw_at[st])]
+        if pts:
+            texts = [f"{arm} clipped at step {st}" + (f" in {c}/{n_seeds[st]} seeds" if multi else "")
+                     for st, _, c in pts]
+            marks.append(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers",
+                                    name=f"{arm} clipped", legendgroup=arm, showlegend=False,
+                                    marker=dict(symbol="circle", size=5, color=style["color"]),
+                                    hovertext=texts, hovertemplate="%{hovertext}<extra></extra>"))
+        spikes = spike_steps(s.y)
+        if spikes:
+            marks.append(go.Scatter(x=[s.steps[i] for i in spikes], y=[s.y[i] for i in spikes], mode="markers",
+                                    name=f"{arm} spike", legendgroup=arm, showlegend=False,
+                                    marker=dict(symbol="triangle-up", size=12, color=style["color"],
+                                                line=dict(width=1, color="#000000")),
+                                    hovertext=[f"{arm} spike at step {s.steps[i]}: {s.y[i]:.3g}" for i in spikes],
+                                    hovertemplate="%{hovertext}<extra></extra>"))
+        mark = _diverged_trace(arm, s, y)
+        if mark is not None:
+            marks.append(mark)
+    fig.add_traces(bands + raws + posts + lines + marks)
+    if not lines:
+        _empty(fig, "No records yet")
+    if log_scale:
+        fig.update_yaxes(type="log")
+    title = "Gradient norm before clipping" + (" (dotted: after clipping)" if show_post else "")
+    title += "; ● clipped, ▲ spike"
+    return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title="global L2 grad norm",
+                   revision="grad_norm")
+
+
+def _paired_delta(arm_steps: dict[int, list[StepRecord]], base_steps: dict[int, list[StepRecord]], multi: bool,
+                  label: str) -> _Series:
+    """loss(arm) − loss(baseline) per step, paired by seed, on the steps both have; non-finite pairs are skipped."""
+    s = _Series(steps=[], y=[], lo=[] if multi else None, hi=[] if multi else None)
+    for step in sorted(set(arm_steps) & set(base_steps)):
+        base = {r.seed: _f(r.loss) for r in base_steps[step]}
+        diffs = [_f(r.loss) - base[r.seed] for r in arm_steps[step] if r.seed in base]
+        diffs = [d for d in diffs if math.isfinite(d)]
+        if not diffs:
+            continue
+        s.steps.append(step)
+        s.y.append(sum(diffs) / len(diffs))
+        if multi:
+            s.lo.append(min(diffs))  # type: ignore[union-attr]
+            s.hi.append(max(diffs))  # type: ignore[union-attr]
+    return s
+
+
+def make_delta_figure(records: Sequence[StepRecord], *, baseline: str = "lora", smoothing: float = 0.6,
+                      seed: int | None = None) -> go.Figure:
+    """Loss difference `loss(arm) − loss(baseline)` per step for every other arm, with a zero line.
+
+    Below zero means the arm's loss is lower. The annotation (and `fig.layout.meta["lower_share"]`) gives, per arm,
+    the share of the paired steps on which its raw loss was strictly lower than the baseline's; with several seeds
+    and `seed=None` the share is taken on the mean-over-seeds difference.
+
+    Args:
+        records (`Sequence[StepRecord]`): the run's records.
+        baseline (`str`): the arm everything is compared with.
+        smoothing (`float`): EMA weight for the difference line; when > 0 the raw difference is drawn faint behind.
+        seed (`int | None`): plot this seed only; None with several seeds plots the mean paired difference and a band.
+
+    Returns:
+        `go.Figure`.
+    """
+    _check_weight("smoothing", smoothing)
+    recs, multi = _select_seed(records, seed)
+    groups = _group(recs)
+    if groups and baseline not in groups:
+        raise ValueError(f"`baseline` {baseline!r} is not an arm of the records; arms present: {list(groups)}")
+    fig = go.Figure()
+    bands, raws, lines, notes = [], [], [], []
+    shares: dict[str, float] = {}
+    for arm, by_step in groups.items():
+        if arm == baseline:
+            continue
+        style = arm_style(arm)
+        s = _paired_delta(by_step, groups[baseline], multi, arm)
+        if not s.steps:
+            continue
+        lower = sum(d < 0 for d in s.y)
+        shares[arm] = lower / len(s.y)
+        notes.append(f"<span style='color:{style['color']}'>{arm} lower on {100 * shares[arm]:.0f} % of steps "
+                     f"({lower}/{len(s.y)})</span>")
+        bands += _band_traces(arm, s, smoothing, "Δloss")
+        y = smooth(s.y, smoothing) if smoothing > 0 else s.y
+        if smoothing > 0:
+            raws.append(go.Scatter(x=s.steps, y=s.y, mode="lines", name=f"{arm} (raw)", legendgroup=arm,
+                                   showlegend=False, opacity=_RAW_OPACITY, hoverinfo="skip",
+                                   line=dict(color=style["color"], dash=style["dash"], width=1)))
+        lines.append(go.Scatter(x=s.steps, y=y, mode="lines", name=arm, legendgroup=arm,
+                                line=dict(color=style["color"], dash=style["dash"], width=2),
+                                customdata=s.y,
+                                hovertemplate="Δ %{y:+.4f} (raw %{customdata:+.4f})" if smoothing > 0
+                                else "Δ %{y:+.4f}"))
+    fig.add_traces(bands + raws + lines)
+    fig.add_hline(y=0, line=dict(color="#555555", width=1))
+    if notes:
+        fig.add_annotation(text="<br>".join(notes), x=0.01, y=0.98, xref="paper", yref="paper", xanchor="left",
+                           yanchor="top", showarrow=False, align="left", bgcolor="rgba(255,255,255,0.8)")
+    else:
+        _empty(fig, f"Need another arm besides {baseline!r} to compare")
+    fig.update_layout(meta={"baseline": baseline, "lower_share": shares})
+    title = f"Loss difference vs {baseline} (below 0: lower loss than {baseline})"
+    return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title=f"loss − loss({baseline})",
+                   revision="loss_delta")
+
+
+def make_mixing_figure(records: Sequence[StepRecord], *, seed: int | None = None) -> go.Figure:
+    """CRMA mixing diagnostics over steps for the arms that report them: σ₂, ‖M − I‖_F and the composite gain.
+
+    Args:
+        records (`Sequence[StepRecord]`): the run's records; only those with a `crma` dict are used.
+        seed (`int | None`): this seed only; None with several seeds plots the mean over seeds.
+
+    Returns:
+        `go.Figure` with three stacked panels sharing the step axis, one trace per CRMA arm and panel.
+    """
+    from plotly.subplots import make_subplots
+
+    recs, multi = _select_seed(records, seed)
+    fig = make_subplots(rows=len(_CRMA_METRICS), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[label for _, label in _CRMA_METRICS])
+    groups = _group(r for r in recs if r.crma)
+    for arm, by_step in groups.items():
+        style = arm_style(arm)
+        for row, (key, label) in enumerate(_CRMA_METRICS, start=1):
+            s = _series(by_step, lambda r, k=key: (r.crma or {}).get(k), multi, arm)
+            fig.add_trace(go.Scatter(x=s.steps, y=_none_if_bad(s.y), mode="lines+markers", name=arm,
+                                     legendgroup=arm, showlegend=row == 1, marker=dict(size=5),
+                                     line=dict(color=style["color"], dash=style["dash"], width=2),
+                                     hovertemplate=f"{label}: %{{y:.4g}}<extra>{arm}</extra>"),
+                          row=row, col=1)
+    if not groups:
+        _empty(fig, "No CRMA diagnostics in these records (no CRMA arm, or before the first diag step)")
+    _layout(fig, title="CRMA mixing diagnostics" + _seed_note(multi, seed, recs), y_title="", revision="mixing")
+    fig.update_xaxes(title_text=None)
+    fig.update_xaxes(title_text="step", row=len(_CRMA_METRICS), col=1)
+    fig.update_layout(height=720)
+    return fig

@@ -1,0 +1,150 @@
+"""CRMABlock: the per-decoder-block parameters and math of the CRMA side channel.
+
+Einsum letters: `b` batch, `t` tokens, `d` model dim, `r` stream rank, `s`/`i`/`j` streams (n of them).
+
+Per block l, with h the block input and y its output (base + LoRA):
+
+    u   = rmsnorm(y - h) @ A                   # b t r    the block's update, projected to rank r
+    M   = sinkhorn(log_mix)                    # i j      doubly stochastic
+    S'  = M (S + post (x) u)                   # b t i r  write, then mix (S = 0 before the first block)
+    c   = rho^T S'                             # b t r    read
+    out = y + (alpha * c) @ B                  # b t d    B = 0 at init: exactly y
+
+with post = 2 sigmoid(write_logits), rho = softmax(read_logits), alpha = exp(clamp(log_alpha)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import CRMAConfig
+from .sinkhorn import sinkhorn
+
+
+class _RMSUpdateProjection(torch.autograd.Function):
+    """u = rmsnorm(y - h) @ A in fp32, without keeping the d-wide fp32 update alive for backward.
+
+    Autograd would save (y - h) in fp32 and its normalised copy: two full-width fp32 tensors per block.
+    y and h are kept by the surrounding graph anyway (they feed the next block's norm), so backward
+    recomputes the update from them and only a per-token scale is stored here.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, h: torch.Tensor, A: torch.Tensor, eps: float) -> torch.Tensor:
+        ctype = torch.promote_types(torch.promote_types(y.dtype, A.dtype), torch.float32)  # fp64 stays fp64
+        delta = y.to(ctype) - h.to(ctype)
+        inv_rms = torch.rsqrt(delta.pow(2).mean(-1, keepdim=True) + eps)  # b t 1
+        u = (delta * inv_rms) @ A.to(ctype)
+        ctx.save_for_backward(y, h, A, inv_rms)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u: torch.Tensor):
+        y, h, A, inv_rms = ctx.saved_tensors
+        ctype = inv_rms.dtype
+        delta_hat = (y.to(ctype) - h.to(ctype)) * inv_rms
+        grad_u = grad_u.to(ctype)
+        grad_A = None
+        if ctx.needs_input_grad[2]:
+            grad_A = torch.einsum("btd,btr->dr", delta_hat, grad_u).to(A.dtype)
+        grad_y = grad_h = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            g_hat = grad_u @ A.to(ctype).t()  # b t d
+            # d/d(delta) of delta * rsqrt(mean(delta^2)): project out the component along delta_hat.
+            grad_delta = inv_rms * (g_hat - delta_hat * (g_hat * delta_hat).mean(-1, keepdim=True))
+            if ctx.needs_input_grad[0]:
+                grad_y = grad_delta.to(y.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_h = (-grad_delta).to(h.dtype)
+        return grad_y, grad_h, grad_A, None
+
+
+def orthonormal_basis(d: int, r: int, *, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A seeded random d x r matrix with orthonormal columns (does not touch the global RNG)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+    return q.to(device=device, dtype=torch.float32)
+
+
+def principal_basis(weights: list[torch.Tensor], r: int) -> torch.Tensor:
+    """Top-r left singular vectors of the column-concatenated writing weights `[W_o | W_down]` (each d x k).
+
+    Computed from the d x d Gram matrix with `eigh` (deterministic, and d^2 memory instead of a d x (k1+k2) SVD),
+    in float64 for accuracy; each column's sign is fixed so its largest entry is positive.
+    """
+    gram = sum(w.to(torch.float64) @ w.to(torch.float64).t() for w in weights)
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    basis = vecs[:, -r:].flip(-1)
+    rows = basis.abs().argmax(0)
+    signs = torch.sign(basis[rows, torch.arange(r, device=basis.device)])
+    return (basis * signs).to(torch.float32)
+
+
+class CRMABlock(nn.Module):
+    """The trainable CRMA parameters of one decoder block, all fp32.
+
+    Args:
+        config (`CRMAConfig`): shared settings.
+        hidden_size (`int`): d.
+        index (`int`): the block's depth l; sets which stream it writes and reads first.
+        device (`torch.device | str | None`): where the parameters live (`meta` is allowed).
+    """
+
+    def __init__(self, config: CRMAConfig, hidden_size: int, index: int, device: torch.device | str | None = None):
+        super().__init__()
+        n, r, d = config.n_streams, config.rank, hidden_size
+        self.config = config
+        self.index = index
+        kw = {"device": device, "dtype": torch.float32}
+        self.crma_A = nn.Parameter(torch.zeros(d, r, **kw))
+        self.crma_B = nn.Parameter(torch.zeros(r, d, **kw))
+        self.crma_log_mix = nn.Parameter(torch.zeros(n, n, **kw))
+        self.crma_read_logits = nn.Parameter(torch.zeros(n, **kw))
+        self.crma_write_logits = nn.Parameter(torch.zeros(n, **kw))
+        self.crma_log_alpha = nn.Parameter(torch.zeros((), **kw))
+        self.reset_structure()
+
+    @torch.no_grad()
+    def reset_structure(self) -> None:
+        """Near-identity init of everything but A: B = 0, M = p on the diagonal, peaked reads/writes, alpha."""
+        cfg, n = self.config, self.config.n_streams
+        if self.crma_B.is_meta:
+            return
+        self.crma_B.zero_()
+        self.crma_log_mix.copy_(torch.eye(n) * cfg.mix_init_logit)
+        # Peaked, rotating reads and writes: with uniform reads rho^T M = rho^T for every doubly stochastic M,
+        # so the mixing would be invisible to the loss and get no gradient (see the design doc).
+        home = torch.full((n,), -1.0)
+        home[self.index % n] = 1.0
+        self.crma_read_logits.copy_(home * cfg.read_init)
+        self.crma_write_logits.copy_(home * cfg.write_init)
+        self.crma_log_alpha.fill_(math.log(cfg.gate_init))
+
+    def mixing_matrix(self) -> torch.Tensor:
+        """M = sinkhorn(log_mix), fp32, (n, n)."""
+        return sinkhorn(self.crma_log_mix, self.config.sinkhorn_iters)
+
+    def gate(self) -> torch.Tensor:
+        """alpha = exp(clamp(log_alpha))."""
+        return self.crma_log_alpha.clamp(self.config.log_alpha_min, self.config.log_alpha_max).exp()
+
+    def forward(
+        self, h: torch.Tensor, y: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (the block output with the CRMA read added, the new side state S' of shape b t n r)."""
+        device_type = y.device.type if y.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+        # The side channel is O(d*r) per token: run it in fp32 whatever the surrounding autocast does.
+        with torch.autocast(device_type=device_type, enabled=False):
+            u = _RMSUpdateProjection.apply(y, h, self.crma_A, self.config.eps)  # b t r
+            post = 2.0 * torch.sigmoid(self.crma_write_logits)  # s
+            written = torch.einsum("s,btr->btsr", post, u)
+            if state is not None:
+                written = written + state.to(written.device)
+            new_state = torch.einsum("ij,btjr->btir", self.mixing_matrix(), written)
+            read = torch.einsum("i,btir->btr", torch.softmax(self.crma_read_logits, -1), new_state)
+            # Scale the r-wide read, not the d-wide product, so nothing d-wide is saved for the gate's gradient.
+            delta = (self.gate() * read) @ self.crma_B
+        return y + delta.to(y.dtype), new_state

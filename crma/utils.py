@@ -1,0 +1,47 @@
+"""Helpers shared across the package (the one place they live)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED = "Llama, Mistral, Qwen2 and other decoders whose blocks sit in a `model.layers` ModuleList"
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of a (possibly peft-wrapped) HF causal LM, or a ValueError naming the need."""
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and name.rsplit(".", 1)[-1] == "layers"
+            and len(module) > 0
+            and all(hasattr(block, "self_attn") and hasattr(block, "mlp") for block in module)
+        ):
+            return module
+    raise ValueError(
+        f"CRMA supports {SUPPORTED} (each block with `self_attn` and `mlp`); "
+        f"found no such `layers` ModuleList in {type(model).__name__}"
+    )
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The model (residual stream) width d, read from the HF config."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "hidden_size", None)
+    if not isinstance(size, int):
+        raise ValueError(f"cannot read `hidden_size` from the config of {type(model).__name__}")
+    return size
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (each block may sit on its own device under a device_map)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameter elements; 4-bit packed weights count as stored."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
