@@ -351,8 +351,8 @@ def make_grad_norm_figure(records: Sequence[StepRecord], *, smoothing: float = 0
                    revision="grad_norm")
 
 
-def _paired_delta(arm_steps: dict[int, list[StepRecord]], base_steps: dict[int, list[StepRecord]], multi: bool,
-                  label: str) -> _Series:
+def _paired_delta(arm_steps: dict[int, list[StepRecord]], base_steps: dict[int, list[StepRecord]],
+                  multi: bool) -> _Series:
     """loss(arm) − loss(baseline) per step, paired by seed, on the steps both have; non-finite pairs are skipped."""
     s = _Series(steps=[], y=[], lo=[] if multi else None, hi=[] if multi else None)
     for step in sorted(set(arm_steps) & set(base_steps)):
@@ -398,7 +398,7 @@ def make_delta_figure(records: Sequence[StepRecord], *, baseline: str = "lora", 
         if arm == baseline:
             continue
         style = arm_style(arm)
-        s = _paired_delta(by_step, groups[baseline], multi, arm)
+        s = _paired_delta(by_step, groups[baseline], multi)
         if not s.steps:
             continue
         lower = sum(d < 0 for d in s.y)

@@ -1,0 +1,365 @@
+"""CRMA core on tiny config-built models: identity at init, gradients, switches, save/load, peft, 4-bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+import crma
+from crma import CRMAConfig
+from crma.model import expected_parameter_count
+
+ARCHS = ["llama", "mistral", "qwen2"]
+
+
+def _ids(batch: int = 2, tokens: int = 12, vocab: int = 259) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(1))
+
+
+def _crma_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if ".crma." in n}
+
+
+def _randomize_up(model: torch.nn.Module, scale: float = 0.05) -> None:
+    """Give B non-zero values so the side channel actually changes the output."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in _crma_params(model).items():
+            if name.endswith("crma_B"):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_at_step0_logits_and_every_hidden_state(arch: str) -> None:
+    model = make_tiny_llama(layers=3, model_type=arch)
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True)
+        crma.attach(model, CRMAConfig())
+        adapted = model(ids, output_hidden_states=True)
+    assert torch.equal(base.logits, adapted.logits)
+    assert len(adapted.hidden_states) == 4
+    for before, after in zip(base.hidden_states, adapted.hidden_states):
+        assert torch.equal(before, after)
+
+
+def test_hidden_states_capture_sees_crma_output() -> None:
+    model = make_tiny_llama(layers=2)
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True)  # installs transformers' capture hooks before CRMA
+        crma.attach(model)
+        _randomize_up(model)
+        adapted = model(ids, output_hidden_states=True)
+    assert torch.equal(base.hidden_states[0], adapted.hidden_states[0])
+    assert not torch.equal(base.hidden_states[1], adapted.hidden_states[1])
+
+
+def test_every_crma_parameter_gets_a_real_gradient_from_the_second_step() -> None:
+    model = make_tiny_llama(layers=3).train()
+    crma.attach(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".crma." in name)
+    optimizer = torch.optim.AdamW(crma.param_groups(model, 1e-3, 1e-2, 1e-2))
+    ids = _ids()
+    with torch.no_grad():
+        logits0 = model(ids).logits
+    for step in range(3):
+        model(ids, labels=ids).loss.backward()
+        for name, p in _crma_params(model).items():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            size = p.grad.abs().max().item()
+            if step == 0:  # B = 0: only B moves, exactly like LoRA's first step
+                assert (size > 1e-4) == name.endswith("crma_B"), (name, size)
+            else:
+                assert size > 1e-5, (step, name, size)  # log_mix of layer 0 and the read/write logits included
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, logits0)
+
+
+def test_parameter_count_mistral_7b_on_meta() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    crma.attach(model)
+    assert sum(p.numel() for p in _crma_params(model).values()) == 1_049_088
+    assert expected_parameter_count(32, 4096) == 1_049_088
+    assert expected_parameter_count(22, 2048) == 360_800
+    assert all(p.requires_grad and p.dtype == torch.float32 and p.is_meta for p in _crma_params(model).values())
+
+
+def test_attach_changes_no_other_requires_grad_and_params_are_fp32() -> None:
+    model = make_tiny_llama().to(torch.bfloat16)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    crma.attach(model)
+    after = {n: p.requires_grad for n, p in model.named_parameters() if ".crma." not in n}
+    assert after == before
+    assert all(p.dtype == torch.float32 for p in _crma_params(model).values())
+    _randomize_up(model)
+    with torch.no_grad():
+        out = model(_ids()).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_same_loss_and_gradients(reentrant: bool) -> None:
+    model = make_tiny_llama(layers=3).train()
+    crma.attach(model)
+    _randomize_up(model)
+    twin = copy.deepcopy(model)
+    twin.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    twin.enable_input_require_grads()
+    ids = _ids()
+    loss_a = model(ids, labels=ids).loss
+    loss_b = twin(ids, labels=ids).loss
+    loss_a.backward()
+    loss_b.backward()
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    grads_b = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        assert grads_b[name].grad is not None, name
+        assert torch.allclose(p.grad, grads_b[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_generate_with_kv_cache_equals_without() -> None:
+    model = make_tiny_llama(layers=2)
+    crma.attach(model)
+    _randomize_up(model, scale=0.5)
+    prompt = _ids(batch=1, tokens=6)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+        crma.disable(model)
+        plain = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (1, 18)
+    assert not torch.equal(cached, plain)  # the side channel really acts during decoding
+
+
+def test_disable_enable_and_detach_restore_the_base_exactly() -> None:
+    model = make_tiny_llama()
+    ids = _ids()
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        base = model(ids).logits
+        crma.attach(model)
+        _randomize_up(model)
+        on = model(ids).logits
+        crma.disable(model)
+        assert crma.active_adapter(model) is None
+        assert torch.equal(model(ids).logits, base)
+        crma.enable(model)
+        assert torch.equal(model(ids).logits, on)
+        crma.detach(model)
+        assert torch.equal(model(ids).logits, base)
+    assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="no CRMA adapter"):
+        crma.mixing_report(model)
+
+
+def test_named_adapters_are_independent() -> None:
+    model = make_tiny_llama()
+    crma.attach(model, adapter_name="a")
+    crma.attach(model, CRMAConfig(n_streams=4), adapter_name="b")
+    assert crma.active_adapter(model) == "b"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".crma." in n}
+    assert trainable and all(".crma.b." in n for n in trainable)
+    crma.set_active(model, "a")
+    assert len(crma.mixing_report(model).layers) == 2
+    with pytest.raises(ValueError, match="already attached"):
+        crma.attach(model, adapter_name="a")
+    with pytest.raises(ValueError, match="no CRMA adapter named 'zz'"):
+        crma.set_active(model, "zz")
+
+
+def test_param_groups() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    crma.attach(model)
+    groups = {g["name"]: g for g in crma.param_groups(model, 1e-4, 1e-2, 1e-3, weight_decay=0.1)}
+    assert (groups["proj"]["lr"], groups["proj"]["weight_decay"]) == (1e-4, 0.1)
+    assert (groups["structural"]["lr"], groups["structural"]["weight_decay"]) == (1e-2, 0.0)
+    assert (groups["gate"]["lr"], groups["gate"]["weight_decay"]) == (1e-3, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(("lora_A.default.weight", "lora_B.default.weight", "crma_A", "crma_B"))
+               for p in groups["proj"]["params"])
+    assert len(groups["structural"]["params"]) == 3 * 2 and len(groups["gate"]["params"]) == 2
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_mixing_report_at_init() -> None:
+    model = make_tiny_llama(layers=3)
+    crma.attach(model)
+    report = crma.mixing_report(model)
+    assert [x.index for x in report.layers] == [0, 1, 2]
+    for layer in report.layers:
+        assert layer.sigma1 == pytest.approx(1.0, abs=1e-9)
+        assert layer.sigma2 == pytest.approx(0.85, abs=1e-6)  # eigenvalues of 0.9 I + 0.05 (J - I)
+        assert layer.max_row_err < 1e-9 and layer.max_col_err < 1e-9
+        assert layer.dist_from_identity == pytest.approx((3 * 0.1**2 + 6 * 0.05**2) ** 0.5, rel=1e-6)
+        assert layer.alpha == pytest.approx(1.0)
+    assert report.composite_gain == pytest.approx(1.0, abs=1e-9)
+    assert set(report.summary()) >= {"sigma2_mean", "max_rowcol_err", "composite_gain"}
+
+
+def test_principal_init_spans_the_top_subspace_of_the_writing_weights() -> None:
+    model = make_tiny_llama(layers=2)
+    crma.attach(model, CRMAConfig(rank=4))
+    layer = model.model.layers[1]
+    a = layer.crma["default"].crma_A.detach().double()
+    assert torch.allclose(a.t() @ a, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    w = torch.cat([layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight], dim=1).double()
+    u = torch.linalg.svd(w, full_matrices=False).U[:, :4]
+    assert torch.allclose(u @ u.t(), a @ a.t(), atol=1e-5)  # same projector, whatever the signs
+
+
+def test_orthonormal_init_is_seeded_and_leaves_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    m1, m2 = make_tiny_llama(), make_tiny_llama()
+    torch.set_rng_state(state)
+    crma.attach(m1, CRMAConfig(init_A="orthonormal"))
+    assert torch.equal(torch.get_rng_state(), state)
+    crma.attach(m2, CRMAConfig(init_A="orthonormal"))
+    a1 = m1.model.layers[0].crma["default"].crma_A
+    assert torch.equal(a1, m2.model.layers[0].crma["default"].crma_A)
+    assert torch.allclose(a1.t() @ a1, torch.eye(4), atol=1e-5)
+
+
+def test_save_load_round_trip_reproduces_logits(tmp_path) -> None:
+    model = make_tiny_llama()
+    crma.attach(model, CRMAConfig(n_streams=4, rank=2))
+    _randomize_up(model)
+    with torch.no_grad():
+        for name, p in _crma_params(model).items():
+            if not name.endswith("crma_B"):
+                p.add_(torch.randn_like(p) * 0.1)
+        expected = model(_ids()).logits
+    crma.save(model, tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"crma_config.json", "crma.safetensors"}
+    fresh = make_tiny_llama()
+    crma.load(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh(_ids()).logits, expected)
+    assert fresh.model.layers[0].crma["default"].config == CRMAConfig(n_streams=4, rank=2)
+
+
+def test_load_onto_another_architecture_size_is_a_clear_error(tmp_path) -> None:
+    model = make_tiny_llama(layers=2, hidden=32)
+    crma.attach(model)
+    crma.save(model, tmp_path)
+    with pytest.raises(ValueError, match="num_layers=2.*num_layers=3"):
+        crma.load(make_tiny_llama(layers=3, hidden=32), tmp_path)
+    with pytest.raises(ValueError, match="hidden_size=32.*hidden_size=64"):
+        crma.load(make_tiny_llama(layers=2, hidden=64), tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a CRMA adapter"):
+        crma.load(model, tmp_path / "nothing")
+
+
+def test_unsupported_model_is_a_clear_error() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="`model.layers`.*GPT2LMHeadModel"):
+        crma.attach(model)
+
+
+def test_pissa_lora_plus_crma_is_identical_at_step0() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_llama(layers=2)
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                          init_lora_weights="pissa_niter_4", lora_dropout=0.0)
+    )
+    crma.attach(peft_model)
+    with torch.no_grad():
+        adapted = peft_model(ids, output_hidden_states=True)
+    # PiSSA itself splits W into residual + BA, which is exact only up to fp32 rounding; CRMA adds exactly 0.
+    assert torch.allclose(base.logits, adapted.logits, atol=1e-5)
+    crma.disable(peft_model)
+    with torch.no_grad():
+        without = peft_model(ids, output_hidden_states=True)
+    assert torch.equal(without.logits, adapted.logits)
+    for a, b in zip(without.hidden_states, adapted.hidden_states):
+        assert torch.equal(a, b)
+
+
+def test_peft_adapter_files_are_unaffected_by_crma(tmp_path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    peft_model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    crma.attach(peft_model)
+    _randomize_up(peft_model)
+    with torch.no_grad():
+        expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(tmp_path / "lora")
+    crma.save(peft_model, tmp_path / "lora")
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "lora")
+    crma.load(reloaded, tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.equal(reloaded(_ids()).logits, expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(layers=2, hidden=64).save_pretrained(path)
+    return path
+
+
+def test_4bit_path_attaches_trains_a_step_and_saves(tiny_checkpoint, tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=quant, dtype=torch.float32)
+    assert type(model.model.layers[0].self_attn.o_proj.weight).__name__ == "Params4bit"
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    crma.attach(model)
+    a = model.base_model.model.model.layers[0].crma["default"].crma_A
+    assert torch.allclose(a.t() @ a, torch.eye(4), atol=1e-4)  # principal init from dequantised weights
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    optimizer = torch.optim.AdamW(crma.param_groups(model, 1e-3, 1e-2, 1e-2))
+    for _ in range(2):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.isfinite(loss)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, before)
+    crma.save(model, tmp_path)
+    assert (tmp_path / "crma.safetensors").stat().st_size > 0
+
+
+def test_config_json_round_trip_and_validation() -> None:
+    cfg = CRMAConfig(n_streams=4, rank=8, init_A="orthonormal")
+    assert CRMAConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="`rank` must be a positive integer; got 0"):
+        CRMAConfig(rank=0)
+    with pytest.raises(ValueError, match="init_A"):
+        CRMAConfig(init_A="svd")
+    with pytest.raises(ValueError, match="unknown CRMAConfig field"):
+        CRMAConfig.from_dict({"streams": 3})
