@@ -60,7 +60,10 @@ class AblationConfig:
         crma_streams, crma_rank (`int`): CRMA side channel size.
         zclip_alpha, zclip_z_thresh (`float`), zclip_warmup (`int`): ZClip settings (published defaults).
         warmup_steps (`int`): linear LR warm-up steps, then linear decay to 0 (HF Trainer's default schedule).
-        spike_at (`int | None`): stress test: at this step every arm gets the same corrupted batch.
+        spike_at (`int | None`): stress test: at this step every arm gets the same corrupted batch (random tokens)
+            and its loss is multiplied by `spike_scale` for the backward pass, so a gradient spike happens even on a
+            model whose loss on random tokens is not unusual (a random-init one); the logged loss is the unscaled one.
+        spike_scale (`float`): gradient multiplier of the spike step.
         diag_every (`int`): steps between CRMA mixing diagnostics.
         device (`str`): `auto`, `cpu` or `cuda`.
         dtype (`str`): `auto` (bf16 on GPU, fp32 on CPU), `float32` or `bfloat16`.
@@ -95,6 +98,7 @@ class AblationConfig:
     zclip_warmup: int = 25
     warmup_steps: int = 0
     spike_at: int | None = None
+    spike_scale: float = 20.0
     diag_every: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -123,6 +127,8 @@ class AblationConfig:
              "an integer in [0, steps)")
         need(self.spike_at is None or (isinstance(self.spike_at, int) and 1 <= self.spike_at <= self.steps),
              "spike_at", "None or a step in [1, steps]")
+        need(isinstance(self.spike_scale, (int, float)) and 1 <= self.spike_scale <= 1e4, "spike_scale",
+             "a number in [1, 10000]")
         need(self.seeds is None or (len(self.seeds) > 0 and all(isinstance(s, int) for s in self.seeds)), "seeds",
              "None or a non-empty list of integers")
         need(len(self.arms) > 0 and all(a in ARM_SPECS for a in self.arms), "arms",
@@ -202,3 +208,38 @@ class StepRecord:
     def from_dict(cls, data: dict[str, Any]) -> StepRecord:
         """Inverse of `to_dict()`."""
         return cls(**data)
+
+
+@dataclass
+class Phase:
+    """A progress message between steps (loading the model, setting up a seed, writing files)."""
+
+    message: str
+    seed: int | None = None
+
+
+@dataclass
+class RunResult:
+    """The end of a run: always yielded last, also when the run stopped or failed (partial records kept).
+
+    Args:
+        status (`"finished" | "stopped" | "failed"`): how the run ended.
+        error (`str | None`): one-line reason when failed or stopped early for a cap.
+        config (`AblationConfig`): the run's config.
+        records (`list[StepRecord]`): every step record of every arm and seed.
+        summary (`dict`): `summary.json` content (per-arm figures, deltas, seeds, fairness receipt).
+        out_dir (`str | None`): folder holding the files, when one was given.
+        files (`list[str]`): files written, relative to `out_dir`.
+        notes (`list[str]`): honest remarks about the run (fallbacks taken, figures not available).
+        wall_s (`float`): wall time of the whole run.
+    """
+
+    status: Literal["finished", "stopped", "failed"]
+    error: str | None
+    config: AblationConfig
+    records: list[StepRecord]
+    summary: dict[str, Any]
+    out_dir: str | None = None
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0

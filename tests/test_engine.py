@@ -1,0 +1,133 @@
+"""The paired ablation engine on the tiny-random model and the bundled data (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from crma.ablation.config import AblationConfig, Phase, RunResult, StepRecord
+from crma.ablation.engine import _Session, arm_labels, run_ablation
+
+FAST = dict(model="tiny-random", dataset="bundled", rows=16, steps=4, batch_size=2, seq_len=160, diag_every=2,
+            zclip_warmup=2)
+
+
+def run(tmp_path=None, stop=None, **overrides) -> tuple[list[StepRecord], RunResult]:
+    cfg = AblationConfig(**{**FAST, "save_adapters": False, **overrides})
+    events = list(run_ablation(cfg, out_dir=tmp_path, stop=stop))
+    result = events[-1]
+    assert isinstance(result, RunResult)
+    assert all(isinstance(e, (Phase, StepRecord)) for e in events[:-1])
+    return [e for e in events if isinstance(e, StepRecord)], result
+
+
+def by_arm(records: list[StepRecord], arm: str) -> list[StepRecord]:
+    return [r for r in records if r.arm == arm]
+
+
+def metrics(record: StepRecord) -> tuple:
+    return (record.loss, record.grad_norm_pre, record.grad_norm_post, record.clipped, record.lr, record.tokens)
+
+
+def test_arm_labels_number_repeats() -> None:
+    assert arm_labels(["lora", "lora+crma", "lora", "lora"]) == ["lora", "lora+crma", "lora#2", "lora#3"]
+
+
+@pytest.mark.parametrize("arm", ["lora", "lora+crma"])
+def test_aa_control_is_bit_identical(arm: str) -> None:
+    records, result = run(arms=[arm, arm])
+    assert result.status == "finished", result.error
+    a, b = by_arm(records, arm), by_arm(records, f"{arm}#2")
+    assert len(a) == len(b) == 4
+    assert [metrics(r) for r in a] == [metrics(r) for r in b]
+    assert all(torch.isfinite(torch.tensor(r.loss)) for r in a)
+
+
+def test_lockstep_records_and_fairness_receipt() -> None:
+    records, result = run(arms=["lora", "lora+crma", "lora+zclip", "lora+mix"])
+    assert result.status == "finished", result.error
+    assert [(r.step, r.arm) for r in records[:4]] == [(1, "lora"), (1, "lora+crma"), (1, "lora+zclip"), (1, "lora+mix")]
+    receipt = result.summary["receipt"]
+    assert receipt["lora_init_equal"] and len(set(receipt["lora_init_sha256"].values())) == 1
+    assert receipt["batches_seen_equal"]
+    assert receipt["differs_only_in_adapter"]
+    assert set(receipt["config_diff"]) <= {"crma", "crma_streams", "crma_rank", "structural_lr", "gate_lr",
+                                           "clipper", "zclip"}
+    assert receipt["config_diff"]["crma"] == {"lora": False, "lora+crma": True, "lora+zclip": False, "lora+mix": True}
+    # step 1: identical LoRA init, identical batch, CRMA exact identity at init -> identical loss in every arm
+    assert len({r.loss for r in records[:4]}) == 1
+    crma_diag = [r.crma for r in by_arm(records, "lora+crma") if r.crma]
+    assert crma_diag and crma_diag[0]["composite_gain"] == pytest.approx(1.0, abs=1e-6)
+    assert all(r.crma is None for r in by_arm(records, "lora"))
+    summary = result.summary["arms"]
+    assert summary["lora+crma"]["trainable_params"] > summary["lora"]["trainable_params"]
+
+
+def test_arms_differ_only_through_the_adapter_after_training() -> None:
+    records, _ = run(arms=["lora", "lora+crma"], steps=6)
+    lora, crma_arm = by_arm(records, "lora"), by_arm(records, "lora+crma")
+    assert lora[0].loss == crma_arm[0].loss
+    assert any(a.loss != b.loss for a, b in zip(lora[2:], crma_arm[2:]))
+
+
+def test_diverging_arm_stops_alone(monkeypatch) -> None:
+    original = _Session.setup
+
+    def poisoned(self):
+        original(self)
+        arm = next(a for a in self.arms if a.label == "lora+crma")
+        with torch.no_grad():
+            block = self.model.base_model.model.model.layers[0].crma[arm.adapter]
+            block.crma_B.fill_(float("nan"))
+
+    monkeypatch.setattr(_Session, "setup", poisoned)
+    records, result = run(arms=["lora", "lora+crma"])
+    assert result.status == "finished"
+    bad = by_arm(records, "lora+crma")
+    assert len(bad) == 1 and bad[0].diverged
+    assert len(by_arm(records, "lora")) == 4 and not any(r.diverged for r in by_arm(records, "lora"))
+    assert result.summary["arms"]["lora+crma"]["diverged"] is True
+
+
+def test_stop_keeps_partial_results(tmp_path) -> None:
+    stop = threading.Event()
+    cfg = AblationConfig(**{**FAST, "steps": 20, "save_adapters": True})
+    seen = []
+    for event in run_ablation(cfg, out_dir=tmp_path, stop=stop):
+        if isinstance(event, StepRecord):
+            seen.append(event)
+            if len(seen) == 6:
+                stop.set()
+        result = event
+    assert result.status == "stopped" and len(result.records) == 6
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 1, 2, 2, 3, 3]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped"
+    assert (tmp_path / "adapters" / "lora" / "adapter_model.safetensors").exists()
+
+
+def test_spike_stress_hits_every_arm_at_the_chosen_step() -> None:
+    records, _ = run(arms=["lora", "lora+crma"], steps=5, spike_at=4)
+    for arm in ("lora", "lora+crma"):
+        norms = [r.grad_norm_pre for r in by_arm(records, arm)]
+        assert norms[3] > 3 * max(norms[1:3]), norms
+
+
+def test_several_seeds_restore_the_base_between_seeds() -> None:
+    records, result = run(arms=["lora", "lora+crma"], seeds=[1, 2], steps=3)
+    alone, _ = run(arms=["lora", "lora+crma"], seed=2, steps=3)
+    assert [metrics(r) for r in records if r.seed == 2] == [metrics(r) for r in alone]
+    assert {r.seed for r in records} == {1, 2}
+    assert "across_seeds" in result.summary
+
+
+def test_bad_inputs_fail_with_a_clear_message() -> None:
+    _, result = run(start=100_000)
+    assert result.status == "failed" and "past the end" in result.error
+    _, result = run(model="no-such-org/no-such-model")
+    assert result.status == "failed" and "no-such-org/no-such-model" in result.error
+    _, result = run(lora_targets=["nonexistent_proj"])
+    assert result.status == "failed" and "nonexistent_proj" in result.error
