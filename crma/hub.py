@@ -10,11 +10,12 @@ Failure modes and what a visitor reads (`PushError`, one line each):
 - a namespace that is not theirs, a read-only token, or a 403 -> "cannot write to <repo> ...";
 - a malformed repo id -> checked locally with `validate_repo_id` before any request;
 - an unreachable endpoint -> "cannot reach ...". The first request is `whoami`, which
-  `huggingface_hub` sends without retries: a closed port fails in a few milliseconds (measured
-  ~5 ms here; the test bounds it at 3 s). Later steps (preupload, LFS) go through `http_backoff`,
-  which retries network errors 5 times (~23 s) — that only happens if the Hub drops mid-push. The
-  client sets no timeout (`timeout=None`): an endpoint that silently drops packets hangs until the OS
-  gives up; `huggingface_hub.set_client_factory` is the process-wide knob if the app wants one;
+  `huggingface_hub` sends without retries: a closed port fails in ~1 ms (33 ms on the first call,
+  which builds the HTTP client; the test bounds it at 3 s). A bare `upload_folder` starts with
+  `preupload`, sent through `http_backoff`, which retries network errors 5 times: 23.2 s measured on
+  the same closed port. That retry now only happens if the Hub goes away mid-push. The client sets
+  no timeout (`timeout=None`): an endpoint that silently drops packets hangs until the OS gives up;
+  `huggingface_hub.set_client_factory` is the process-wide knob if the app wants one;
 - anything else -> "upload failed while <step>: ...", naming the step (checking the token, creating
   the repo, validating the model card, preparing the upload, uploading large files, committing).
 """
@@ -187,8 +188,8 @@ def _one_line(text: str, token: str, limit: int = 200) -> str:
 def _step_of(url: str, default: str) -> str:
     # The client bundles several requests in one call (create_commit); the failing URL says which step it was.
     for fragment, step in (("/validate-yaml", "validating the model card"), ("/preupload/", "preparing the upload"),
-                           ("/info/lfs/", "uploading large files (LFS)"), ("/_lfs_storage", "uploading large files"),
-                           ("xet-", "uploading large files (Xet)"), ("/commit/", "committing"),
+                           ("/info/lfs/", "uploading large files (LFS)"), ("xet-", "uploading large files (Xet)"),
+                           ("/commit/", "committing"),
                            ("/repos/create", "creating the repo")):
         if fragment in url:
             return step

@@ -92,9 +92,10 @@ class Repo:
 class _Reply(Exception):
     """Raised inside a handler to send an error answer (status, message, extra headers)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+        self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra or {}
 
 
 class HubStandIn:
@@ -103,11 +104,13 @@ class HubStandIn:
     Args:
         tokens (`dict[str, TokenInfo]`): the tokens it accepts; anything else is answered 401.
         lfs (`bool`): answer `uploadMode: "lfs"` for binary/large files (as the Hub does); `False` -> all regular.
+        fail (`dict[str, int] | None`): inject failures: a request whose path contains the key gets that status.
     """
 
-    def __init__(self, tokens: dict[str, TokenInfo], *, lfs: bool = True):
+    def __init__(self, tokens: dict[str, TokenInfo], *, lfs: bool = True, fail: dict[str, int] | None = None):
         self.tokens = dict(tokens)
         self.lfs = lfs
+        self.fail = dict(fail or {})
         self.requests: list[Recorded] = []
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
@@ -185,7 +188,7 @@ class HubStandIn:
             status, payload, content_type = self._route(method, path, query, auth, body)
             out_headers = {"Content-Type": content_type}
         except _Reply as reply:
-            status, payload = reply.status, {"error": reply.message}
+            status, payload = reply.status, {"error": reply.message, **reply.extra}
             out_headers = {"Content-Type": "application/json", **reply.headers}
         record.status = status
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -193,6 +196,9 @@ class HubStandIn:
 
     def _route(self, method: str, path: str, query: dict, auth: str | None, body: bytes):
         base = self.url
+        for fragment, status in self.fail.items():
+            if fragment in path:
+                raise _Reply(status, f"injected failure for {fragment}")
         if method == "PUT" and (m := re.fullmatch(r"/_lfs_storage/([0-9a-f]{64})", path)):
             # A presigned storage URL: authorised by its signature, not by a token (like S3).
             oid = m.group(1)
@@ -221,7 +227,8 @@ class HubStandIn:
                 raise _Reply(403, msg, {"X-Error-Message": msg})
             with self._lock:
                 if repo_id in self.repos:
-                    raise _Reply(409, "You already created this model repo", {"X-Error-Message": "exists"})
+                    # The Hub's 409 carries the URL; create_repo(exist_ok=True) returns it.
+                    raise _Reply(409, "You already created this model repo", extra={"url": f"{base}/{repo_id}"})
                 self.repos[repo_id] = Repo(repo_id, private=req.get("visibility") == "private")
             return 200, {"url": f"{base}/{repo_id}", "name": repo_id}, "application/json"
 

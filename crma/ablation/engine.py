@@ -275,7 +275,9 @@ class _Session:
                 kwargs = {}
                 if self.init_dir is not None:
                     kwargs["path_initial_model_for_weight_conversion"] = str(self.init_dir)
-                self.model.save_pretrained(staging, selected_adapters=[arm.adapter], **kwargs)
+                # save_embedding_layers=False: peft would otherwise look the base config up on the Hub to decide.
+                self.model.save_pretrained(staging, selected_adapters=[arm.adapter], save_embedding_layers=False,
+                                           **kwargs)
                 if target.exists():
                     shutil.rmtree(target)
                 shutil.move(str(staging / arm.adapter), target)
@@ -360,7 +362,7 @@ def run_ablation(
             loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         yield Phase(f"reading {cfg.rows} rows of {cfg.dataset} from row {cfg.start}")
         rows = load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows)
-        examples = build_examples(rows, loaded.tokenizer, seq_len=cfg.seq_len)
+        examples = build_examples(rows, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=cfg.start)
         pad_id = loaded.tokenizer.pad_token_id
         vocab = loaded.model.get_input_embeddings().weight.shape[0]
         snapshot = _snapshot_targets(loaded.model, list(cfg.lora_targets))

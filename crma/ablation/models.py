@@ -579,7 +579,10 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     root = target.parent
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelLoadError(f"cannot create the cache folder {root} ({e.strerror or e}); set CRMA_CACHE") from e
     _remove_stale_temp_dirs(root, target.name)
     t0 = time.perf_counter()
     logger.info("Converting %s into %s once (~30 s on CPU)", gguf.name, target)
@@ -593,16 +596,22 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelLoadError(f"could not convert {gguf}: {_first_line(e)}") from e
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
         try:
             version = importlib.metadata.version(_SMOLLM2_PACKAGE)
         except importlib.metadata.PackageNotFoundError:
             version = None
-        # The marker is written last: a folder without it is never trusted.
-        (tmp / _CACHE_MARKER).write_text(json.dumps({"package": _SMOLLM2_PACKAGE, "version": version,
-                                                     "gguf": gguf.name, "dtype": "float32"}))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # The marker is written last: a folder without it is never trusted.
+            (tmp / _CACHE_MARKER).write_text(json.dumps({"package": _SMOLLM2_PACKAGE, "version": version,
+                                                         "gguf": gguf.name, "dtype": "float32"}))
+        except OSError as e:
+            raise ModelLoadError(
+                f"could not write the converted model under {root} ({e.strerror or e}); set CRMA_CACHE to a writable "
+                "folder with ~0.6 GB free"
+            ) from e
+        del model
         if target.exists() and not _cache_complete(target):
             shutil.rmtree(target)  # an incomplete folder at our own path (not a temp one): replace it
         try:

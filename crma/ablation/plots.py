@@ -78,8 +78,7 @@ def smooth(values: Sequence[float], weight: float) -> list[float]:
     Returns:
         `list[float]` of the same length.
     """
-    if not (isinstance(weight, (int, float)) and 0.0 <= weight < 1.0):
-        raise ValueError(f"`weight` must be a number in [0, 1); got {weight!r}")
+    _check_weight("weight", weight)
     out: list[float] = []
     last, n = 0.0, 0
     for v in values:
@@ -137,8 +136,9 @@ class _Series:
     bad: list[tuple[int, str]] = field(default_factory=list)  # (step, hover text) of non-finite / diverged points
 
 
-def _series(by_step: dict[int, list[StepRecord]], get: Callable[[StepRecord], float], multi: bool,
-            label: str) -> _Series:
+def _series(
+    by_step: dict[int, list[StepRecord]], get: Callable[[StepRecord], float], multi: bool, label: str
+) -> _Series:
     s = _Series(steps=[], y=[], lo=[] if multi else None, hi=[] if multi else None)
     for step, recs in by_step.items():
         vals = [_f(get(r)) for r in recs]
@@ -148,7 +148,7 @@ def _series(by_step: dict[int, list[StepRecord]], get: Callable[[StepRecord], fl
         if multi:
             s.lo.append(min(good) if good else math.nan)  # type: ignore[union-attr]
             s.hi.append(max(good) if good else math.nan)  # type: ignore[union-attr]
-        broken = [r for r, v in zip(recs, vals) if not math.isfinite(v) or r.diverged]
+        broken = [r for r, v in zip(recs, vals, strict=True) if not math.isfinite(v) or r.diverged]
         if broken:
             where = ", ".join(f"seed {r.seed}: {_f(get(r))}" for r in broken)
             s.bad.append((step, f"{label} diverged at step {step} ({where})"))
@@ -157,7 +157,7 @@ def _series(by_step: dict[int, list[StepRecord]], get: Callable[[StepRecord], fl
 
 def _last_finite_before(steps: list[int], y: list[float], step: int) -> float | None:
     best = None
-    for s, v in zip(steps, y):
+    for s, v in zip(steps, y, strict=True):
         if s > step:
             break
         if math.isfinite(v):
@@ -167,7 +167,7 @@ def _last_finite_before(steps: list[int], y: list[float], step: int) -> float | 
 
 def _rgba(hex_colour: str, alpha: float) -> str:
     h = hex_colour.lstrip("#")
-    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
 
 
@@ -177,12 +177,18 @@ def _band_traces(arm: str, s: _Series, weight: float, what: str) -> list[go.Scat
         return []
     lo, hi = (smooth(s.lo, weight), smooth(s.hi, weight)) if weight > 0 else (s.lo, s.hi)
     colour = arm_style(arm)["color"]
-    common = dict(x=s.steps, mode="lines", line=dict(width=0, color=colour), legendgroup=arm, showlegend=False,
-                  hoverinfo="skip")
+    common = dict(
+        x=s.steps, mode="lines", line=dict(width=0, color=colour), legendgroup=arm, showlegend=False, hoverinfo="skip"
+    )
     return [
         go.Scatter(y=_none_if_bad(lo), name=f"{arm} {what} min", **common),
-        go.Scatter(y=_none_if_bad(hi), name=f"{arm} {what} max", fill="tonexty", fillcolor=_rgba(colour, _BAND_ALPHA),
-                   **common),
+        go.Scatter(
+            y=_none_if_bad(hi),
+            name=f"{arm} {what} max",
+            fill="tonexty",
+            fillcolor=_rgba(colour, _BAND_ALPHA),
+            **common,
+        ),
     ]
 
 
@@ -199,9 +205,33 @@ def _diverged_trace(arm: str, s: _Series, line_y: list[float]) -> go.Scatter | N
     if not xs:
         return None
     colour = arm_style(arm)["color"]
-    return go.Scatter(x=xs, y=ys, mode="markers", name=f"{arm} diverged", legendgroup=arm, showlegend=False,
-                      marker=dict(symbol="x", size=13, color=colour, line=dict(width=1, color="#000000")),
-                      hovertext=texts, hovertemplate="%{hovertext}<extra></extra>")
+    return go.Scatter(
+        x=xs,
+        y=ys,
+        mode="markers",
+        name=f"{arm} diverged",
+        legendgroup=arm,
+        showlegend=False,
+        marker=dict(symbol="x", size=13, color=colour, line=dict(width=1, color="#000000")),
+        hovertext=texts,
+        hovertemplate="%{hovertext}<extra></extra>",
+    )
+
+
+def _raw_trace(arm: str, steps: list[int], y: list[float | None] | list[float]) -> go.Scatter:
+    """The unsmoothed line, drawn behind the smoothed one: thin, faint, solid, no legend entry, no hover."""
+    # Solid on purpose: a dash pattern on a noisy line only reads as clutter; the smoothed line carries the dash.
+    return go.Scatter(
+        x=steps,
+        y=y,
+        mode="lines",
+        name=f"{arm} (raw)",
+        legendgroup=arm,
+        showlegend=False,
+        opacity=_RAW_OPACITY,
+        hoverinfo="skip",
+        line=dict(color=arm_style(arm)["color"], width=1),
+    )
 
 
 def _layout(fig: go.Figure, *, title: str, y_title: str, revision: str) -> go.Figure:
@@ -261,13 +291,19 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
         bands += _band_traces(arm, s, smoothing, "loss")
         y = smooth(s.y, smoothing) if smoothing > 0 else s.y
         if smoothing > 0:
-            raws.append(go.Scatter(x=s.steps, y=_none_if_bad(s.y), mode="lines", name=f"{arm} (raw)",
-                                   legendgroup=arm, showlegend=False, opacity=_RAW_OPACITY, hoverinfo="skip",
-                                   line=dict(color=style["color"], dash=style["dash"], width=1)))
-        lines.append(go.Scatter(x=s.steps, y=_none_if_bad(y), mode="lines", name=arm, legendgroup=arm,
-                                line=dict(color=style["color"], dash=style["dash"], width=2),
-                                customdata=_none_if_bad(s.y),
-                                hovertemplate="%{y:.4f} (raw %{customdata:.4f})" if smoothing > 0 else "%{y:.4f}"))
+            raws.append(_raw_trace(arm, s.steps, _none_if_bad(s.y)))
+        lines.append(
+            go.Scatter(
+                x=s.steps,
+                y=_none_if_bad(y),
+                mode="lines",
+                name=arm,
+                legendgroup=arm,
+                line=dict(color=style["color"], dash=style["dash"], width=2),
+                customdata=_none_if_bad(s.y),
+                hovertemplate="%{y:.4f} (raw %{customdata:.4f})" if smoothing > 0 else "%{y:.4f}",
+            )
+        )
         mark = _diverged_trace(arm, s, y)
         if mark is not None:
             marks.append(mark)
@@ -278,8 +314,14 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
     return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title="loss", revision="loss")
 
 
-def make_grad_norm_figure(records: Sequence[StepRecord], *, smoothing: float = 0.0, log_scale: bool = False,
-                          seed: int | None = None, show_post: bool = True) -> go.Figure:
+def make_grad_norm_figure(
+    records: Sequence[StepRecord],
+    *,
+    smoothing: float = 0.0,
+    log_scale: bool = False,
+    seed: int | None = None,
+    show_post: bool = True,
+) -> go.Figure:
     """Pre-clip global gradient norm per arm, with clipped steps and spikes marked.
 
     Args:
@@ -306,37 +348,71 @@ def make_grad_norm_figure(records: Sequence[StepRecord], *, smoothing: float = 0
         bands += _band_traces(arm, s, smoothing, "grad norm")
         y = smooth(s.y, smoothing) if smoothing > 0 else s.y
         if smoothing > 0:
-            raws.append(go.Scatter(x=s.steps, y=_none_if_bad(s.y), mode="lines", name=f"{arm} (raw)",
-                                   legendgroup=arm, showlegend=False, opacity=_RAW_OPACITY, hoverinfo="skip",
-                                   line=dict(color=style["color"], dash=style["dash"], width=1)))
+            raws.append(_raw_trace(arm, s.steps, _none_if_bad(s.y)))
         if show_post:
             post = _series(by_step, lambda r: r.grad_norm_post, multi, arm)
-            posts.append(go.Scatter(x=post.steps, y=_none_if_bad(post.y), mode="lines", name=f"{arm} post-clip",
-                                    legendgroup=arm, showlegend=False, opacity=0.6,
-                                    line=dict(color=style["color"], dash="dot", width=1),
-                                    hovertemplate="post-clip %{y:.3f}"))
-        lines.append(go.Scatter(x=s.steps, y=_none_if_bad(y), mode="lines", name=arm, legendgroup=arm,
-                                line=dict(color=style["color"], dash=style["dash"], width=2),
-                                hovertemplate="pre-clip %{y:.3f}"))
+            posts.append(
+                go.Scatter(
+                    x=post.steps,
+                    y=_none_if_bad(post.y),
+                    mode="lines",
+                    name=f"{arm} post-clip",
+                    legendgroup=arm,
+                    showlegend=False,
+                    opacity=0.6,
+                    line=dict(color=style["color"], dash="dot", width=1),
+                    hovertemplate="post-clip %{y:.3f}",
+                )
+            )
+        lines.append(
+            go.Scatter(
+                x=s.steps,
+                y=_none_if_bad(y),
+                mode="lines",
+                name=arm,
+                legendgroup=arm,
+                line=dict(color=style["color"], dash=style["dash"], width=2),
+                hovertemplate="pre-clip %{y:.3f}",
+            )
+        )
         n_seeds = {step: len(rs) for step, rs in by_step.items()}
         clipped = [(step, sum(r.clipped for r in rs)) for step, rs in by_step.items() if any(r.clipped for r in rs)]
-        raw_at = dict(zip(s.steps, s.y))
+        raw_at = dict(zip(s.steps, s.y, strict=True))
         pts = [(st, raw_at[st], c) for st, c in clipped if math.isfinite(raw_at[st])]
         if pts:
-            texts = [f"{arm} clipped at step {st}" + (f" in {c}/{n_seeds[st]} seeds" if multi else "")
-                     for st, _, c in pts]
-            marks.append(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers",
-                                    name=f"{arm} clipped", legendgroup=arm, showlegend=False,
-                                    marker=dict(symbol="circle", size=5, color=style["color"]),
-                                    hovertext=texts, hovertemplate="%{hovertext}<extra></extra>"))
+            texts = [
+                f"{arm} clipped at step {st}" + (f" in {c}/{n_seeds[st]} seeds" if multi else "") for st, _, c in pts
+            ]
+            marks.append(
+                go.Scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    mode="markers",
+                    name=f"{arm} clipped",
+                    legendgroup=arm,
+                    showlegend=False,
+                    marker=dict(symbol="circle", size=4, color=style["color"]),
+                    hovertext=texts,
+                    hovertemplate="%{hovertext}<extra></extra>",
+                )
+            )
         spikes = spike_steps(s.y)
         if spikes:
-            marks.append(go.Scatter(x=[s.steps[i] for i in spikes], y=[s.y[i] for i in spikes], mode="markers",
-                                    name=f"{arm} spike", legendgroup=arm, showlegend=False,
-                                    marker=dict(symbol="triangle-up", size=12, color=style["color"],
-                                                line=dict(width=1, color="#000000")),
-                                    hovertext=[f"{arm} spike at step {s.steps[i]}: {s.y[i]:.3g}" for i in spikes],
-                                    hovertemplate="%{hovertext}<extra></extra>"))
+            marks.append(
+                go.Scatter(
+                    x=[s.steps[i] for i in spikes],
+                    y=[s.y[i] for i in spikes],
+                    mode="markers",
+                    name=f"{arm} spike",
+                    legendgroup=arm,
+                    showlegend=False,
+                    marker=dict(
+                        symbol="triangle-up", size=12, color=style["color"], line=dict(width=1, color="#000000")
+                    ),
+                    hovertext=[f"{arm} spike at step {s.steps[i]}: {s.y[i]:.3g}" for i in spikes],
+                    hovertemplate="%{hovertext}<extra></extra>",
+                )
+            )
         mark = _diverged_trace(arm, s, y)
         if mark is not None:
             marks.append(mark)
@@ -347,12 +423,14 @@ def make_grad_norm_figure(records: Sequence[StepRecord], *, smoothing: float = 0
         fig.update_yaxes(type="log")
     title = "Gradient norm before clipping" + (" (dotted: after clipping)" if show_post else "")
     title += "; ● clipped, ▲ spike"
-    return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title="global L2 grad norm",
-                   revision="grad_norm")
+    return _layout(
+        fig, title=title + _seed_note(multi, seed, recs), y_title="global L2 grad norm", revision="grad_norm"
+    )
 
 
-def _paired_delta(arm_steps: dict[int, list[StepRecord]], base_steps: dict[int, list[StepRecord]],
-                  multi: bool) -> _Series:
+def _paired_delta(
+    arm_steps: dict[int, list[StepRecord]], base_steps: dict[int, list[StepRecord]], multi: bool
+) -> _Series:
     """loss(arm) − loss(baseline) per step, paired by seed, on the steps both have; non-finite pairs are skipped."""
     s = _Series(steps=[], y=[], lo=[] if multi else None, hi=[] if multi else None)
     for step in sorted(set(arm_steps) & set(base_steps)):
@@ -369,8 +447,9 @@ def _paired_delta(arm_steps: dict[int, list[StepRecord]], base_steps: dict[int, 
     return s
 
 
-def make_delta_figure(records: Sequence[StepRecord], *, baseline: str = "lora", smoothing: float = 0.6,
-                      seed: int | None = None) -> go.Figure:
+def make_delta_figure(
+    records: Sequence[StepRecord], *, baseline: str = "lora", smoothing: float = 0.6, seed: int | None = None
+) -> go.Figure:
     """Loss difference `loss(arm) − loss(baseline)` per step for every other arm, with a zero line.
 
     Below zero means the arm's loss is lower. The annotation (and `fig.layout.meta["lower_share"]`) gives, per arm,
@@ -403,30 +482,48 @@ def make_delta_figure(records: Sequence[StepRecord], *, baseline: str = "lora", 
             continue
         lower = sum(d < 0 for d in s.y)
         shares[arm] = lower / len(s.y)
-        notes.append(f"<span style='color:{style['color']}'>{arm} lower on {100 * shares[arm]:.0f} % of steps "
-                     f"({lower}/{len(s.y)})</span>")
+        notes.append(
+            f"<span style='color:{style['color']}'>{arm} lower on {100 * shares[arm]:.0f} % of steps "
+            f"({lower}/{len(s.y)})</span>"
+        )
         bands += _band_traces(arm, s, smoothing, "Δloss")
         y = smooth(s.y, smoothing) if smoothing > 0 else s.y
         if smoothing > 0:
-            raws.append(go.Scatter(x=s.steps, y=s.y, mode="lines", name=f"{arm} (raw)", legendgroup=arm,
-                                   showlegend=False, opacity=_RAW_OPACITY, hoverinfo="skip",
-                                   line=dict(color=style["color"], dash=style["dash"], width=1)))
-        lines.append(go.Scatter(x=s.steps, y=y, mode="lines", name=arm, legendgroup=arm,
-                                line=dict(color=style["color"], dash=style["dash"], width=2),
-                                customdata=s.y,
-                                hovertemplate="Δ %{y:+.4f} (raw %{customdata:+.4f})" if smoothing > 0
-                                else "Δ %{y:+.4f}"))
+            raws.append(_raw_trace(arm, s.steps, s.y))
+        lines.append(
+            go.Scatter(
+                x=s.steps,
+                y=y,
+                mode="lines",
+                name=arm,
+                legendgroup=arm,
+                line=dict(color=style["color"], dash=style["dash"], width=2),
+                customdata=s.y,
+                hovertemplate="Δ %{y:+.4f} (raw %{customdata:+.4f})" if smoothing > 0 else "Δ %{y:+.4f}",
+            )
+        )
     fig.add_traces(bands + raws + lines)
     fig.add_hline(y=0, line=dict(color="#555555", width=1))
     if notes:
-        fig.add_annotation(text="<br>".join(notes), x=0.01, y=0.98, xref="paper", yref="paper", xanchor="left",
-                           yanchor="top", showarrow=False, align="left", bgcolor="rgba(255,255,255,0.8)")
+        fig.add_annotation(
+            text="<br>".join(notes),
+            x=0.01,
+            y=0.98,
+            xref="paper",
+            yref="paper",
+            xanchor="left",
+            yanchor="top",
+            showarrow=False,
+            align="left",
+            bgcolor="rgba(255,255,255,0.8)",
+        )
     else:
         _empty(fig, f"Need another arm besides {baseline!r} to compare")
     fig.update_layout(meta={"baseline": baseline, "lower_share": shares})
     title = f"Loss difference vs {baseline} (below 0: lower loss than {baseline})"
-    return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title=f"loss − loss({baseline})",
-                   revision="loss_delta")
+    return _layout(
+        fig, title=title + _seed_note(multi, seed, recs), y_title=f"loss − loss({baseline})", revision="loss_delta"
+    )
 
 
 def make_mixing_figure(records: Sequence[StepRecord], *, seed: int | None = None) -> go.Figure:
@@ -442,18 +539,33 @@ def make_mixing_figure(records: Sequence[StepRecord], *, seed: int | None = None
     from plotly.subplots import make_subplots
 
     recs, multi = _select_seed(records, seed)
-    fig = make_subplots(rows=len(_CRMA_METRICS), cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=[label for _, label in _CRMA_METRICS])
+    fig = make_subplots(
+        rows=len(_CRMA_METRICS),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=[label for _, label in _CRMA_METRICS],
+    )
     groups = _group(r for r in recs if r.crma)
     for arm, by_step in groups.items():
         style = arm_style(arm)
         for row, (key, label) in enumerate(_CRMA_METRICS, start=1):
             s = _series(by_step, lambda r, k=key: (r.crma or {}).get(k), multi, arm)
-            fig.add_trace(go.Scatter(x=s.steps, y=_none_if_bad(s.y), mode="lines+markers", name=arm,
-                                     legendgroup=arm, showlegend=row == 1, marker=dict(size=5),
-                                     line=dict(color=style["color"], dash=style["dash"], width=2),
-                                     hovertemplate=f"{label}: %{{y:.4g}}<extra>{arm}</extra>"),
-                          row=row, col=1)
+            fig.add_trace(
+                go.Scatter(
+                    x=s.steps,
+                    y=_none_if_bad(s.y),
+                    mode="lines+markers",
+                    name=arm,
+                    legendgroup=arm,
+                    showlegend=row == 1,
+                    marker=dict(size=5),
+                    line=dict(color=style["color"], dash=style["dash"], width=2),
+                    hovertemplate=f"{label}: %{{y:.4g}}<extra>{arm}</extra>",
+                ),
+                row=row,
+                col=1,
+            )
     if not groups:
         _empty(fig, "No CRMA diagnostics in these records (no CRMA arm, or before the first diag step)")
     _layout(fig, title="CRMA mixing diagnostics" + _seed_note(multi, seed, recs), y_title="", revision="mixing")

@@ -109,7 +109,7 @@ def spike_steps(values: Sequence[float], *, window: int = 20, k: float = 6.0) ->
     for i, x in enumerate(xs):
         if x is None:
             continue
-        prev = [p for p in xs[max(0, i - window):i] if p is not None]
+        prev = [p for p in xs[max(0, i - window) : i] if p is not None]
         if len(prev) < need:
             continue
         m = statistics.median(prev)
@@ -119,8 +119,9 @@ def spike_steps(values: Sequence[float], *, window: int = 20, k: float = 6.0) ->
     return out
 
 
-def summarize_arm(records: Sequence[StepRecord], *, trainable_params: int | None = None,
-                  wall_s: float | None = None) -> dict[str, Any]:
+def summarize_arm(
+    records: Sequence[StepRecord], *, trainable_params: int | None = None, wall_s: float | None = None
+) -> dict[str, Any]:
     """Numbers of one arm of one seed.
 
     Args:
@@ -148,8 +149,9 @@ def summarize_arm(records: Sequence[StepRecord], *, trainable_params: int | None
     finite_loss, finite_pre = _finite(losses), _finite(pre)
     finite_post = _finite(r.grad_norm_post for r in recs)
     ema = _finite(smooth(losses, FINAL_LOSS_EMA_WEIGHT))
-    diverged_at = next((r.step for r in recs
-                        if r.diverged or _num(r.loss) is None or _num(r.grad_norm_pre) is None), None)
+    diverged_at = next(
+        (r.step for r in recs if r.diverged or _num(r.loss) is None or _num(r.grad_norm_pre) is None), None
+    )
     spikes = spike_steps(pre)
     total_s = _num(wall_s) if wall_s is not None else sum(_finite(r.step_time_s for r in recs))
     tokens = max(int(r.tokens) for r in recs)
@@ -200,13 +202,17 @@ def _across(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | int |
         vals = _finite(s.get(key) for s in per_seed)
         if not vals:
             continue
-        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
-                    "n": len(vals)}
+        out[key] = {
+            "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals),
+        }
     return out
 
 
-def summarize_run(records: Sequence[StepRecord], *, baseline: str | None = "lora",
-                  arm_info: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def summarize_run(
+    records: Sequence[StepRecord], *, baseline: str | None = "lora", arm_info: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Summary of a whole run: per-arm numbers, deltas vs the baseline and, with several seeds, seed statistics.
 
     Args:
@@ -244,8 +250,11 @@ def summarize_run(records: Sequence[StepRecord], *, baseline: str | None = "lora
             if (arm, seed) not in by_key:
                 continue
             extra = info.get(arm, {})
-            out[arm] = summarize_arm(by_key[(arm, seed)], trainable_params=extra.get("trainable_params"),
-                                     wall_s=extra.get("wall_s") if with_wall else None)
+            out[arm] = summarize_arm(
+                by_key[(arm, seed)],
+                trainable_params=extra.get("trainable_params"),
+                wall_s=extra.get("wall_s") if with_wall else None,
+            )
         return out
 
     summary: dict[str, Any] = {"baseline": baseline, "seed_list": seeds}
@@ -265,8 +274,13 @@ def summarize_run(records: Sequence[StepRecord], *, baseline: str | None = "lora
         summary["across_seeds"][arm] = stats
         diverged = [s["diverged_at"] for s in per_seed if s["diverged"]]
         mean = {key: stats[key]["mean"] if key in stats else None for key in METRIC_KEYS}
-        summary["arms"][arm] = {"arm": arm, **mean, "diverged": bool(diverged),
-                                "diverged_at": min(diverged) if diverged else None, "n_seeds": len(per_seed)}
+        summary["arms"][arm] = {
+            "arm": arm,
+            **mean,
+            "diverged": bool(diverged),
+            "diverged_at": min(diverged) if diverged else None,
+            "n_seeds": len(per_seed),
+        }
     summary["deltas"] = _deltas(summary["arms"], baseline)
     return summary
 
@@ -330,7 +344,7 @@ def _main_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    arms = list(summary["arms"])
+    arms, n_seeds = list(summary["arms"]), len(summary["seed_list"])
     rows = []
     for label, key, fmt in _ROWS:
         row = [label]
@@ -340,7 +354,8 @@ def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row.append(_DASH)
                 continue
             std = _DASH if stat["std"] is None else fmt(stat["std"]).removesuffix(" s")
-            row.append(f"{fmt(stat['mean'])} ± {std} (n={stat['n']})")
+            # n is in the heading; a cell names it only when some seeds had no value (e.g. diverged before it).
+            row.append(f"{fmt(stat['mean'])} ± {std}" + (f" (n={stat['n']})" if stat["n"] < n_seeds else ""))
         rows.append(row)
     return ["Metric", *arms], rows
 
@@ -349,22 +364,30 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     base, arms = summary["baseline"], summary["arms"]
     notes = []
     if any(_num(s.get("spectral_norm")) is not None for s in arms.values()):
-        notes.append("‖M‖₂ = 1 holds for every doubly stochastic matrix (the identity and full averaging alike), so it "
-                     "only confirms that Sinkhorn converged; σ₂ (1 = no mixing, 0 = full averaging), ‖M − I‖_F and "
-                     "the composite gain say how much the streams actually mix.")
+        notes.append(
+            "‖M‖₂ = 1 holds for every doubly stochastic matrix (the identity and full averaging alike), "
+            "so it only confirms that Sinkhorn converged; σ₂ (1 = no mixing, 0 = full averaging), "
+            "‖M − I‖_F and the composite gain say how much the streams actually mix."
+        )
     if "seeds" in summary:
+        counts = []
         for arm in arms:
             if arm == base:
                 continue
             pairs = [s["deltas"].get(arm, {}).get("final_loss") for s in summary["seeds"].values()]
             pairs = [p for p in pairs if p]
-            lower = sum(p["abs"] < 0 for p in pairs)
-            notes.append(f"{arm}: final loss lower than {base} in {lower} of {len(pairs)} seeds. A loss delta is "
-                         "noise unless the seeds agree.")
+            counts.append(f"{arm} in {sum(p['abs'] < 0 for p in pairs)} of {len(pairs)} seeds")
+        notes.append(
+            f"Final loss lower than {base}: {'; '.join(counts)}. A loss delta is noise unless the seeds agree."
+        )
     elif len(arms) > 1:
         notes.append("One seed only: a loss delta of a few tenths of a percent is noise unless several seeds agree.")
-    notes.append("Grad norms are before clipping. ZClip arms clip spikes directly, so compare with lora+zclip before "
-                 "crediting the mixing with a lower peak.")
+    notes.append(
+        "Grad norms are before clipping. ZClip arms clip spikes directly, so compare with lora+zclip before "
+        "crediting the mixing with a lower peak."
+    )
+    # Remarks the engine attached to the run (fallbacks taken, caps hit) belong with the numbers they qualify.
+    notes += [str(n) for n in summary.get("notes") or []]
     for arm, s in arms.items():
         if s.get("diverged"):
             notes.append(f"{arm} diverged at step {s['diverged_at']}; its final loss is its last finite value.")
@@ -392,8 +415,11 @@ def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA
     parts = [f"## {title}", ""]
     n_seeds = len(summary.get("seed_list", []))
     if "seeds" in summary:
-        parts += [f"Mean over {n_seeds} seeds ({', '.join(map(str, summary['seed_list']))}); deltas vs "
-                  f"{summary['baseline']}.", ""]
+        parts += [
+            f"Mean over {n_seeds} seeds ({', '.join(map(str, summary['seed_list']))}); deltas vs "
+            f"{summary['baseline']}.",
+            "",
+        ]
     elif n_seeds == 1:
         parts += [f"Seed {summary['seed_list'][0]}; deltas vs {summary['baseline']}.", ""]
     parts += [_md_table(*_main_table(summary)), ""]
@@ -421,17 +447,25 @@ pre{background:#f6f8fa;padding:1em;overflow:auto}.figure{margin:1.5em 0}"""
 def _figures(records: Sequence[StepRecord], smoothing: float, baseline: str | None) -> list[tuple[str, Any]]:
     """(file stem, figure) of the standard charts; the delta chart needs two arms, the mixing chart CRMA records."""
     arms = list(dict.fromkeys(r.arm for r in records))
-    figs = [("loss", make_loss_figure(records, smoothing=smoothing)),
-            ("grad_norm", make_grad_norm_figure(records, smoothing=0.0))]
+    figs = [
+        ("loss", make_loss_figure(records, smoothing=smoothing)),
+        ("grad_norm", make_grad_norm_figure(records, smoothing=0.0)),
+    ]
     if len(arms) > 1:
         base = baseline if baseline in arms else ("lora" if "lora" in arms else arms[0])
         figs.append(("loss_delta", make_delta_figure(records, baseline=base, smoothing=smoothing)))
     return figs
 
 
-def write_report_html(records: Sequence[StepRecord], summary: dict[str, Any], path: str | os.PathLike[str], *,
-                      title: str = "LoRA vs LoRA+CRMA", config: dict[str, Any] | None = None,
-                      smoothing: float = 0.6) -> Path:
+def write_report_html(
+    records: Sequence[StepRecord],
+    summary: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "LoRA vs LoRA+CRMA",
+    config: dict[str, Any] | None = None,
+    smoothing: float = 0.6,
+) -> Path:
     """Write one self-contained HTML report: charts (plotly.js inlined once), the summary table, the config.
 
     Args:
@@ -451,8 +485,14 @@ def write_report_html(records: Sequence[StepRecord], summary: dict[str, Any], pa
     divs = []
     for i, fig in enumerate(figs):
         # plotly.js (~4.8 MB) goes in once, with the first figure; the later ones reuse the global `Plotly`.
-        div = fig.to_html(full_html=False, include_plotlyjs=i == 0, include_mathjax=False, default_width="100%",
-                          default_height=f"{int(fig.layout.height or 480)}px", config={"displaylogo": False})
+        div = fig.to_html(
+            full_html=False,
+            include_plotlyjs=i == 0,
+            include_mathjax=False,
+            default_width="100%",
+            default_height=f"{int(fig.layout.height or 480)}px",
+            config={"displaylogo": False},
+        )
         divs.append(f'<div class="figure">{div}</div>')
     parts = [
         "<!DOCTYPE html>",
@@ -468,7 +508,7 @@ def write_report_html(records: Sequence[StepRecord], summary: dict[str, Any], pa
     parts += ["<h2>Charts</h2>", *divs]
     if config is not None:
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        parts += ["<h2>Config</h2>", f"<pre>{html.escape(text)}</pre>"]
+        parts += ["<h2>Config</h2>", f"<pre>{html.escape(text, quote=False)}</pre>"]
     parts.append("</body></html>")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -476,9 +516,16 @@ def write_report_html(records: Sequence[StepRecord], summary: dict[str, Any], pa
     return out
 
 
-def write_png_charts(records: Sequence[StepRecord], out_dir: str | os.PathLike[str], *, smoothing: float = 0.6,
-                     baseline: str | None = "lora", width: int = 1100, height: int = 520,
-                     scale: float = 2.0) -> list[Path]:
+def write_png_charts(
+    records: Sequence[StepRecord],
+    out_dir: str | os.PathLike[str],
+    *,
+    smoothing: float = 0.6,
+    baseline: str | None = "lora",
+    width: int = 1100,
+    height: int = 520,
+    scale: float = 2.0,
+) -> list[Path]:
     """Export `loss.png`, `grad_norm.png` and (with two or more arms) `loss_delta.png` with kaleido.
 
     kaleido renders through a Chrome/Chromium. When `BROWSER_PATH` is unset and `/usr/bin/chromium` exists, it is
@@ -543,8 +590,7 @@ def _json_restore(value: Any) -> Any:
     return value
 
 
-def write_metrics_jsonl(records: Iterable[StepRecord], path: str | os.PathLike[str], *,
-                        append: bool = False) -> Path:
+def write_metrics_jsonl(records: Iterable[StepRecord], path: str | os.PathLike[str], *, append: bool = False) -> Path:
     """Write records as JSON lines (`StepRecord.to_dict()`); NaN/±inf become the strings "NaN"/"Infinity"/"-Infinity".
 
     Args:
