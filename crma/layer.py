@@ -72,10 +72,15 @@ def orthonormal_basis(d: int, r: int, *, seed: int, device: torch.device | str =
 def principal_basis(weights: list[torch.Tensor], r: int) -> torch.Tensor:
     """Top-r left singular vectors of the column-concatenated writing weights `[W_o | W_down]` (each d x k).
 
-    Computed from the d x d Gram matrix with `eigh` (deterministic, and d^2 memory instead of a d x (k1+k2) SVD),
-    in float64 for accuracy; each column's sign is fixed so its largest entry is positive.
+    Computed from the d x d Gram matrix with `eigh` (deterministic, and d^2 memory instead of a d x (k1+k2) SVD);
+    each column's sign is fixed so its largest entry is positive.
     """
-    gram = sum(w.to(torch.float64) @ w.to(torch.float64).t() for w in weights)
+    # The d x d Gram in the weights' own precision (fp32 after dequantising), then eigh in float64: no float64
+    # copy of the d x k weights, which glibc would keep in the process long after they are freed.
+    gram = torch.zeros(weights[0].shape[0], weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
+    for w in weights:
+        w32 = w.to(torch.float32)
+        gram += (w32 @ w32.t()).to(torch.float64)
     _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     basis = vecs[:, -r:].flip(-1)
     rows = basis.abs().argmax(0)

@@ -1,0 +1,111 @@
+"""Cost of CRMA on a LoRA training step: step time and memory of LoRA+CRMA over LoRA (printed, not asserted).
+
+SmolLM2-135M (offline preset), batch 4 x 128 tokens, CPU, AdamW, LoRA r=8 on q/v. Each configuration runs in
+its own subprocess (so peak RSS is its own) and the two alternate, several rounds, to spread machine noise
+evenly. Memory is reported two ways: bytes autograd saves for backward in one step (what CRMA adds to the
+activations, deduplicated by storage), and the process's peak RSS.
+
+    python benchmarks/bench_crma_step.py [--rounds 3] [--steps 6] [--model smollm2-135m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+
+def worker(use_crma: bool, model_name: str, steps: int, batch: int, tokens: int) -> dict:
+    import resource
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import crma
+    from crma.ablation.models import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(model_name, device="cpu", dtype="float32")
+    # The cached weights are memory-mapped: page every one in first, so RSS compares training memory, not which
+    # weights happened to be read (CRMA's principal init reads W_o and W_down at attach time).
+    for p in loaded.model.parameters():
+        p.detach().sum()
+    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    if use_crma:
+        crma.attach(model)
+    model.train()
+    groups = crma.param_groups(model, 2e-4, 5e-3, 1e-3)
+    optimizer = torch.optim.AdamW(groups)
+    params = [p for g in groups for p in g["params"]]
+    ids = torch.randint(0, loaded.model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    times = []
+    for step in range(steps + 2):
+        start = time.perf_counter()
+        if step == 1:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(ids, labels=ids).loss
+        else:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - start)
+    return {
+        "step_s": statistics.median(times),
+        "saved_mb": sum(saved.values()) / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--worker", choices=["lora", "crma"])
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker == "crma", args.model, args.steps, args.batch, args.tokens)))
+        return
+    runs: dict[str, list[dict]] = {"lora": [], "crma": []}
+    for _ in range(args.rounds):
+        for kind in ("lora", "crma"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", kind, "--model", args.model, "--steps", str(args.steps),
+                 "--batch", str(args.batch), "--tokens", str(args.tokens)],
+                capture_output=True, text=True, check=True, cwd=ROOT,
+            )
+            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[kind])
+
+    print(f"model {args.model}, batch {args.batch} x {args.tokens} tokens, CPU, {args.rounds} rounds x {args.steps} steps")
+    for key, label in (("step_s", "step time (s)"), ("saved_mb", "saved for backward (MiB)"),
+                       ("peak_rss_mb", "peak RSS (MiB)"), ("trainable", "trainable params")):
+        a, b = med("lora", key), med("crma", key)
+        print(f"{label:26s} LoRA {a:12.3f}   LoRA+CRMA {b:12.3f}   ratio {b / a:.3f}")
+    print("goals: step time ratio <= 1.05, memory ratio <= 1.10")
+
+
+if __name__ == "__main__":
+    main()
