@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -87,19 +88,22 @@ def main() -> None:
         print(json.dumps(worker(args.worker == "crma", args.model, args.steps, args.batch, args.tokens)))
         return
     runs: dict[str, list[dict]] = {"lora": [], "crma": []}
+    # Large blocks straight from mmap and back on free: peak RSS then follows live tensors, not glibc's arenas.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     for _ in range(args.rounds):
         for kind in ("lora", "crma"):
             out = subprocess.run(
                 [sys.executable, __file__, "--worker", kind, "--model", args.model, "--steps", str(args.steps),
                  "--batch", str(args.batch), "--tokens", str(args.tokens)],
-                capture_output=True, text=True, check=True, cwd=ROOT,
+                capture_output=True, text=True, check=True, cwd=ROOT, env=env,
             )
             runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
 
-    print(f"model {args.model}, batch {args.batch} x {args.tokens} tokens, CPU, {args.rounds} rounds x {args.steps} steps")
+    print(f"model {args.model}, batch {args.batch} x {args.tokens} tokens, CPU, "
+          f"{args.rounds} rounds x {args.steps} steps")
     for key, label in (("step_s", "step time (s)"), ("saved_mb", "saved for backward (MiB)"),
                        ("peak_rss_mb", "peak RSS (MiB)"), ("trainable", "trainable params")):
         a, b = med("lora", key), med("crma", key)

@@ -18,7 +18,9 @@ def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
     return cls(**data)
 
 
-class _JSONMixin:
+class JSONConfig:
+    """Mixin for config dataclasses: `to_dict`/`to_json` and strict `from_dict`/`from_json`."""
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field."""
         return asdict(self)
@@ -39,7 +41,7 @@ class _JSONMixin:
 
 
 @dataclass
-class CRMAConfig(_JSONMixin):
+class CRMAConfig(JSONConfig):
     """Settings of the CRMA side channel installed beside every decoder block.
 
     Args:
@@ -97,7 +99,7 @@ class CRMAConfig(_JSONMixin):
 
 
 @dataclass
-class ZClipConfig(_JSONMixin):
+class ZClipConfig(JSONConfig):
     """Settings of ZClip adaptive gradient clipping (arXiv:2504.02507; defaults are the published ones).
 
     Args:

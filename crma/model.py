@@ -136,7 +136,7 @@ def _attach(model: nn.Module, config: CRMAConfig, *, adapter_name: str, init_A: 
             channel.handles.append(
                 layer.register_forward_hook(_make_hook(channel, index, len(layers)), with_kwargs=True, prepend=True)
             )
-    for layer, block in zip(layers, blocks):
+    for layer, block in zip(layers, blocks, strict=True):
         layer.crma[adapter_name] = block
     channel.configs[adapter_name] = config
     set_active(model, adapter_name)

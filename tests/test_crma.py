@@ -42,7 +42,7 @@ def test_identity_at_step0_logits_and_every_hidden_state(arch: str) -> None:
         adapted = model(ids, output_hidden_states=True)
     assert torch.equal(base.logits, adapted.logits)
     assert len(adapted.hidden_states) == 4
-    for before, after in zip(base.hidden_states, adapted.hidden_states):
+    for before, after in zip(base.hidden_states, adapted.hidden_states, strict=True):
         assert torch.equal(before, after)
 
 
@@ -296,7 +296,7 @@ def test_pissa_lora_plus_crma_is_identical_at_step0() -> None:
     with torch.no_grad():
         without = peft_model(ids, output_hidden_states=True)
     assert torch.equal(without.logits, adapted.logits)
-    for a, b in zip(without.hidden_states, adapted.hidden_states):
+    for a, b in zip(without.hidden_states, adapted.hidden_states, strict=True):
         assert torch.equal(a, b)
 
 

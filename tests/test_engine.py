@@ -49,7 +49,8 @@ def test_aa_control_is_bit_identical(arm: str) -> None:
 def test_lockstep_records_and_fairness_receipt() -> None:
     records, result = run(arms=["lora", "lora+crma", "lora+zclip", "lora+mix"])
     assert result.status == "finished", result.error
-    assert [(r.step, r.arm) for r in records[:4]] == [(1, "lora"), (1, "lora+crma"), (1, "lora+zclip"), (1, "lora+mix")]
+    first_step = [(r.step, r.arm) for r in records[:4]]
+    assert first_step == [(1, "lora"), (1, "lora+crma"), (1, "lora+zclip"), (1, "lora+mix")]
     receipt = result.summary["receipt"]
     assert receipt["lora_init_equal"] and len(set(receipt["lora_init_sha256"].values())) == 1
     assert receipt["batches_seen_equal"]
@@ -70,7 +71,7 @@ def test_arms_differ_only_through_the_adapter_after_training() -> None:
     records, _ = run(arms=["lora", "lora+crma"], steps=6)
     lora, crma_arm = by_arm(records, "lora"), by_arm(records, "lora+crma")
     assert lora[0].loss == crma_arm[0].loss
-    assert any(a.loss != b.loss for a, b in zip(lora[2:], crma_arm[2:]))
+    assert any(a.loss != b.loss for a, b in zip(lora[2:], crma_arm[2:], strict=True))
 
 
 def test_diverging_arm_stops_alone(monkeypatch) -> None:

@@ -32,7 +32,10 @@ def test_readme_example_runs(tmp_path, monkeypatch) -> None:
     assert hub_line in example
     # Offline: the same code on a config-built tiny Llama, and a batch of token ids.
     code = example.replace(hub_line, "from conftest import make_tiny_llama\nmodel = make_tiny_llama()")
-    code = "import torch\nbatch = {'input_ids': torch.randint(0, 259, (2, 16))}\nbatch['labels'] = batch['input_ids']\n" + code
+    setup = (
+        "import torch\nbatch = {'input_ids': torch.randint(0, 259, (2, 16))}\nbatch['labels'] = batch['input_ids']\n"
+    )
+    code = setup + code
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README, run as a test
     assert namespace["loss"].item() > 0

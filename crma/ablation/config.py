@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from crma.config import JSONConfig
 
 ARM_NAMES = ("lora", "lora+crma", "lora+zclip", "lora+mix")
 
@@ -33,7 +34,7 @@ ARM_SPECS: dict[str, ArmSpec] = {
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(JSONConfig):
     """Everything that defines one paired ablation run; serialises to JSON and is stored with the results.
 
     Args:
@@ -142,28 +143,6 @@ class AblationConfig:
     def seed_list(self) -> list[int]:
         """The seeds this run covers."""
         return list(self.seeds) if self.seeds else [self.seed]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict of every field."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AblationConfig:
-        """Build from a dict; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """JSON text of `to_dict()`."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> AblationConfig:
-        """Inverse of `to_json()`."""
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass

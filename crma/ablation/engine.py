@@ -23,7 +23,6 @@ import torch
 
 import crma
 from crma import CRMAConfig, ZClip, ZClipConfig, clip_by_norm
-from crma.utils import count_parameters
 
 from .config import ARM_SPECS, AblationConfig, ArmSpec, Phase, RunResult, StepRecord
 
@@ -125,7 +124,10 @@ class _Session:
         self.cfg, self.loaded, self.examples, self.seed, self.notes = cfg, loaded, examples, seed, notes
         self.device = loaded.device
         self.labels = arm_labels(cfg.arms)
-        self.arms = [_Arm(label, ARM_SPECS[arm], f"arm{i}") for i, (label, arm) in enumerate(zip(self.labels, cfg.arms))]
+        self.arms = [
+            _Arm(label, ARM_SPECS[arm], f"arm{i}")
+            for i, (label, arm) in enumerate(zip(self.labels, cfg.arms, strict=True))
+        ]
         self.model: Any = None
         self.init_dir: Path | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="crma-init-")
@@ -341,6 +343,7 @@ def run_ablation(
     """
     from .data import batch_order, build_examples, collate, corrupt_batch, load_instruction_rows, order_hash
     from .models import load_model
+    from .report import write_metrics_jsonl
 
     stop = stop or threading.Event()
     started = time.perf_counter()
@@ -348,7 +351,7 @@ def run_ablation(
     notes: list[str] = []
     status, error = "finished", None
     out = Path(out_dir) if out_dir is not None else None
-    metrics_file = None
+    metrics_path: Path | None = None
     receipts: list[dict[str, Any]] = []
     arm_info: dict[str, dict[str, Any]] = {}
     sessions_saved: list[str] = []
@@ -356,7 +359,8 @@ def run_ablation(
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(cfg.to_json())
-            metrics_file = open(out / "metrics.jsonl", "w")  # noqa: SIM115 - appended to while the run goes on
+            metrics_path = out / "metrics.jsonl"
+            metrics_path.write_text("")  # appended to step by step, so a crash still leaves every finished step
         if loaded is None:
             yield Phase(f"loading model {cfg.model}")
             loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -389,9 +393,8 @@ def run_ablation(
                     batch = {k: v.to(loaded.device) for k, v in batch.items()}
                     for record in session.step(step, batch, indices, loss_scale=cfg.spike_scale if spike else 1.0):
                         records.append(record)
-                        if metrics_file is not None:
-                            metrics_file.write(json.dumps(record.to_dict()) + "\n")
-                            metrics_file.flush()
+                        if metrics_path is not None:
+                            write_metrics_jsonl([record], metrics_path, append=True)
                         yield record
                     if all(arm.diverged for arm in session.arms):
                         notes.append(f"seed {seed}: every arm diverged by step {step}")
@@ -422,8 +425,6 @@ def run_ablation(
             f"({str(exc).splitlines()[0][:160]})"
         )
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     summary = _summarize(records, cfg, receipts, arm_info, notes)

@@ -1,0 +1,321 @@
+"""The Gradio Space: the page builds, and the running app serves `/ablate`, `/stop`, `/push` and `/preview` through
+gradio_client (one server for the module, on 127.0.0.1 and a free port); the UI handlers are also driven directly."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+TINY = {"model": "tiny-random", "dataset": "bundled", "rows": 8, "seq_len": 512}  # byte tokenizer: long prompts
+TIMEOUT_S = 150
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("runs")
+    mp.setenv("CRMA_RUNS_DIR", str(root))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def app_module(runs_dir):
+    import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def client(app_module, request, tmp_path_factory):
+    from gradio_client import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app_module.build_demo()
+    _, url, _ = demo.queue(default_concurrency_limit=1, max_size=20).launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    request.addfinalizer(demo.close)
+    return Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def _wait_for(job, predicate, timeout: float = TIMEOUT_S):
+    """The first output of `job` that satisfies `predicate`, waiting on the job (not sleeping) up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        outputs = job.outputs()
+        for output in outputs[seen:]:
+            if predicate(output):
+                return output
+        seen = len(outputs)
+        if job.done() and len(job.outputs()) == seen:
+            break
+        concurrent.futures.wait([job], timeout=0.05)  # returns as soon as the job ends
+    raise AssertionError(f"no matching output within {timeout} s; got {len(job.outputs())} outputs")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page
+
+
+def test_build_demo_builds_without_launching(app_module):
+    import gradio as gr
+
+    demo = app_module.build_demo()
+    assert isinstance(demo, gr.Blocks)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for elem_id in ("loss-plot", "grad-plot", "delta-plot"):
+        assert isinstance(by_id[elem_id], gr.Plot)
+    assert isinstance(by_id["run-btn"], gr.Button) and isinstance(by_id["stop-btn"], gr.Button)
+    endpoints = demo.get_api_info()["named_endpoints"]
+    assert {"/ablate", "/stop", "/push", "/preview"} <= set(endpoints)
+    assert [p["parameter_name"] for p in endpoints["/ablate"]["parameters"]] == ["config", "data_file"]
+    assert [p["parameter_name"] for p in endpoints["/push"]["parameters"]] == ["repo_id", "private"]  # token injected
+    # Defaults on this CPU machine: the CPU setting, and the page says so.
+    markdown = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and b.elem_id == "default-note"]
+    assert markdown and "No GPU" in markdown[0]
+    arms = [b for b in demo.blocks.values() if isinstance(b, gr.CheckboxGroup)][0]
+    assert arms.value == ["lora", "lora+crma"]
+    # The GPU queue: one run at a time, UI and API share it; stop never waits behind it.
+    deps = {d.api_name: d for d in demo.fns.values()}
+    assert deps["ablate"].concurrency_id == deps["run"].concurrency_id == "gpu"
+    assert deps["ablate"].concurrency_limit == deps["run"].concurrency_limit == 1
+    assert deps["stop"].concurrency_id != "gpu" and deps["stop"].concurrency_limit is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# /ablate through gradio_client
+
+
+def test_ablate_streams_every_arm_and_the_summary(client):
+    from crma.ablation.config import ARM_SPECS
+
+    job = client.submit({**TINY, "steps": 2, "arms": list(ARM_SPECS)}, None, api_name="/ablate")
+    job.result(timeout=TIMEOUT_S)
+    events = [event for event, _ in job.outputs()]
+    assert events[0]["type"] == "started" and events[0]["config"]["arms"] == list(ARM_SPECS)
+    records = [e for e in events if e["type"] == "record"]
+    assert {(e["arm"], e["step"]) for e in records} == {(arm, s) for arm in ARM_SPECS for s in (1, 2)}
+    assert all(e["run_id"] == events[0]["run_id"] for e in events[1:])
+    final, archive = job.outputs()[-1]
+    assert final["type"] == "result" and final["status"] == "finished" and final["error"] is None
+    assert final["records"] == len(records) == 8
+    assert set(final["summary"]["arms"]) == set(ARM_SPECS)
+    assert final["summary"]["receipt"]["lora_init_equal"] is True
+    required = {"config.json", "metrics.jsonl", "summary.json", "summary.md", "report.html",
+                "adapters/lora/adapter_model.safetensors", "adapters/lora+crma/crma.safetensors"}
+    assert required <= set(final["files"])
+    with zipfile.ZipFile(archive) as zf:
+        names = {n.split("/", 1)[1] for n in zf.namelist()}
+    assert names == set(final["files"])  # the archive holds every file the run wrote
+
+
+def test_stop_ends_the_run_with_partial_results(client):
+    job = client.submit({**TINY, "steps": 1000}, None, api_name="/ablate")
+    started, _ = _wait_for(job, lambda out: out[0]["type"] == "started")
+    _wait_for(job, lambda out: out[0]["type"] == "record")
+    message = client.predict(started["run_id"], api_name="/stop")
+    assert message.startswith("stopping run")
+    final, archive = _wait_for(job, lambda out: out[0]["type"] == "result")
+    assert final["status"] == "stopped" and final["error"] == "stopped by request"
+    assert 2 <= final["records"] < 2 * 1000  # partial, but kept
+    assert {"metrics.jsonl", "summary.json", "adapters/lora/adapter_model.safetensors"} <= set(final["files"])
+    assert Path(archive).is_file()
+    assert "no running run" in client.predict(started["run_id"], api_name="/stop")  # it has ended
+
+
+@pytest.mark.parametrize(
+    ("config", "upload", "message"),
+    [
+        ({"model": "no-such-model", "steps": 2}, None, "unknown model 'no-such-model'"),
+        ({"lr": "fast"}, None, "`lr` must be a number"),
+        ({"steps": 100000}, None, "`steps` must be at most 1000"),
+        ({"batch_size": 0}, None, "`batch_size` must be a positive integer"),
+        ({"start": 390, "rows": 20}, None, "do not fit"),
+        ({"dataset": "upload", "rows": 1}, ("notes.txt", "instruction: hi\n"), "unsupported data file extension"),
+        ({"dataset": "upload", "rows": 1}, ("table.csv", "instruction,input\nhi,\n"), "missing column(s) ['output']"),
+        ({"dataset": "upload", "rows": 5}, ("three.jsonl", '{"instruction": "a", "output": "b"}\n' * 3), "do not fit"),
+        ({"rows": 1}, ("rows.jsonl", '{"instruction": "a", "output": "b"}\n'), "set it to 'upload'"),
+        ({"optimizer": "sgd"}, None, "unknown config field(s) ['optimizer']"),
+    ],
+)
+def test_bad_input_returns_its_message(client, tmp_path, config, upload, message):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    data = None
+    if upload is not None:
+        path = tmp_path / upload[0]
+        path.write_text(upload[1])
+        data = handle_file(str(path))
+    with pytest.raises(AppError) as info:
+        client.predict({**TINY, **config}, data, api_name="/ablate")
+    assert message in str(info.value)
+    assert str(tmp_path) not in str(info.value)  # names the file, not the server's folders
+
+
+def test_push_without_sign_in_says_so(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Sign in with Hugging Face first"):
+        client.predict("someone/crma-results", True, api_name="/push")
+
+
+def test_preview_endpoint_and_the_app_keeps_serving(client):
+    table, message = client.predict("bundled", None, 4, 10, api_name="/preview")
+    assert [row[0] for row in table["data"]] == [str(i) for i in range(4, 14)]
+    assert "reads fine" in message
+    table, message = client.predict("bundled", None, 0, 1000, api_name="/preview")
+    assert table["data"] in ([], [[]], None) or not any(any(cell for cell in row) for row in table["data"])
+    assert message.startswith("⚠️") and "do not fit" in message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The UI handlers, driven directly (the same code the buttons call)
+
+
+def _form(**overrides):
+    from app import FORM_FIELDS
+
+    values = dict(model="tiny-random", dataset="bundled", start=0, rows=8, arms=["lora", "lora+crma"], seeds="42",
+                  steps=3, lr="2e-4", structural_lr="5e-3", gate_lr="1e-3", batch_size=2, seq_len=512, lora_r=8,
+                  lora_targets="q_proj,v_proj", crma_streams=3, crma_rank=4, spike_at=0)
+    values.update(overrides)
+    return [values[name] for name in FORM_FIELDS]
+
+
+def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, runs_dir):
+    import gradio as gr
+    import plotly.graph_objects as go
+
+    out = {name: i for i, name in enumerate(app_module.RUN_OUTPUTS)}
+    run = app_module.run_ui(None, 0.6, False, *_form(steps=500))
+    first = next(run)
+    run_id = first[out["run_state"]]
+    assert (Path(runs_dir) / run_id).is_dir()
+    charts = None
+    for update in run:
+        if isinstance(update[out["loss_plot"]], go.Figure) and "Step " in update[out["progress"]]:
+            charts = update
+            break
+    assert charts is not None and isinstance(charts[out["delta_plot"]], go.Figure)
+    assert {t.name for t in charts[out["loss_plot"]].data} >= {"lora"}
+    assert "/500" in charts[out["progress"]] and "tokens/s" in charts[out["progress"]]
+    # Another visitor's stop (another run id) does nothing to this run.
+    app_module.stop_ui("0" * 32)
+    app_module.stop_ui(run_id)
+    *_, final = run
+    assert "Stopped at step" in final[out["progress"]]
+    assert final[out["results"]]["visible"] is True
+    assert "| Final loss |" in final[out["summary_md"]]
+    assert "Same LoRA init" in final[out["receipt_md"]]
+    archive = Path(final[out["archive_file"]])
+    assert archive.is_file() and archive.parent == Path(runs_dir) / run_id
+    assert final[out["report_file"]].endswith("report.html")
+    assert "<iframe" in final[out["embed_code"]]
+    # The smoothing slider and log-scale toggle redraw from the stored records, without a re-run.
+    loss, grad, _ = app_module.rerender(run_id, 0.0, True)
+    assert grad.layout.yaxis.type == "log" and len(loss.data) >= 2
+    assert all(isinstance(x, type(gr.skip())) for x in app_module.rerender(None, 0.5, False))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"lr": "abc"}, "`lr` must be a number"), ({"seeds": "1,2,3,4,5,6"}, "`seeds` must be at most 5"),
+     ({"steps": 0}, "`steps` must be a positive integer"), ({"dataset": "upload"}, "no file was uploaded")],
+)
+def test_run_ui_bad_input_is_a_gradio_error(app_module, overrides, message):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as info:
+        next(app_module.run_ui(None, 0.6, False, *_form(**overrides)))
+    assert message in str(info.value)
+
+
+def test_preview_handler_shows_the_problem_instead_of_failing(app_module, tmp_path):
+    table, message = app_module.preview("bundled", None, 390, 20)
+    assert table == [] and "do not fit" in message
+    table, message = app_module.preview("upload", None, 0, 5)
+    assert table == [] and "no file was uploaded" in message
+    table, message = app_module.preview("bundled", None, 0, 3)
+    assert len(table) == 3 and "reads fine" in message
+
+
+def test_push_handler_failures_say_why_and_keep_the_results(app_module, runs_dir, monkeypatch):
+    import gradio as gr
+
+    from crma.ablation import service
+
+    token = gr.OAuthToken(token="hf_visitorsecret123", scope="write-repos manage-repos", expires_at=2**31)
+    with pytest.raises(gr.Error, match="no finished results to push"):
+        app_module.push(None, "someone/crma-results", True, token)
+    space = service.new_run()
+    space.out_dir.mkdir()
+    for name in ("config.json", "summary.json"):
+        (space.out_dir / name).write_text("{}")
+    archive = service.make_archive(space.out_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub cannot be reached here: the push must fail, and say so
+    with pytest.raises(gr.Error) as info:
+        app_module.push(space.run_id, "someone/crma-results", True, token)
+    message = str(info.value)
+    assert "offline" in message.lower() and "still available to download" in message
+    assert token.token not in message
+    assert archive.is_file() and space.finished()  # nothing was removed
+
+
+def _fake_engine(records_before_failure: int):
+    """A stand-in for the engine: some steps (the second arm diverges), then a failed RunResult, as after an OOM."""
+    from crma.ablation.config import Phase, RunResult, StepRecord
+
+    def events(cfg, out_dir, stop_file):
+        yield Phase("loading model tiny-random")
+        records = []
+        for i in range(records_before_failure):
+            arm, step = ("lora", "lora+crma")[i % 2], i // 2 + 1
+            loss = float("nan") if arm == "lora+crma" and step == 2 else 2.0 - 0.1 * step
+            records.append(StepRecord(arm=arm, seed=42, step=step, loss=loss, grad_norm_pre=1.0, grad_norm_post=1.0,
+                                      clipped=False, lr=2e-4, tokens=50 * step, step_time_s=0.1, memory_mb=100.0,
+                                      diverged=loss != loss))
+            yield records[-1]
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text("| Metric | lora |\n|---|---|\n| Final loss | 1.8 |\n")
+        yield RunResult(status="failed", error="out of memory: lower batch_size or seq_len", config=cfg,
+                        records=records, summary={}, out_dir=str(out), files=["summary.md"])
+
+    return events
+
+
+def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, monkeypatch):
+    monkeypatch.setattr(app_module, "train_on_gpu", _fake_engine(records_before_failure=4))
+    out = {name: i for i, name in enumerate(app_module.RUN_OUTPUTS)}
+    with pytest.warns(UserWarning) as warned:  # gr.Warning outside a request is a Python warning
+        *_, final = app_module.run_ui(None, 0.6, False, *_form())
+    messages = " ".join(str(w.message) for w in warned)
+    assert "lora+crma diverged at step 2" in messages and "The run failed: out of memory" in messages
+    assert "Failed at step 2/3: out of memory" in final[out["progress"]]
+    assert "lora+crma diverged at step 2" in final[out["progress"]]
+    assert final[out["results"]]["visible"] is True and "Final loss" in final[out["summary_md"]]
+    assert "**failed** (out of memory" in final[out["notes_md"]]
+    assert Path(final[out["archive_file"]]).is_file()
+
+
+def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setattr(app_module, "train_on_gpu", _fake_engine(records_before_failure=0))
+    out = {name: i for i, name in enumerate(app_module.RUN_OUTPUTS)}
+    run = app_module.run_ui(None, 0.6, False, *_form())
+    updates = []
+    with pytest.raises(gr.Error, match="out of memory"):
+        for update in run:
+            updates.append(update)
+    assert "Failed at step 0/3" in updates[-1][out["progress"]]
+    assert updates[-1][out["run_btn"]]["interactive"] is True
