@@ -37,6 +37,12 @@ ZERO_GPU = service.on_zero_gpu()
 # Hub sign-in is real only on a Space; elsewhere gradio would mock it with the host's own token, which is not a
 # visitor's sign-in (and needs the Hub), so off a Space the page says how to push instead.
 ON_SPACE = os.environ.get("SYSTEM") == "spaces"
+# Gradio 6.31 ships a truncated SourceSansPro-SemiBold.woff2 (5 KB): weight-600 text such as the title falls back
+# glyph by glyph ("CRMᴀ Lab"). Serve the Bold face for weight 600 instead.
+CSS = (
+    '@font-face { font-family: "Source Sans Pro"; font-weight: 600; font-style: normal; '
+    'src: url("static/fonts/SourceSansPro/SourceSansPro-Bold.woff2") format("woff2"); }'
+)
 VIEWS = service.ViewRegistry()  # live views by unguessable run id: each visitor only ever holds their own ids
 
 
@@ -236,7 +242,7 @@ def stop(run_id: str) -> str:
 def stop_ui(run_id: str | None):
     """The Stop button: the visitor's own run (the id lives in their session state)."""
     if service.request_stop(run_id):
-        gr.Info("Stopping after the current step; the results so far will be kept.")
+        gr.Info("Stopping after the current step; the results so far will be kept.", duration=3)
     return gr.update(interactive=False)
 
 
@@ -419,4 +425,4 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.queue(default_concurrency_limit=1, max_size=20).launch()
+    demo.queue(default_concurrency_limit=1, max_size=20).launch(css=CSS)

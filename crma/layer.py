@@ -25,40 +25,43 @@ from .sinkhorn import sinkhorn
 
 
 class _RMSUpdateProjection(torch.autograd.Function):
-    """u = rmsnorm(y - h) @ A in fp32, without keeping the d-wide fp32 update alive for backward.
+    """u = rmsnorm(y - h) @ A, without keeping a d-wide copy of the update alive for backward.
 
-    Autograd would save (y - h) in fp32 and its normalised copy: two full-width fp32 tensors per block.
-    y and h are kept by the surrounding graph anyway (they feed the next block's norm), so backward
-    recomputes the update from them and only a per-token scale is stored here.
+    Autograd would save (y - h) and its normalised copy: two full-width tensors per block. y and h are kept by
+    the surrounding graph anyway (they feed the blocks' norms), so backward recomputes y - h from them and this
+    function stores only r-wide and per-token tensors. The normalisation's gradient is folded into r-wide
+    products too (mean_d(g_hat * delta_hat) = (g_u . u) / d), so each direction makes only a few d-wide passes.
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, h: torch.Tensor, A: torch.Tensor, eps: float) -> torch.Tensor:
         ctype = torch.promote_types(torch.promote_types(y.dtype, A.dtype), torch.float32)  # fp64 stays fp64
-        delta = y.to(ctype) - h.to(ctype)
-        inv_rms = torch.rsqrt(delta.pow(2).mean(-1, keepdim=True) + eps)  # b t 1
-        u = (delta * inv_rms) @ A.to(ctype)
-        ctx.save_for_backward(y, h, A, inv_rms)
+        delta = y.to(ctype) - h.to(ctype)  # b t d
+        d = delta.shape[-1]
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(delta, dim=-1, keepdim=True).square() / d + eps)  # b t 1
+        u = (delta @ A.to(ctype)) * inv_rms  # scale the r-wide product, not the d-wide input
+        ctx.save_for_backward(y, h, A, inv_rms, u)
         return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):
-        y, h, A, inv_rms = ctx.saved_tensors
+        y, h, A, inv_rms, u = ctx.saved_tensors
         ctype = inv_rms.dtype
-        delta_hat = (y.to(ctype) - h.to(ctype)) * inv_rms
+        delta = y.to(ctype) - h.to(ctype)
+        d = delta.shape[-1]
         grad_u = grad_u.to(ctype)
-        grad_A = None
+        scaled = grad_u * inv_rms  # b t r
+        grad_A = grad_y = grad_h = None
         if ctx.needs_input_grad[2]:
-            grad_A = torch.einsum("btd,btr->dr", delta_hat, grad_u).to(A.dtype)
-        grad_y = grad_h = None
+            grad_A = (delta.reshape(-1, d).t() @ scaled.reshape(-1, scaled.shape[-1])).to(A.dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            g_hat = grad_u @ A.to(ctype).t()  # b t d
-            # d/d(delta) of delta * rsqrt(mean(delta^2)): project out the component along delta_hat.
-            grad_delta = inv_rms * (g_hat - delta_hat * (g_hat * delta_hat).mean(-1, keepdim=True))
+            # d/d(delta) of inv_rms * (delta @ A): inv_rms * g A^T - inv_rms^3 / d * (g . (delta @ A)) * delta
+            coef = (grad_u * u).sum(-1, keepdim=True) * inv_rms.square() / d  # b t 1
+            grad_delta = torch.addcmul(scaled @ A.to(ctype).t(), coef, delta, value=-1.0)
             if ctx.needs_input_grad[0]:
                 grad_y = grad_delta.to(y.dtype)
             if ctx.needs_input_grad[1]:
-                grad_h = (-grad_delta).to(h.dtype)
+                grad_h = grad_delta.neg().to(h.dtype)
         return grad_y, grad_h, grad_A, None
 
 
@@ -136,20 +139,47 @@ class CRMABlock(nn.Module):
         """alpha = exp(clamp(log_alpha))."""
         return self.crma_log_alpha.clamp(self.config.log_alpha_min, self.config.log_alpha_max).exp()
 
+    def mixing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M, post, rho) of this block: the mixing matrix, write weights 2 sigmoid(.), read weights softmax(.)."""
+        post = 2.0 * torch.sigmoid(self.crma_write_logits)
+        return self.mixing_matrix(), post, torch.softmax(self.crma_read_logits, -1)
+
     def forward(
-        self, h: torch.Tensor, y: torch.Tensor, state: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        state: torch.Tensor | None,
+        mixing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (the block output with the CRMA read added, the new side state S' of shape b t n r)."""
+        """Return (the block output with the CRMA read added, the new side state S' of shape b t n r).
+
+        `mixing` is this block's (M, post, rho) when the caller computed every block's at once (see `batched_mixing`).
+        """
         device_type = y.device.type if y.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
         # The side channel is O(d*r) per token: run it in fp32 whatever the surrounding autocast does.
         with torch.autocast(device_type=device_type, enabled=False):
+            mix, post, rho = mixing if mixing is not None else self.mixing()
             u = _RMSUpdateProjection.apply(y, h, self.crma_A, self.config.eps)  # b t r
-            post = 2.0 * torch.sigmoid(self.crma_write_logits)  # s
             written = torch.einsum("s,btr->btsr", post, u)
             if state is not None:
                 written = written + state.to(written.device)
-            new_state = torch.einsum("ij,btjr->btir", self.mixing_matrix(), written)
-            read = torch.einsum("i,btir->btr", torch.softmax(self.crma_read_logits, -1), new_state)
+            new_state = torch.einsum("ij,btjr->btir", mix, written)
             # Scale the r-wide read, not the d-wide product, so nothing d-wide is saved for the gate's gradient.
-            delta = (self.gate() * read) @ self.crma_B
+            read = torch.einsum("i,btir->btr", rho * self.gate(), new_state)
+            if y.dtype == read.dtype:  # one fused y + read @ B: exactly y while B = 0
+                y_out = torch.addmm(y.reshape(-1, y.shape[-1]), read.reshape(-1, read.shape[-1]), self.crma_B)
+                return y_out.view_as(y), new_state
+            delta = read @ self.crma_B
         return y + delta.to(y.dtype), new_state
+
+
+def batched_mixing(blocks: list[CRMABlock]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """Every block's (M, post, rho) from one batched Sinkhorn over the stacked logits (None if they differ in
+    device or config): one call of ~40 small kernels instead of one per block, forward and backward."""
+    first = blocks[0]
+    if any(b.config != first.config or b.crma_log_mix.device != first.crma_log_mix.device for b in blocks):
+        return None
+    mixes = sinkhorn(torch.stack([b.crma_log_mix for b in blocks]), first.config.sinkhorn_iters)
+    posts = 2.0 * torch.sigmoid(torch.stack([b.crma_write_logits for b in blocks]))
+    rhos = torch.softmax(torch.stack([b.crma_read_logits for b in blocks]), -1)
+    return list(zip(mixes.unbind(0), posts.unbind(0), rhos.unbind(0), strict=True))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import CRMAConfig
-from .layer import CRMABlock, orthonormal_basis, principal_basis
+from .layer import CRMABlock, batched_mixing, orthonormal_basis, principal_basis
 from .sinkhorn import sinkhorn
 from .utils import find_decoder_layers, hidden_size_of, module_device
 
@@ -38,6 +38,8 @@ class _Channel:
     configs: dict[str, CRMAConfig] = field(default_factory=dict)
     active: str | None = None
     state: torch.Tensor | None = None
+    mixing: list[Any] | None = None  # every block's (M, post, rho) for the forward in progress
+    layers: Any = None  # the decoder blocks' ModuleList
     handles: list[Any] = field(default_factory=list)
 
 
@@ -53,21 +55,26 @@ def _require(model: nn.Module) -> tuple[nn.ModuleList, _Channel]:
     return layers, channel
 
 
-def _make_hook(channel: _Channel, index: int, num_layers: int):
-    def hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        name = channel.active
-        if name is None:
-            return None
-        h = args[0] if args else kwargs["hidden_states"]
-        y = output[0] if isinstance(output, tuple) else output
-        # Block 0 starts a fresh side state for every forward (per token, so KV-cache decoding needs nothing else).
-        state = None if index == 0 else channel.state
-        y_out, new_state = block.crma[name](h, y, state)
-        # Drop the reference after the last block so the graph is not kept alive past the forward.
-        channel.state = new_state if index < num_layers - 1 else None
-        return (y_out, *output[1:]) if isinstance(output, tuple) else y_out
-
-    return hook
+def _crma_hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    # State is read through the block (not a closure) so that a deep copy of the model hooks into its own copy.
+    channel: _Channel = block._crma_channel
+    name, index, num_layers = channel.active, block._crma_index, len(channel.layers)
+    if name is None:
+        return None
+    h = args[0] if args else kwargs["hidden_states"]
+    y = output[0] if isinstance(output, tuple) else output
+    # Block 0 starts a fresh side state for every forward (per token, so KV-cache decoding needs nothing else)
+    # and computes every block's mixing in one batched Sinkhorn: it depends on parameters only, not on data.
+    if index == 0:
+        channel.state = None
+        channel.mixing = batched_mixing([layer.crma[name] for layer in channel.layers])
+    mixing = channel.mixing[index] if channel.mixing is not None else None
+    y_out, new_state = block.crma[name](h, y, channel.state, mixing)
+    # Drop the references after the last block so the graph is not kept alive past the forward.
+    channel.state = new_state if index < num_layers - 1 else None
+    if index == num_layers - 1:
+        channel.mixing = None
+    return (y_out, *output[1:]) if isinstance(output, tuple) else y_out
 
 
 def _writing_weights(block: nn.Module, index: int) -> list[torch.Tensor]:
@@ -128,14 +135,13 @@ def _attach(model: nn.Module, config: CRMAConfig, *, adapter_name: str, init_A: 
             block.crma_A.copy_(basis.to(device))
         blocks.append(block)
     if channel is None:
-        channel = _Channel()
+        channel = _Channel(layers=layers)
         layers._crma_channel = channel
         for index, layer in enumerate(layers):
             layer.crma = nn.ModuleDict()
+            layer._crma_channel, layer._crma_index = channel, index
             # prepend: later hooks (e.g. transformers' output_hidden_states capture) see the CRMA output.
-            channel.handles.append(
-                layer.register_forward_hook(_make_hook(channel, index, len(layers)), with_kwargs=True, prepend=True)
-            )
+            channel.handles.append(layer.register_forward_hook(_crma_hook, with_kwargs=True, prepend=True))
     for layer, block in zip(layers, blocks, strict=True):
         layer.crma[adapter_name] = block
     channel.configs[adapter_name] = config
@@ -159,7 +165,7 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         for handle in channel.handles:
             handle.remove()
         for layer in layers:
-            del layer.crma
+            del layer.crma, layer._crma_channel, layer._crma_index
         del layers._crma_channel
     return model
 

@@ -1,6 +1,6 @@
 """Run an ablation in the CRMA Lab page like a visitor (headless Chromium) and save the README screenshot.
 
-    python scripts/take_screenshot.py                    # SmolLM2-135M, 40 steps: ~3 min on 2 CPU cores
+    python scripts/take_screenshot.py                    # the CPU defaults: SmolLM2-135M, 30 steps, ~80 s
     python scripts/take_screenshot.py --model tiny-random --steps 120 --seq-len 256 --spike-at 80
 
 The app is served in-process on 127.0.0.1 and driven through Playwright with the system's Chromium (never a
@@ -68,11 +68,11 @@ def serve_app() -> Iterator[str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from app import build_demo
+    from app import CSS, build_demo
 
     demo = build_demo()
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -166,7 +166,7 @@ def to_png(image_bytes: bytes, *, width: int, max_bytes: int) -> bytes:
     return out.getvalue()
 
 
-def screenshot_top(page: Any, *, below: str = "#delta-plot", margin: int = 24) -> bytes:
+def screenshot_top(page: Any, *, below: str = "#delta-plot", margin: int = 12) -> bytes:
     """PNG of the page from the top to `margin` px under element `below` (the settings and the three charts)."""
     # Move the mouse away so no hover label covers a chart.
     page.mouse.move(0, 0)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one ablation in the page until it finishes and write the README screenshot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_model(page, args.model)
         fill_numbers(page, {"Rows": args.rows, "Steps": args.steps, "Batch size": args.batch_size,
                             "Seq len": args.seq_len, "Spike stress at step (0 = off)": args.spike_at})
-        page.get_by_text("Hyperparameters", exact=True).click()  # closed again: the screenshot shows the charts
+        if page.get_by_label("Batch size", exact=True).is_visible():  # close it again: the charts matter here
+            page.get_by_text("Hyperparameters", exact=True).click()
         start_run(page)
         wait_for_arms(page, ["lora", "lora+crma"], timeout_s=args.timeout_s)
         print(f"charts drawing after {time.monotonic() - started:.0f} s: {progress_text(page)}")

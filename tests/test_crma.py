@@ -363,3 +363,27 @@ def test_config_json_round_trip_and_validation() -> None:
         CRMAConfig(init_A="svd")
     with pytest.raises(ValueError, match="unknown CRMAConfig field"):
         CRMAConfig.from_dict({"streams": 3})
+
+
+def test_update_projection_gradcheck_float64() -> None:
+    from crma.layer import _RMSUpdateProjection
+
+    gen = torch.Generator().manual_seed(0)
+    y, h = (torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    a = torch.randn(8, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, h, a: _RMSUpdateProjection.apply(y, h, a, 1e-6), (y, h, a))
+
+
+def test_batched_mixing_equals_per_block_mixing() -> None:
+    from crma.layer import batched_mixing
+
+    model = make_tiny_llama(layers=3)
+    crma.attach(model)
+    blocks = crma.model.crma_blocks(model)
+    with torch.no_grad():
+        for b in blocks:
+            b.crma_log_mix.add_(torch.randn(3, 3) * 0.5)
+            b.crma_read_logits.add_(torch.randn(3))
+    for (m, post, rho), block in zip(batched_mixing(blocks), blocks, strict=True):
+        m2, post2, rho2 = block.mixing()
+        assert torch.allclose(m, m2, atol=1e-7) and torch.equal(post, post2) and torch.allclose(rho, rho2)

@@ -250,7 +250,7 @@ def test_delta_figure_values_and_share_lower(records, records2):
     assert list(zclip.x) == list(range(1, DIVERGE_STEP))  # the NaN step has no pair
     assert list(zclip.y) == pytest.approx([0.05] * (DIVERGE_STEP - 1))
     assert list(_trace(fig, "lora#2").y) == [0.0] * STEPS
-    note = fig.layout.annotations[0].text
+    note = fig.layout.title.text  # the shares sit under the title, clear of the curves
     assert "lora+crma lower on 75 % of steps (30/40)" in note
     assert "lora#2 lower on 0 % of steps (0/40)" in note
     assert fig.layout.meta["lower_share"] == {"lora+crma": 0.75, "lora+zclip": 0.0, "lora#2": 0.0}
@@ -507,3 +507,10 @@ def test_png_charts_without_browser_raise_runtime_error(records, tmp_path, monke
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
     with pytest.raises(RuntimeError, match="needs a Chrome or Chromium"):
         write_png_charts(records, tmp_path / "png")
+
+
+def test_few_steps_get_integer_ticks(records):
+    short = [r for r in records if r.step <= 5]
+    fig = make_loss_figure(short, smoothing=0.0)
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"
+    assert make_loss_figure(records, smoothing=0.0).layout.xaxis.dtick is None

@@ -158,7 +158,7 @@ class StepRecord:
         grad_norm_post (`float`): the same after clipping.
         clipped (`bool`): whether the clipper scaled the gradients.
         lr (`float`): base learning rate used for this step.
-        tokens (`int`): loss-bearing tokens seen so far by this arm.
+        tokens (`int`): tokens (prompt and response, padding excluded) this arm has trained on so far.
         step_time_s (`float`): wall time of this arm's forward + backward + step.
         memory_mb (`float`): peak device memory (GPU) or process RSS (CPU) in MiB.
         diverged (`bool`): the loss or gradient was not finite; the arm stops after this record.

@@ -209,7 +209,7 @@ class _Session:
         self, step: int, batch: dict[str, torch.Tensor], indices: list[int], *, loss_scale: float = 1.0
     ) -> Iterator[StepRecord]:
         cfg = self.cfg
-        loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        seen_tokens = int(batch["attention_mask"].sum())  # prompt and response, padding excluded
         for arm in self.arms:
             if arm.diverged:
                 continue
@@ -236,7 +236,7 @@ class _Session:
             arm.wall_s += elapsed
             arm.rng = torch.get_rng_state()
             arm.cuda_rng = torch.cuda.get_rng_state_all() if arm.cuda_rng is not None else None
-            arm.tokens += loss_tokens
+            arm.tokens += seen_tokens
             arm.order_digest.update(json.dumps([step, indices]).encode())
             diag = None
             if arm.spec.crma and (step % cfg.diag_every == 0 or step == 1 or step == cfg.steps):

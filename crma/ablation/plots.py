@@ -246,6 +246,9 @@ def _layout(fig: go.Figure, *, title: str, y_title: str, revision: str) -> go.Fi
         # A constant uirevision keeps the user's zoom/pan and legend toggles when a live update replaces the figure.
         uirevision=revision,
     )
+    # Steps are integers: with only a few of them Plotly would otherwise label 1, 1.5, 2, ...
+    last = max((max(t.x) for t in fig.data if getattr(t, "x", None) is not None and len(t.x)), default=0)
+    fig.update_xaxes(tickformat="d", dtick=1 if last <= 10 else None)
     return fig
 
 
@@ -504,25 +507,17 @@ def make_delta_figure(
         )
     fig.add_traces(bands + raws + lines)
     fig.add_hline(y=0, line=dict(color="#555555", width=1))
-    if notes:
-        fig.add_annotation(
-            text="<br>".join(notes),
-            x=0.01,
-            y=0.98,
-            xref="paper",
-            yref="paper",
-            xanchor="left",
-            yanchor="top",
-            showarrow=False,
-            align="left",
-            bgcolor="rgba(255,255,255,0.8)",
-        )
-    else:
+    if not notes:
         _empty(fig, f"Need another arm besides {baseline!r} to compare")
     fig.update_layout(meta={"baseline": baseline, "lower_share": shares})
     title = f"Loss difference vs {baseline} (below 0: lower loss than {baseline})"
+    # The shares go under the title, where they cannot cover the curves or the zero line.
+    subtitle = f"<br><sup>{' · '.join(notes)}</sup>" if notes else ""
     return _layout(
-        fig, title=title + _seed_note(multi, seed, recs), y_title=f"loss − loss({baseline})", revision="loss_delta"
+        fig,
+        title=title + _seed_note(multi, seed, recs) + subtitle,
+        y_title=f"loss − loss({baseline})",
+        revision="loss_delta",
     )
 
 
