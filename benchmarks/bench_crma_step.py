@@ -1,9 +1,10 @@
 """Cost of CRMA on a LoRA training step: step time and memory of LoRA+CRMA over LoRA (printed, not asserted).
 
-SmolLM2-135M (offline preset), batch 4 x 128 tokens, CPU, AdamW, LoRA r=8 on q/v. Each configuration runs in
-its own subprocess (so peak RSS is its own) and the two alternate, several rounds, to spread machine noise
-evenly. Memory is reported two ways: bytes autograd saves for backward in one step (what CRMA adds to the
-activations, deduplicated by storage), and the process's peak RSS.
+SmolLM2-135M (offline preset), batch 4 x 128 tokens, CPU, AdamW, LoRA r=8 on q/v.
+Step time: one process, one model, CRMA switched off and on (`crma.disable` / `crma.enable`) in alternating
+blocks of steps, so both see the same machine state; medians per configuration.
+Memory: each configuration in its own subprocess (so peak RSS is its own), with glibc returning large blocks at
+once so RSS follows live tensors; also the bytes autograd saves for backward in one step (deduplicated by storage).
 
     python benchmarks/bench_crma_step.py [--rounds 3] [--steps 6] [--model smollm2-135m]
 """
@@ -75,6 +76,39 @@ def worker(use_crma: bool, model_name: str, steps: int, batch: int, tokens: int)
     }
 
 
+def time_worker(model_name: str, rounds: int, steps: int, batch: int, tokens: int) -> dict:
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import crma
+    from crma.ablation.models import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(model_name, device="cpu", dtype="float32")
+    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    crma.attach(model)
+    model.train()
+    groups = crma.param_groups(model, 2e-4, 5e-3, 1e-3)
+    optimizer = torch.optim.AdamW(groups)
+    params = [p for g in groups for p in g["params"]]
+    ids = torch.randint(0, loaded.model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    times: dict[str, list[float]] = {"lora": [], "crma": []}
+    for block in range(2 * rounds + 1):
+        kind = "crma" if block % 2 else "lora"
+        crma.enable(model) if kind == "crma" else crma.disable(model)
+        for step in range(steps):
+            start = time.perf_counter()
+            model(ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if block > 0 and step > 0:  # block 0 and each block's first step warm up
+                times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -82,11 +116,21 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--worker", choices=["lora", "crma"])
+    parser.add_argument("--worker", choices=["lora", "crma", "time"])
     args = parser.parse_args()
+    if args.worker == "time":
+        print(json.dumps(time_worker(args.model, args.rounds, args.steps, args.batch, args.tokens)))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker == "crma", args.model, args.steps, args.batch, args.tokens)))
         return
+    timing = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--worker", "time", "--model", args.model, "--rounds", str(args.rounds),
+             "--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        ).stdout.strip().splitlines()[-1]
+    )
     runs: dict[str, list[dict]] = {"lora": [], "crma": []}
     # Large blocks straight from mmap and back on free: peak RSS then follows live tensors, not glibc's arenas.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
@@ -104,7 +148,9 @@ def main() -> None:
 
     print(f"model {args.model}, batch {args.batch} x {args.tokens} tokens, CPU, "
           f"{args.rounds} rounds x {args.steps} steps")
-    for key, label in (("step_s", "step time (s)"), ("saved_mb", "saved for backward (MiB)"),
+    a, b = timing["lora"], timing["crma"]
+    print(f"{'step time (s), interleaved':26s} LoRA {a:12.3f}   LoRA+CRMA {b:12.3f}   ratio {b / a:.3f}")
+    for key, label in (("saved_mb", "saved for backward (MiB)"),
                        ("peak_rss_mb", "peak RSS (MiB)"), ("trainable", "trainable params")):
         a, b = med("lora", key), med("crma", key)
         print(f"{label:26s} LoRA {a:12.3f}   LoRA+CRMA {b:12.3f}   ratio {b / a:.3f}")

@@ -160,12 +160,14 @@ class CRMABlock(nn.Module):
         with torch.autocast(device_type=device_type, enabled=False):
             mix, post, rho = mixing if mixing is not None else self.mixing()
             u = _RMSUpdateProjection.apply(y, h, self.crma_A, self.config.eps)  # b t r
-            written = torch.einsum("s,btr->btsr", post, u)
+            # Broadcasts and matmuls rather than einsum: these tensors are tiny (n*r per token), so the cost is
+            # the number of kernels, and einsum adds permutes and copies around each of its bmm calls.
+            written = post.unsqueeze(-1) * u.unsqueeze(-2)  # s,btr->btsr
             if state is not None:
-                written = written + state.to(written.device)
-            new_state = torch.einsum("ij,btjr->btir", mix, written)
+                written = written + state.to(written.device)  # blocks may sit on different devices
+            new_state = torch.matmul(mix, written)  # ij,btjr->btir
             # Scale the r-wide read, not the d-wide product, so nothing d-wide is saved for the gate's gradient.
-            read = torch.einsum("i,btir->btr", rho * self.gate(), new_state)
+            read = torch.matmul(rho * self.gate(), new_state)  # i,btir->btr
             if y.dtype == read.dtype:  # one fused y + read @ B: exactly y while B = 0
                 y_out = torch.addmm(y.reshape(-1, y.shape[-1]), read.reshape(-1, read.shape[-1]), self.crma_B)
                 return y_out.view_as(y), new_state
