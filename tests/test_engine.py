@@ -132,3 +132,27 @@ def test_bad_inputs_fail_with_a_clear_message() -> None:
     assert result.status == "failed" and "no-such-org/no-such-model" in result.error
     _, result = run(lora_targets=["nonexistent_proj"])
     assert result.status == "failed" and "nonexistent_proj" in result.error
+
+
+def test_out_of_memory_and_unexpected_errors_end_as_failed_runs_with_files(monkeypatch, tmp_path) -> None:
+    calls = {"n": 0}
+    original = _Session.step
+
+    def failing(self, step, batch, indices, **kw):
+        calls["n"] += 1
+        if step == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield from original(self, step, batch, indices, **kw)
+
+    monkeypatch.setattr(_Session, "step", failing)
+    records, result = run(tmp_path / "oom", arms=["lora", "lora+crma"])
+    assert result.status == "failed" and result.error.startswith("out of memory: lower batch_size")
+    assert len(records) == 4 and (tmp_path / "oom" / "summary.json").exists()
+
+    def broken(self, step, batch, indices, **kw):
+        raise KeyError("boom")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(_Session, "step", broken)
+    _, result = run(tmp_path / "bug")
+    assert result.status == "failed" and "internal error (KeyError" in result.error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from crma import CRMAConfig, ZClip, ZClipConfig, clip_by_norm
 from .config import ARM_SPECS, AblationConfig, ArmSpec, Phase, RunResult, StepRecord
 
 Event = StepRecord | Phase | RunResult
+logger = logging.getLogger(__name__)
 
 
 def arm_labels(arms: list[str]) -> list[str]:
@@ -416,14 +418,16 @@ def run_ablation(
                 break
     except (ValueError, FileNotFoundError, OSError) as exc:  # config, model, data: the message says what is wrong
         status, error = "failed", str(exc)
-    except RuntimeError as exc:
-        if not _is_oom(exc):
-            raise
+    except Exception as exc:  # anything else still ends as a failed run whose finished steps are written out
         status = "failed"
-        error = (
-            "out of memory: lower batch_size or seq_len, use fewer arms, or pick a smaller model "
-            f"({str(exc).splitlines()[0][:160]})"
-        )
+        if _is_oom(exc):
+            error = (
+                "out of memory: lower batch_size or seq_len, use fewer arms, or pick a smaller model "
+                f"({str(exc).splitlines()[0][:160]})"
+            )
+        else:
+            logger.exception("ablation run failed")
+            error = f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
