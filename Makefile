@@ -20,6 +20,7 @@ app: install
 	$(PYTHON) app.py
 
 test: install-dev browser
+	$(PYTHON) -m ruff check crma app.py tests benchmarks scripts
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
 
 bench: install

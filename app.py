@@ -30,8 +30,25 @@ from crma.hub import PushError, push_results
 logger = logging.getLogger("crma.app")
 
 # Form fields, in the order the run handler receives them after (upload, smoothing, log_scale).
-FORM_FIELDS = ("model", "dataset", "start", "rows", "arms", "seeds", "steps", "lr", "structural_lr", "gate_lr",
-               "batch_size", "seq_len", "lora_r", "lora_targets", "crma_streams", "crma_rank", "spike_at")
+FORM_FIELDS = (
+    "model",
+    "dataset",
+    "start",
+    "rows",
+    "arms",
+    "seeds",
+    "steps",
+    "lr",
+    "structural_lr",
+    "gate_lr",
+    "batch_size",
+    "seq_len",
+    "lora_r",
+    "lora_targets",
+    "crma_streams",
+    "crma_rank",
+    "spike_at",
+)
 GENERIC_ERROR = "Something went wrong on our side (the details are in the server log). Your results so far are kept."
 ZERO_GPU = service.on_zero_gpu()
 # Hub sign-in is real only on a Space; elsewhere gradio would mock it with the host's own token, which is not a
@@ -120,9 +137,24 @@ def preview(dataset: str, upload: str | None, start: float, rows: float) -> tupl
 
 
 # Outputs of the run handler, in order; a handler names the ones it changes and the rest are left as they are.
-RUN_OUTPUTS = ("run_state", "progress", "results", "run_btn", "stop_btn", "repro", "loss_plot", "grad_plot",
-               "delta_plot", "summary_md", "receipt_md", "mixing_plot", "notes_md", "archive_file", "report_file",
-               "embed_code")
+RUN_OUTPUTS = (
+    "run_state",
+    "progress",
+    "results",
+    "run_btn",
+    "stop_btn",
+    "repro",
+    "loss_plot",
+    "grad_plot",
+    "delta_plot",
+    "summary_md",
+    "receipt_md",
+    "mixing_plot",
+    "notes_md",
+    "archive_file",
+    "report_file",
+    "embed_code",
+)
 
 
 def _outputs(**values) -> tuple:
@@ -143,8 +175,14 @@ def run_ui(upload: str | None, smoothing: float, log_scale: bool, *values):
         gr.Info(f"This run asks ZeroGPU for {service.estimate_gpu_seconds(cfg)} s of GPU time.")
     space_id = os.environ.get("SPACE_ID")
     repro = service.cli_command(cfg) + "\n\n# or from Python:\n" + service.client_snippet(cfg, space_id)
-    yield _outputs(run_state=space.run_id, progress=view.progress_html(), results=gr.update(visible=False),
-                   run_btn=gr.update(interactive=False), stop_btn=gr.update(interactive=True), repro=repro)
+    yield _outputs(
+        run_state=space.run_id,
+        progress=view.progress_html(),
+        results=gr.update(visible=False),
+        run_btn=gr.update(interactive=False),
+        stop_btn=gr.update(interactive=True),
+        repro=repro,
+    )
     result, warned = None, 0
     try:
         for event in events:
@@ -163,8 +201,14 @@ def run_ui(upload: str | None, smoothing: float, log_scale: bool, *values):
     if result is None:  # pragma: no cover - the engine always ends with a RunResult
         raise gr.Error(GENERIC_ERROR)
     loss, grad, delta = view.figures()
-    final = dict(progress=view.progress_html(), loss_plot=loss, grad_plot=grad, delta_plot=delta,
-                 stop_btn=gr.update(interactive=False), run_btn=gr.update(interactive=True))
+    final = dict(
+        progress=view.progress_html(),
+        loss_plot=loss,
+        grad_plot=grad,
+        delta_plot=delta,
+        stop_btn=gr.update(interactive=False),
+        run_btn=gr.update(interactive=True),
+    )
     if result.status == "failed" and not result.records:
         yield _outputs(**final)
         raise gr.Error(result.error or GENERIC_ERROR)
@@ -209,12 +253,21 @@ def ablate(config: dict | str | None, data_file: str | None):
     if not isinstance(config, dict):
         raise ValueError(f"the config must be a JSON object of AblationConfig fields; got {type(config).__name__}")
     if data_file and config.get("dataset", "upload") != "upload":
-        raise ValueError(f"a data_file was sent but `dataset` is {config['dataset']!r}: set it to 'upload' (or leave "
-                         "it out) to train on the file")
+        raise ValueError(
+            f"a data_file was sent but `dataset` is {config['dataset']!r}: set it to 'upload' (or leave "
+            "it out) to train on the file"
+        )
     cfg = service.config_from_form(upload=data_file, **config)
     space, events = _start(cfg)
-    yield {"type": "started", "run_id": space.run_id, "config": cfg.to_dict(),
-           "gpu_seconds": service.estimate_gpu_seconds(cfg)}, None
+    yield (
+        {
+            "type": "started",
+            "run_id": space.run_id,
+            "config": cfg.to_dict(),
+            "gpu_seconds": service.estimate_gpu_seconds(cfg),
+        },
+        None,
+    )
     result = None
     try:
         for event in events:
@@ -291,25 +344,41 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=2, min_width=340):
                 model = gr.Dropdown(
-                    choices=[(f"{name}: {desc}", name) for name, desc in describe_presets()], value=cfg.model,
-                    allow_custom_value=True, label="Model", info="a preset, or type any Hub id such as org/name",
+                    choices=[(f"{name}: {desc}", name) for name, desc in describe_presets()],
+                    value=cfg.model,
+                    allow_custom_value=True,
+                    label="Model",
+                    info="a preset, or type any Hub id such as org/name",
                 )
                 dataset = gr.Radio(
-                    choices=[("Alpaca (tatsu-lab/alpaca, from the Hub)", "alpaca"),
-                             ("Bundled (offline, in this repo)", "bundled"), ("Upload a file", "upload")],
-                    value=cfg.dataset, label="Data",
+                    choices=[
+                        ("Alpaca (tatsu-lab/alpaca, from the Hub)", "alpaca"),
+                        ("Bundled (offline, in this repo)", "bundled"),
+                        ("Upload a file", "upload"),
+                    ],
+                    value=cfg.dataset,
+                    label="Data",
                 )
-                upload = gr.File(label="JSON / JSONL / CSV with instruction, input, output", type="filepath",
-                                 file_types=[".json", ".jsonl", ".csv"], visible=cfg.dataset == "upload")
+                upload = gr.File(
+                    label="JSON / JSONL / CSV with instruction, input, output",
+                    type="filepath",
+                    file_types=[".json", ".jsonl", ".csv"],
+                    visible=cfg.dataset == "upload",
+                )
                 with gr.Row():
                     start = gr.Number(value=cfg.start, precision=0, label="Start row", minimum=0)
                     rows = gr.Number(value=cfg.rows, precision=0, label="Rows", minimum=1)
                 with gr.Accordion("Preview of the slice", open=False):
                     preview_msg = gr.Markdown()
-                    preview_table = gr.Dataframe(headers=["row", "instruction", "input", "output"], interactive=False,
-                                                 wrap=True, max_height=320)
-                arms = gr.CheckboxGroup(choices=list(ARM_SPECS), value=cfg.arms, label="Arms",
-                                        info="lora+zclip and lora+mix separate CRMA's mixing from its ZClip")
+                    preview_table = gr.Dataframe(
+                        headers=["row", "instruction", "input", "output"], interactive=False, wrap=True, max_height=320
+                    )
+                arms = gr.CheckboxGroup(
+                    choices=list(ARM_SPECS),
+                    value=cfg.arms,
+                    label="Arms",
+                    info="lora+zclip and lora+mix separate CRMA's mixing from its ZClip",
+                )
                 grid_btn = gr.Button("2×2 attribution grid", size="sm")
                 with gr.Row():
                     seeds = gr.Textbox(value=str(cfg.seed), label="Seeds", info="one, or several: 1,2,3")
@@ -328,8 +397,13 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         crma_streams = gr.Number(value=cfg.crma_streams, precision=0, label="CRMA streams", minimum=2)
                         crma_rank = gr.Number(value=cfg.crma_rank, precision=0, label="CRMA rank", minimum=1)
-                    spike_at = gr.Number(value=0, precision=0, label="Spike stress at step (0 = off)", minimum=0,
-                                         info="every arm gets the same corrupted batch at this step")
+                    spike_at = gr.Number(
+                        value=0,
+                        precision=0,
+                        label="Spike stress at step (0 = off)",
+                        minimum=0,
+                        info="every arm gets the same corrupted batch at this step",
+                    )
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False)
@@ -359,9 +433,11 @@ def build_demo() -> gr.Blocks:
                     gr.Markdown("Uses your own account after you sign in; the token is never stored.")
                     gr.LoginButton()
                 else:
-                    gr.Markdown("Sign-in with Hugging Face works when this app runs as a Space. Running it "
-                                "yourself? Download the archive and upload it with `huggingface-cli upload`, or "
-                                "call `crma.hub.push_results(folder, repo_id, token=...)`.")
+                    gr.Markdown(
+                        "Sign-in with Hugging Face works when this app runs as a Space. Running it "
+                        "yourself? Download the archive and upload it with `huggingface-cli upload`, or "
+                        "call `crma.hub.push_results(folder, repo_id, token=...)`."
+                    )
                 with gr.Row():
                     repo_name = gr.Textbox(label="Repository", value="crma-ablation", info="name or namespace/name")
                     private = gr.Checkbox(value=True, label="Private")
@@ -371,38 +447,106 @@ def build_demo() -> gr.Blocks:
             repro = gr.Code(language="shell", label="Same run elsewhere")
 
         # -- events ---------------------------------------------------------------------------------------------
-        form = [model, dataset, start, rows, arms, seeds, steps, lr, structural_lr, gate_lr, batch_size, seq_len,
-                lora_r, lora_targets, crma_streams, crma_rank, spike_at]
+        form = [
+            model,
+            dataset,
+            start,
+            rows,
+            arms,
+            seeds,
+            steps,
+            lr,
+            structural_lr,
+            gate_lr,
+            batch_size,
+            seq_len,
+            lora_r,
+            lora_targets,
+            crma_streams,
+            crma_rank,
+            spike_at,
+        ]
         named = locals()
         run_outputs = [named[name] for name in RUN_OUTPUTS]
         run_event = run_btn.click(
-            run_ui, [upload, smoothing, log_scale, *form], run_outputs, api_name="run", api_visibility="undocumented",
-            concurrency_limit=1, concurrency_id="gpu", show_progress="full", show_progress_on=[progress],
+            run_ui,
+            [upload, smoothing, log_scale, *form],
+            run_outputs,
+            api_name="run",
+            api_visibility="undocumented",
+            concurrency_limit=1,
+            concurrency_id="gpu",
+            show_progress="full",
+            show_progress_on=[progress],
         )
         # Whatever happened (error included), the buttons come back; `.then` runs after failures too.
-        run_event.then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None,
-                       [run_btn, stop_btn], queue=False, api_visibility="private")
-        stop_btn.click(stop_ui, run_state, stop_btn, concurrency_id="control", concurrency_limit=None,
-                       api_visibility="private")
+        run_event.then(
+            lambda: (gr.update(interactive=True), gr.update(interactive=False)),
+            None,
+            [run_btn, stop_btn],
+            queue=False,
+            api_visibility="private",
+        )
+        stop_btn.click(
+            stop_ui, run_state, stop_btn, concurrency_id="control", concurrency_limit=None, api_visibility="private"
+        )
         # In the browser, no round trip; a JS function's returned array is spread over the outputs, hence [[...]].
         grid_btn.click(None, None, arms, js=f"() => [{json.dumps(list(ARM_SPECS))}]")
-        dataset.change(lambda d: gr.update(visible=d == "upload"), dataset, upload, queue=False,
-                       api_visibility="private")
+        dataset.change(
+            lambda d: gr.update(visible=d == "upload"), dataset, upload, queue=False, api_visibility="private"
+        )
         preview_inputs = [dataset, upload, start, rows]
         api_preview = gr.Button("preview", visible=False)
-        api_preview.click(preview, preview_inputs, [preview_table, preview_msg], api_name="preview",
-                          concurrency_id="light", concurrency_limit=4)
+        api_preview.click(
+            preview,
+            preview_inputs,
+            [preview_table, preview_msg],
+            api_name="preview",
+            concurrency_id="light",
+            concurrency_limit=4,
+        )
         for trigger in (dataset.change, upload.change, start.submit, rows.submit, start.blur, rows.blur):
-            trigger(preview, preview_inputs, [preview_table, preview_msg], api_visibility="private",
-                    concurrency_id="light", concurrency_limit=4, trigger_mode="always_last")
-        demo.load(preview, preview_inputs, [preview_table, preview_msg], api_visibility="private",
-                  concurrency_id="light", concurrency_limit=4)
-        smoothing.release(rerender, [run_state, smoothing, log_scale], [loss_plot, grad_plot, delta_plot],
-                          api_visibility="private", concurrency_id="light", trigger_mode="always_last")
-        log_scale.change(rerender, [run_state, smoothing, log_scale], [loss_plot, grad_plot, delta_plot],
-                         api_visibility="private", concurrency_id="light", trigger_mode="always_last")
-        push_btn.click(push, [run_state, repo_name, private], push_msg, api_name="push", concurrency_id="push",
-                       concurrency_limit=2)
+            trigger(
+                preview,
+                preview_inputs,
+                [preview_table, preview_msg],
+                api_visibility="private",
+                concurrency_id="light",
+                concurrency_limit=4,
+                trigger_mode="always_last",
+            )
+        demo.load(
+            preview,
+            preview_inputs,
+            [preview_table, preview_msg],
+            api_visibility="private",
+            concurrency_id="light",
+            concurrency_limit=4,
+        )
+        smoothing.release(
+            rerender,
+            [run_state, smoothing, log_scale],
+            [loss_plot, grad_plot, delta_plot],
+            api_visibility="private",
+            concurrency_id="light",
+            trigger_mode="always_last",
+        )
+        log_scale.change(
+            rerender,
+            [run_state, smoothing, log_scale],
+            [loss_plot, grad_plot, delta_plot],
+            api_visibility="private",
+            concurrency_id="light",
+            trigger_mode="always_last",
+        )
+        push_btn.click(
+            push,
+            [run_state, repo_name, private],
+            push_msg,
+            api_name="push",
+            concurrency_id="push",
+            concurrency_limit=2,
+        )
 
         # -- API-only endpoints (gradio_client) ---------------------------------------------------------------
         with gr.Group(visible=False):
@@ -414,11 +558,18 @@ def build_demo() -> gr.Blocks:
             api_stop_id = gr.Textbox(label="run_id")
             api_stop_msg = gr.Textbox(label="message")
             api_stop = gr.Button("stop")
-        api_run.click(ablate, [api_config, api_data], [api_event, api_archive], api_name="ablate",
-                      concurrency_limit=1, concurrency_id="gpu")
+        api_run.click(
+            ablate,
+            [api_config, api_data],
+            [api_event, api_archive],
+            api_name="ablate",
+            concurrency_limit=1,
+            concurrency_id="gpu",
+        )
         # Stop must never wait behind the run it stops: its own, unlimited concurrency group.
-        api_stop.click(stop, api_stop_id, api_stop_msg, api_name="stop", concurrency_id="control",
-                       concurrency_limit=None)
+        api_stop.click(
+            stop, api_stop_id, api_stop_msg, api_name="stop", concurrency_id="control", concurrency_limit=None
+        )
     return demo
 
 

@@ -126,10 +126,29 @@ def main() -> None:
         return
     timing = json.loads(
         subprocess.run(
-            [sys.executable, __file__, "--worker", "time", "--model", args.model, "--rounds", str(args.rounds),
-             "--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        ).stdout.strip().splitlines()[-1]
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "time",
+                "--model",
+                args.model,
+                "--rounds",
+                str(args.rounds),
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--tokens",
+                str(args.tokens),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
     )
     runs: dict[str, list[dict]] = {"lora": [], "crma": []}
     # Large blocks straight from mmap and back on free: peak RSS then follows live tensors, not glibc's arenas.
@@ -137,21 +156,42 @@ def main() -> None:
     for _ in range(args.rounds):
         for kind in ("lora", "crma"):
             out = subprocess.run(
-                [sys.executable, __file__, "--worker", kind, "--model", args.model, "--steps", str(args.steps),
-                 "--batch", str(args.batch), "--tokens", str(args.tokens)],
-                capture_output=True, text=True, check=True, cwd=ROOT, env=env,
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    kind,
+                    "--model",
+                    args.model,
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--tokens",
+                    str(args.tokens),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+                env=env,
             )
             runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
 
-    print(f"model {args.model}, batch {args.batch} x {args.tokens} tokens, CPU, "
-          f"{args.rounds} rounds x {args.steps} steps")
+    print(
+        f"model {args.model}, batch {args.batch} x {args.tokens} tokens, CPU, "
+        f"{args.rounds} rounds x {args.steps} steps"
+    )
     a, b = timing["lora"], timing["crma"]
     print(f"{'step time (s), interleaved':26s} LoRA {a:12.3f}   LoRA+CRMA {b:12.3f}   ratio {b / a:.3f}")
-    for key, label in (("saved_mb", "saved for backward (MiB)"),
-                       ("peak_rss_mb", "peak RSS (MiB)"), ("trainable", "trainable params")):
+    for key, label in (
+        ("saved_mb", "saved for backward (MiB)"),
+        ("peak_rss_mb", "peak RSS (MiB)"),
+        ("trainable", "trainable params"),
+    ):
         a, b = med("lora", key), med("crma", key)
         print(f"{label:26s} LoRA {a:12.3f}   LoRA+CRMA {b:12.3f}   ratio {b / a:.3f}")
     print("goals: step time ratio <= 1.05, memory ratio <= 1.10")

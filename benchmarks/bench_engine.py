@@ -27,12 +27,24 @@ def engine_worker(arms: list[str], model: str, steps: int) -> dict:
     from crma.ablation.config import AblationConfig, StepRecord
     from crma.ablation.engine import run_ablation
 
-    cfg = AblationConfig(model=model, arms=arms, steps=steps, rows=64, batch_size=4, seq_len=128, device="cpu",
-                         dtype="float32", save_adapters=False, lora_init="gaussian")
+    cfg = AblationConfig(
+        model=model,
+        arms=arms,
+        steps=steps,
+        rows=64,
+        batch_size=4,
+        seq_len=128,
+        device="cpu",
+        dtype="float32",
+        save_adapters=False,
+        lora_init="gaussian",
+    )
     records = [e for e in run_ablation(cfg) if isinstance(e, StepRecord)]
     lora = [r.step_time_s for r in records if r.arm == "lora"][2:]
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "lora_step_s": statistics.median(lora)}
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "lora_step_s": statistics.median(lora),
+    }
 
 
 def trainer_worker(model_name: str, steps: int) -> dict:
@@ -48,8 +60,10 @@ def trainer_worker(model_name: str, steps: int) -> dict:
     loaded = load_model(model_name, device="cpu", dtype="float32")
     examples = build_examples(load_instruction_rows("bundled", start=0, rows=64), loaded.tokenizer, seq_len=128)
     torch.manual_seed(42)
-    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        loaded.model,
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -67,12 +81,27 @@ def trainer_worker(model_name: str, steps: int) -> dict:
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.start)
 
-    args = TrainingArguments(output_dir="/tmp/crma-bench-trainer", per_device_train_batch_size=4, max_steps=steps,
-                             learning_rate=2e-4, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
-                             report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
-                      data_collator=lambda idx: collate(examples, idx, pad_id=loaded.tokenizer.pad_token_id),
-                      callbacks=[Timer()])
+    args = TrainingArguments(
+        output_dir="/tmp/crma-bench-trainer",
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=2e-4,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=42,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(),
+        data_collator=lambda idx: collate(examples, idx, pad_id=loaded.tokenizer.pad_token_id),
+        callbacks=[Timer()],
+    )
     trainer.train()
     return {"trainer_step_s": statistics.median(times[2:])}
 
@@ -99,11 +128,15 @@ def main() -> None:
     one, two = run("--worker", "one", *common), run("--worker", "two", *common)
     trainer = run("--worker", "trainer", *common)
     print(f"model {args.model}, batch 4 x 128 tokens, CPU, {args.steps} steps")
-    print(f"peak RSS   one arm {one['peak_rss_mb']:8.0f} MiB   two arms {two['peak_rss_mb']:8.0f} MiB   "
-          f"ratio {two['peak_rss_mb'] / one['peak_rss_mb']:.3f}   (goal <= 1.25)")
+    print(
+        f"peak RSS   one arm {one['peak_rss_mb']:8.0f} MiB   two arms {two['peak_rss_mb']:8.0f} MiB   "
+        f"ratio {two['peak_rss_mb'] / one['peak_rss_mb']:.3f}   (goal <= 1.25)"
+    )
     ours = statistics.median([one["lora_step_s"], two["lora_step_s"]])
-    print(f"LoRA step  engine {ours:.3f} s   Trainer {trainer['trainer_step_s']:.3f} s   "
-          f"ratio {ours / trainer['trainer_step_s']:.3f}   (goal <= 1.05)")
+    print(
+        f"LoRA step  engine {ours:.3f} s   Trainer {trainer['trainer_step_s']:.3f} s   "
+        f"ratio {ours / trainer['trainer_step_s']:.3f}   (goal <= 1.05)"
+    )
 
 
 if __name__ == "__main__":

@@ -102,14 +102,25 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 
 def _load_snippet(repo_id: str, base_id: str | None, model_name: str | None, arm_dir: str, has_crma: bool) -> str:
-    base_line = (f'base = AutoModelForCausalLM.from_pretrained("{base_id}")' if base_id else
-                 f"base = ...  # the run's base model ({model_name or 'unknown'}) is not on the Hub")
-    lines = ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-             base_line, f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{arm_dir}")']
+    base_line = (
+        f'base = AutoModelForCausalLM.from_pretrained("{base_id}")'
+        if base_id
+        else f"base = ...  # the run's base model ({model_name or 'unknown'}) is not on the Hub"
+    )
+    lines = [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        base_line,
+        f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{arm_dir}")',
+    ]
     if has_crma:
         lines[1:1] = ["import crma", "from huggingface_hub import snapshot_download"]
-        lines += [f'local = snapshot_download("{repo_id}", allow_patterns="{arm_dir}/*")',
-                  f'crma.load(model, f"{{local}}/{arm_dir}")  # the CRMA side channel on top of the LoRA']
+        lines += [
+            f'local = snapshot_download("{repo_id}", allow_patterns="{arm_dir}/*")',
+            f'crma.load(model, f"{{local}}/{arm_dir}")  # the CRMA side channel on top of the LoRA',
+        ]
     return "\n".join(lines + ["```"])
 
 
@@ -131,24 +142,36 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
     summary = _read_json(out_dir / "summary.json")
     base_id = hub_model_id(base_model)
     dataset_id = DATASET_HUB_IDS.get(dataset) if dataset else None
-    arm_dirs = sorted(p for p in (out_dir / "adapters").glob("*") if p.is_dir()) if (out_dir / "adapters").is_dir() \
-        else []
+    arm_dirs = (
+        sorted(p for p in (out_dir / "adapters").glob("*") if p.is_dir()) if (out_dir / "adapters").is_dir() else []
+    )
     crma_arms = {p.name for p in arm_dirs if (p / "crma_config.json").is_file()}
     arms = [str(a) for a in config.get("arms", [])] or [p.name for p in arm_dirs]
 
-    data = ModelCardData(base_model=base_id, library_name="peft", tags=list(CARD_TAGS),
-                         datasets=[dataset_id] if dataset_id else None, pipeline_tag="text-generation")
+    data = ModelCardData(
+        base_model=base_id,
+        library_name="peft",
+        tags=list(CARD_TAGS),
+        datasets=[dataset_id] if dataset_id else None,
+        pipeline_tag="text-generation",
+    )
 
     title = " vs ".join(arms) if arms else "CRMA ablation"
-    body = [f"# CRMA ablation: {title}", "",
-            f"Paired fine-tuning runs made with CRMA Lab on **{base_id or base_model or 'an unknown base model'}**: "
-            "every arm shares the seed, the batches and the hyper-parameters; only the adapter differs."]
+    body = [
+        f"# CRMA ablation: {title}",
+        "",
+        f"Paired fine-tuning runs made with CRMA Lab on **{base_id or base_model or 'an unknown base model'}**: "
+        "every arm shares the seed, the batches and the hyper-parameters; only the adapter differs.",
+    ]
     run = {k: config[k] for k in ("model", "dataset", "start", "rows", "steps", "seed", "arms") if k in config}
     if run:
         body += ["", "## Run", ""] + [f"- **{k}**: `{_cell(v)}`" for k, v in run.items()]
 
-    table = (out_dir / "summary.md").read_text(encoding="utf-8").strip() if (out_dir / "summary.md").is_file() \
+    table = (
+        (out_dir / "summary.md").read_text(encoding="utf-8").strip()
+        if (out_dir / "summary.md").is_file()
         else _summary_table(summary)
+    )
     if table:
         body += ["", "## Results", "", table]
     charts = [(name, title) for name, title in CHARTS.items() if (out_dir / name).is_file()]
@@ -165,15 +188,20 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
         if (out_dir / name).is_file():
             body.append(f"| `{name}` | {note} |")
     for arm in arm_dirs:
-        note = "PEFT LoRA adapter" + (" + CRMA side channel (`crma_config.json`, `crma.safetensors`)"
-                                      if arm.name in crma_arms else "")
+        note = "PEFT LoRA adapter" + (
+            " + CRMA side channel (`crma_config.json`, `crma.safetensors`)" if arm.name in crma_arms else ""
+        )
         body.append(f"| `adapters/{arm.name}/` | {note} |")
 
     if arm_dirs:
         body += ["", "## Load an arm", ""]
         for arm in arm_dirs:
-            body += [f"**{arm.name}**", "",
-                     _load_snippet(repo_id, base_id, base_model, f"adapters/{arm.name}", arm.name in crma_arms), ""]
+            body += [
+                f"**{arm.name}**",
+                "",
+                _load_snippet(repo_id, base_id, base_model, f"adapters/{arm.name}", arm.name in crma_arms),
+                "",
+            ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n"))
 
 
@@ -187,10 +215,14 @@ def _one_line(text: str, token: str, limit: int = 200) -> str:
 
 def _step_of(url: str, default: str) -> str:
     # The client bundles several requests in one call (create_commit); the failing URL says which step it was.
-    for fragment, step in (("/validate-yaml", "validating the model card"), ("/preupload/", "preparing the upload"),
-                           ("/info/lfs/", "uploading large files (LFS)"), ("xet-", "uploading large files (Xet)"),
-                           ("/commit/", "committing"),
-                           ("/repos/create", "creating the repo")):
+    for fragment, step in (
+        ("/validate-yaml", "validating the model card"),
+        ("/preupload/", "preparing the upload"),
+        ("/info/lfs/", "uploading large files (LFS)"),
+        ("xet-", "uploading large files (Xet)"),
+        ("/commit/", "committing"),
+        ("/repos/create", "creating the repo"),
+    ):
         if fragment in url:
             return step
     return default
@@ -212,11 +244,15 @@ def _as_push_error(exc: Exception, *, step: str, repo_id: str, endpoint: str, to
             pass
         server = _one_line(exc.server_message or "", token, 150)
         if status == 401:
-            return PushError(f"the Hugging Face token was rejected (401 Unauthorized) while {step}: sign in again "
-                             "or use a token with write access")
+            return PushError(
+                f"the Hugging Face token was rejected (401 Unauthorized) while {step}: sign in again "
+                "or use a token with write access"
+            )
         if status == 403:
-            return PushError(f"cannot write to {repo_id}: the token has no write access there (403 Forbidden"
-                             + (f": {server})" if server else ")"))
+            return PushError(
+                f"cannot write to {repo_id}: the token has no write access there (403 Forbidden"
+                + (f": {server})" if server else ")")
+            )
         return PushError(f"upload failed while {step}: HTTP {status}" + (f" ({server})" if server else ""))
     return PushError(f"upload failed while {step}: {_one_line(f'{type(exc).__name__}: {exc}', token)}")
 
@@ -236,8 +272,9 @@ def _check_namespace(repo_id: str, me: dict[str, Any]) -> str:
         return repo_id
     orgs = {o.get("name", "").casefold(): o.get("roleInOrg") for o in me.get("orgs", []) if isinstance(o, dict)}
     if namespace.casefold() not in orgs:
-        raise PushError(f"cannot write to {repo_id}: '{namespace}' is neither your account ({user}) nor one of "
-                        "your organizations")
+        raise PushError(
+            f"cannot write to {repo_id}: '{namespace}' is neither your account ({user}) nor one of your organizations"
+        )
     if orgs[namespace.casefold()] == "read":
         raise PushError(f"cannot write to {repo_id}: your role in '{namespace}' is read-only")
     return repo_id
@@ -254,8 +291,15 @@ def _files_to_push(folder: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def push_results(out_dir: str | Path, repo_id: str, *, token: str, private: bool = True, endpoint: str | None = None,
-                 commit_message: str | None = None) -> str:
+def push_results(
+    out_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str,
+    private: bool = True,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Create (or reuse) a model repo and upload an ablation output folder plus its model card in one commit.
 
     Args:
@@ -278,8 +322,10 @@ def push_results(out_dir: str | Path, repo_id: str, *, token: str, private: bool
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise PushError(f"malformed repo id {repo_id!r}: use 'namespace/name' with letters, digits, '-', '_' "
-                        f"or '.' ({_one_line(exc, '', 160)})") from None
+        raise PushError(
+            f"malformed repo id {repo_id!r}: use 'namespace/name' with letters, digits, '-', '_' "
+            f"or '.' ({_one_line(exc, '', 160)})"
+        ) from None
     if not isinstance(token, str) or not token.strip():
         raise PushError("not signed in: no Hugging Face token was given; sign in (or pass a write token) to push")
     token = token.strip()

@@ -356,8 +356,9 @@ def load(model: nn.Module, path: str | Path, adapter_name: str = "default") -> n
     expected = {f"layers.{i}.{k}" for i, b in enumerate(blocks) for k in b.state_dict()}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"{path / WEIGHTS_NAME} does not match the attached adapter: missing {missing[:4]}, "
-                         f"unexpected {extra[:4]}")
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} does not match the attached adapter: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
     for i, block in enumerate(blocks):
         for key, param in block.named_parameters():
             value = tensors[f"layers.{i}.{key}"]

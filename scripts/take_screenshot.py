@@ -26,8 +26,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT_PATH = REPO / "assets" / "screenshot.png"
 # Chromium flags that work here without a sandbox, a GPU or the network (docs/machine-notes.md).
-CHROMIUM_ARGS = ("--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run")
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 END_PATTERN = re.compile(r"^(Finished|Stopped at step (\d+)/(\d+)|Failed)")
 
@@ -80,8 +88,9 @@ def serve_app() -> Iterator[str]:
 
 
 @contextmanager
-def open_page(url: str, *, chromium: str, width: int = 1400, height: int = 1000,
-              errors: list[str] | None = None) -> Iterator[Any]:
+def open_page(
+    url: str, *, chromium: str, width: int = 1400, height: int = 1000, errors: list[str] | None = None
+) -> Iterator[Any]:
     """A headless Chromium page on `url`, loaded up to the Run button; uncaught page errors go to `errors`."""
     from playwright.sync_api import sync_playwright
 
@@ -104,8 +113,9 @@ def choose_model(page: Any, name: str) -> None:
     box.click()
     box.fill(name)
     page.locator("[role=option]").filter(has_text=f"{name}:").first.click()
-    page.wait_for_function("([el, name]) => el.value.startsWith(name + ':')", arg=[box.element_handle(), name],
-                           timeout=5_000)
+    page.wait_for_function(
+        "([el, name]) => el.value.startsWith(name + ':')", arg=[box.element_handle(), name], timeout=5_000
+    )
 
 
 def fill_numbers(page: Any, values: Mapping[str, int]) -> None:
@@ -198,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with serve_app() as url, open_page(url, chromium=chromium, width=args.width) as page:
         choose_model(page, args.model)
-        fill_numbers(page, {"Rows": args.rows, "Steps": args.steps, "Batch size": args.batch_size,
-                            "Seq len": args.seq_len, "Spike stress at step (0 = off)": args.spike_at})
+        fill_numbers(
+            page,
+            {
+                "Rows": args.rows,
+                "Steps": args.steps,
+                "Batch size": args.batch_size,
+                "Seq len": args.seq_len,
+                "Spike stress at step (0 = off)": args.spike_at,
+            },
+        )
         if page.get_by_label("Batch size", exact=True).is_visible():  # close it again: the charts matter here
             page.get_by_text("Hyperparameters", exact=True).click()
         start_run(page)

@@ -92,8 +92,9 @@ class Repo:
 class _Reply(Exception):
     """Raised inside a handler to send an error answer (status, message, extra headers)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None):
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra or {}
 
@@ -136,8 +137,9 @@ class HubStandIn:
         # 127.0.0.1 only, port 0: the OS picks a free port; nothing outside this machine can reach it.
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="hub-standin", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-standin", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -159,7 +161,7 @@ class HubStandIn:
     # ---- request handling (called from the handler threads) -------------------------------------------------
 
     def _token(self, authorization: str | None) -> TokenInfo:
-        token = authorization[len("Bearer "):] if authorization and authorization.startswith("Bearer ") else None
+        token = authorization[len("Bearer ") :] if authorization and authorization.startswith("Bearer ") else None
         info = self.tokens.get(token) if token else None
         if info is None:
             # The real Hub's answer to a bad token; the client keys its 401 handling on this exact message.
@@ -170,8 +172,11 @@ class HubStandIn:
     def _writable_repo(self, who: TokenInfo, repo_id: str) -> Repo:
         namespace = repo_id.split("/")[0]
         if not who.can_write(namespace):
-            raise _Reply(403, f'You don\'t have the rights to write to "{repo_id}"',
-                         {"X-Error-Message": "You don't have the rights to write to this repo"})
+            raise _Reply(
+                403,
+                f'You don\'t have the rights to write to "{repo_id}"',
+                {"X-Error-Message": "You don't have the rights to write to this repo"},
+            )
         repo = self.repos.get(repo_id)
         if repo is None:
             raise _Reply(404, "Repository not found", {"X-Error-Code": "RepoNotFound"})
@@ -212,11 +217,17 @@ class HubStandIn:
 
         who = self._token(auth)
         if method == "GET" and path == "/api/whoami-v2":
-            return 200, {
-                "type": "user", "name": who.user, "fullname": who.user.title(),
-                "orgs": [{"type": "org", "name": org, "roleInOrg": role} for org, role in who.orgs.items()],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": who.role}},
-            }, "application/json"
+            return (
+                200,
+                {
+                    "type": "user",
+                    "name": who.user,
+                    "fullname": who.user.title(),
+                    "orgs": [{"type": "org", "name": org, "roleInOrg": role} for org, role in who.orgs.items()],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": who.role}},
+                },
+                "application/json",
+            )
 
         if method == "POST" and path == "/api/repos/create":
             req = json.loads(body)
@@ -246,8 +257,16 @@ class HubStandIn:
         if method == "POST" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path)):
             self._writable_repo(who, m.group(1))
             files = json.loads(body)["files"]
-            return 200, {"files": [{"path": f["path"], "uploadMode": self._upload_mode(f), "shouldIgnore": False,
-                                    "oid": None} for f in files]}, "application/json"
+            return (
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": self._upload_mode(f), "shouldIgnore": False, "oid": None}
+                        for f in files
+                    ]
+                },
+                "application/json",
+            )
 
         if method == "POST" and (m := re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)):
             repo = self._writable_repo(who, m.group(1))
@@ -258,10 +277,17 @@ class HubStandIn:
                     objects.append({"oid": oid, "size": size})
                     continue
                 sig = self._signatures.setdefault(oid, secrets.token_hex(8))
-                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                    "upload": {"href": f"{base}/_lfs_storage/{oid}?X-Amz-Signature={sig}"},
-                    "verify": {"href": f"{base}/{repo.repo_id}.git/info/lfs/objects/verify"},
-                }})
+                objects.append(
+                    {
+                        "oid": oid,
+                        "size": size,
+                        "authenticated": True,
+                        "actions": {
+                            "upload": {"href": f"{base}/_lfs_storage/{oid}?X-Amz-Signature={sig}"},
+                            "verify": {"href": f"{base}/{repo.repo_id}.git/info/lfs/objects/verify"},
+                        },
+                    }
+                )
             return 200, {"transfer": "basic", "objects": objects}, "application/vnd.git-lfs+json"
 
         if method == "POST" and (m := re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/verify", path)):
@@ -307,8 +333,12 @@ class HubStandIn:
         with self._lock:  # the commit is atomic: all files or none
             repo.files = new_files
             repo.commits.append({"oid": oid, **lines[0]["value"]})
-        return {"commitUrl": f"{self.url}/{repo.repo_id}/commit/{oid}", "commitOid": oid, "success": True,
-                "pullRequestUrl": None}
+        return {
+            "commitUrl": f"{self.url}/{repo.repo_id}/commit/{oid}",
+            "commitOid": oid,
+            "success": True,
+            "pullRequestUrl": None,
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -40,7 +40,8 @@ def client(app_module, request, tmp_path_factory):
         port = sock.getsockname()[1]
     demo = app_module.build_demo()
     _, url, _ = demo.queue(default_concurrency_limit=1, max_size=20).launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+    )
     request.addfinalizer(demo.close)
     return Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
@@ -109,8 +110,15 @@ def test_ablate_streams_every_arm_and_the_summary(client):
     assert final["records"] == len(records) == 8
     assert set(final["summary"]["arms"]) == set(ARM_SPECS)
     assert final["summary"]["receipt"]["lora_init_equal"] is True
-    required = {"config.json", "metrics.jsonl", "summary.json", "summary.md", "report.html",
-                "adapters/lora/adapter_model.safetensors", "adapters/lora+crma/crma.safetensors"}
+    required = {
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "summary.md",
+        "report.html",
+        "adapters/lora/adapter_model.safetensors",
+        "adapters/lora+crma/crma.safetensors",
+    }
     assert required <= set(final["files"])
     with zipfile.ZipFile(archive) as zf:
         names = {n.split("/", 1)[1] for n in zf.namelist()}
@@ -184,9 +192,25 @@ def test_preview_endpoint_and_the_app_keeps_serving(client):
 def _form(**overrides):
     from app import FORM_FIELDS
 
-    values = dict(model="tiny-random", dataset="bundled", start=0, rows=8, arms=["lora", "lora+crma"], seeds="42",
-                  steps=3, lr="2e-4", structural_lr="5e-3", gate_lr="1e-3", batch_size=2, seq_len=512, lora_r=8,
-                  lora_targets="q_proj,v_proj", crma_streams=3, crma_rank=4, spike_at=0)
+    values = dict(
+        model="tiny-random",
+        dataset="bundled",
+        start=0,
+        rows=8,
+        arms=["lora", "lora+crma"],
+        seeds="42",
+        steps=3,
+        lr="2e-4",
+        structural_lr="5e-3",
+        gate_lr="1e-3",
+        batch_size=2,
+        seq_len=512,
+        lora_r=8,
+        lora_targets="q_proj,v_proj",
+        crma_streams=3,
+        crma_rank=4,
+        spike_at=0,
+    )
     values.update(overrides)
     return [values[name] for name in FORM_FIELDS]
 
@@ -228,8 +252,12 @@ def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, runs_d
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"lr": "abc"}, "`lr` must be a number"), ({"seeds": "1,2,3,4,5,6"}, "`seeds` must be at most 5"),
-     ({"steps": 0}, "`steps` must be a positive integer"), ({"dataset": "upload"}, "no file was uploaded")],
+    [
+        ({"lr": "abc"}, "`lr` must be a number"),
+        ({"seeds": "1,2,3,4,5,6"}, "`seeds` must be at most 5"),
+        ({"steps": 0}, "`steps` must be a positive integer"),
+        ({"dataset": "upload"}, "no file was uploaded"),
+    ],
 )
 def test_run_ui_bad_input_is_a_gradio_error(app_module, overrides, message):
     import gradio as gr
@@ -280,15 +308,35 @@ def _fake_engine(records_before_failure: int):
         for i in range(records_before_failure):
             arm, step = ("lora", "lora+crma")[i % 2], i // 2 + 1
             loss = float("nan") if arm == "lora+crma" and step == 2 else 2.0 - 0.1 * step
-            records.append(StepRecord(arm=arm, seed=42, step=step, loss=loss, grad_norm_pre=1.0, grad_norm_post=1.0,
-                                      clipped=False, lr=2e-4, tokens=50 * step, step_time_s=0.1, memory_mb=100.0,
-                                      diverged=loss != loss))
+            records.append(
+                StepRecord(
+                    arm=arm,
+                    seed=42,
+                    step=step,
+                    loss=loss,
+                    grad_norm_pre=1.0,
+                    grad_norm_post=1.0,
+                    clipped=False,
+                    lr=2e-4,
+                    tokens=50 * step,
+                    step_time_s=0.1,
+                    memory_mb=100.0,
+                    diverged=loss != loss,
+                )
+            )
             yield records[-1]
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.md").write_text("| Metric | lora |\n|---|---|\n| Final loss | 1.8 |\n")
-        yield RunResult(status="failed", error="out of memory: lower batch_size or seq_len", config=cfg,
-                        records=records, summary={}, out_dir=str(out), files=["summary.md"])
+        yield RunResult(
+            status="failed",
+            error="out of memory: lower batch_size or seq_len",
+            config=cfg,
+            records=records,
+            summary={},
+            out_dir=str(out),
+            files=["summary.md"],
+        )
 
     return events
 

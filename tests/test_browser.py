@@ -25,8 +25,10 @@ def _load_driver():
 driver = _load_driver()
 CHROMIUM = driver.find_chromium()
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="playwright is not installed (pip install playwright; never `playwright install`)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None,
+        reason="playwright is not installed (pip install playwright; never `playwright install`)",
+    ),
     pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install chromium, or set CHROMIUM_PATH)"),
 ]
 

@@ -15,8 +15,21 @@ import crma
 from crma.ablation.cli import run_cli
 from crma.ablation.engine import _Session
 
-TINY = ["--model", "tiny-random", "--dataset", "bundled", "--rows", "12", "--steps", "3", "--batch-size", "2",
-        "--seq-len", "160", "--no-progress"]
+TINY = [
+    "--model",
+    "tiny-random",
+    "--dataset",
+    "bundled",
+    "--rows",
+    "12",
+    "--steps",
+    "3",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "160",
+    "--no-progress",
+]
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
 
 
@@ -59,7 +72,11 @@ def test_cli_writes_every_file(cli_run) -> None:
     assert json.loads((out / "config.json").read_text())["arms"] == ["lora", "lora+crma"]
     assert "| Final loss |" in (out / "summary.md").read_text()
     assert {p.name for p in (out / "adapters" / "lora+crma").iterdir()} >= {
-        "adapter_config.json", "adapter_model.safetensors", "crma_config.json", "crma.safetensors"}
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "crma_config.json",
+        "crma.safetensors",
+    }
     assert not (out / "adapters" / "lora" / "crma.safetensors").exists()
 
 
@@ -84,8 +101,11 @@ def test_saved_adapters_load_back_on_the_original_base(cli_run) -> None:
 
 def test_config_file_and_flags_merge(tmp_path) -> None:
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"model": "tiny-random", "rows": 8, "steps": 2, "seq_len": 160, "arms": ["lora"],
-                                  "save_adapters": False}))
+    config.write_text(
+        json.dumps(
+            {"model": "tiny-random", "rows": 8, "steps": 2, "seq_len": 160, "arms": ["lora"], "save_adapters": False}
+        )
+    )
     out = tmp_path / "out"
     assert run_cli(["ablate", "--config", str(config), "--steps", "1", "--out", str(out), "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())
@@ -116,7 +136,10 @@ def test_module_entry_point_reports_a_bad_file(tmp_path) -> None:
     bad.write_text("question,answer\nhi,there\n")
     proc = subprocess.run(
         [sys.executable, "-m", "crma", "ablate", *TINY, "--dataset", str(bad), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]

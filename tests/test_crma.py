@@ -86,8 +86,13 @@ def test_parameter_count_mistral_7b_on_meta() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32768,
+        "mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -193,8 +198,10 @@ def test_param_groups() -> None:
     assert (groups["structural"]["lr"], groups["structural"]["weight_decay"]) == (1e-2, 0.0)
     assert (groups["gate"]["lr"], groups["gate"]["weight_decay"]) == (1e-3, 0.0)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith(("lora_A.default.weight", "lora_B.default.weight", "crma_A", "crma_B"))
-               for p in groups["proj"]["params"])
+    assert all(
+        names[id(p)].endswith(("lora_A.default.weight", "lora_B.default.weight", "crma_A", "crma_B"))
+        for p in groups["proj"]["params"]
+    )
     assert len(groups["structural"]["params"]) == 3 * 2 and len(groups["gate"]["params"]) == 2
     total = sum(len(g["params"]) for g in groups.values())
     assert total == sum(1 for p in model.parameters() if p.requires_grad)
@@ -284,8 +291,14 @@ def test_pissa_lora_plus_crma_is_identical_at_step0() -> None:
     with torch.no_grad():
         base = model(ids, output_hidden_states=True)
     peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                          init_lora_weights="pissa_niter_4", lora_dropout=0.0)
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            init_lora_weights="pissa_niter_4",
+            lora_dropout=0.0,
+        ),
     )
     crma.attach(peft_model)
     with torch.no_grad():

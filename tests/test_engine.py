@@ -11,8 +11,9 @@ import torch
 from crma.ablation.config import AblationConfig, Phase, RunResult, StepRecord
 from crma.ablation.engine import _Session, arm_labels, run_ablation
 
-FAST = dict(model="tiny-random", dataset="bundled", rows=16, steps=4, batch_size=2, seq_len=160, diag_every=2,
-            zclip_warmup=2)
+FAST = dict(
+    model="tiny-random", dataset="bundled", rows=16, steps=4, batch_size=2, seq_len=160, diag_every=2, zclip_warmup=2
+)
 
 
 def run(tmp_path=None, stop=None, **overrides) -> tuple[list[StepRecord], RunResult]:
@@ -55,8 +56,15 @@ def test_lockstep_records_and_fairness_receipt() -> None:
     assert receipt["lora_init_equal"] and len(set(receipt["lora_init_sha256"].values())) == 1
     assert receipt["batches_seen_equal"]
     assert receipt["differs_only_in_adapter"]
-    assert set(receipt["config_diff"]) <= {"crma", "crma_streams", "crma_rank", "structural_lr", "gate_lr",
-                                           "clipper", "zclip"}
+    assert set(receipt["config_diff"]) <= {
+        "crma",
+        "crma_streams",
+        "crma_rank",
+        "structural_lr",
+        "gate_lr",
+        "clipper",
+        "zclip",
+    }
     assert receipt["config_diff"]["crma"] == {"lora": False, "lora+crma": True, "lora+zclip": False, "lora+mix": True}
     # step 1: identical LoRA init, identical batch, CRMA exact identity at init -> identical loss in every arm
     assert len({r.loss for r in records[:4]}) == 1

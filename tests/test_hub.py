@@ -49,24 +49,41 @@ def _png(width: int = 2, height: int = 2) -> bytes:
 def make_out_dir(root: Path, *, model: str = "smollm2-135m", dataset: str = "alpaca") -> Path:
     """A small but real ablation output folder (JSON, markdown, HTML, PNG charts, safetensors adapters)."""
     out = root / "out"
-    config = {"model": model, "dataset": dataset, "start": 0, "rows": 16, "steps": 3, "seed": 7,
-              "arms": ["lora", "lora+crma"]}
+    config = {
+        "model": model,
+        "dataset": dataset,
+        "start": 0,
+        "rows": 16,
+        "steps": 3,
+        "seed": 7,
+        "arms": ["lora", "lora+crma"],
+    }
     (out / "adapters" / "lora").mkdir(parents=True)
     (out / "adapters" / "lora+crma").mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "metrics.jsonl").write_text("".join(json.dumps({"arm": a, "step": s, "loss": 2.5 - 0.1 * s}) + "\n"
-                                               for s in (1, 2, 3) for a in config["arms"]))
-    (out / "summary.json").write_text(json.dumps({
-        "arms": {"lora": {"final_loss": 2.311}, "lora+crma": {"final_loss": 2.287}},
-        "receipt": {"batch_hash": "ab12cd", "lora_init_sha256": "ffee00"}}))
+    (out / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"arm": a, "step": s, "loss": 2.5 - 0.1 * s}) + "\n" for s in (1, 2, 3) for a in config["arms"]
+        )
+    )
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "arms": {"lora": {"final_loss": 2.311}, "lora+crma": {"final_loss": 2.287}},
+                "receipt": {"batch_hash": "ab12cd", "lora_init_sha256": "ffee00"},
+            }
+        )
+    )
     (out / "summary.md").write_text(SUMMARY_MD)
     (out / "report.html").write_text("<!doctype html><html><body><h1>report</h1></body></html>")
     for i, name in enumerate(("loss.png", "grad_norm.png", "loss_delta.png")):
         (out / name).write_bytes(_png(2 + i, 2))
     for arm in ("lora", "lora+crma"):
         (out / "adapters" / arm / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-        save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(8, 32)},
-                  str(out / "adapters" / arm / "adapter_model.safetensors"))
+        save_file(
+            {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(8, 32)},
+            str(out / "adapters" / arm / "adapter_model.safetensors"),
+        )
     (out / "adapters" / "lora+crma" / "crma_config.json").write_text(json.dumps({"streams": 3, "rank": 4}))
     save_file({"crma_mix_logits": torch.randn(3, 3)}, str(out / "adapters" / "lora+crma" / "crma.safetensors"))
     return out
@@ -163,8 +180,12 @@ def test_model_card_maps_presets_and_omits_non_hub_sources(tmp_path):
     assert meta["library_name"] == "peft"
     assert "base = ...  # the run's base model (tiny-random) is not on the Hub" in card.text
 
-    assert ModelCard(model_card(out, repo_id="me/x", base_model="Qwen/Qwen2.5-0.5B-Instruct", dataset="data/x.jsonl")
-                     ).data.to_dict().get("datasets") is None
+    assert (
+        ModelCard(model_card(out, repo_id="me/x", base_model="Qwen/Qwen2.5-0.5B-Instruct", dataset="data/x.jsonl"))
+        .data.to_dict()
+        .get("datasets")
+        is None
+    )
     for preset, hub_id in PRESET_HUB_IDS.items():
         text = model_card(out, repo_id="me/x", base_model=preset, dataset="alpaca")
         assert ModelCard(text).data.base_model == hub_id
@@ -191,8 +212,10 @@ def test_regular_upload_mode_never_touches_lfs_or_xet(request, monkeypatch, out_
     hub = _start(request, lfs=False)
     push_results(out_dir, "alice/plain", token=VISITOR, endpoint=hub.url)
 
-    assert hub.repos["alice/plain"].files["adapters/lora/adapter_model.safetensors"] == \
-        (out_dir / "adapters/lora/adapter_model.safetensors").read_bytes()
+    assert (
+        hub.repos["alice/plain"].files["adapters/lora/adapter_model.safetensors"]
+        == (out_dir / "adapters/lora/adapter_model.safetensors").read_bytes()
+    )
     assert not hub.lfs_store and not any(".git/" in r.path or "xet" in r.path for r in hub.requests)
 
 
@@ -285,8 +308,12 @@ def test_token_never_appears_in_errors_or_logs(request, monkeypatch, hub, out_di
     push_results(out_dir, "alice/ok", token=VISITOR, endpoint=hub.url)
     failing = _start(request, fail={"/commit/": 500})
     errors = []
-    for token, repo_id, endpoint in [(bad, "alice/x", hub.url), (VISITOR, "someone-else/x", hub.url),
-                                     (FINE_GRAINED, "lab-org/x", hub.url), (VISITOR, "alice/y", failing.url)]:
+    for token, repo_id, endpoint in [
+        (bad, "alice/x", hub.url),
+        (VISITOR, "someone-else/x", hub.url),
+        (FINE_GRAINED, "lab-org/x", hub.url),
+        (VISITOR, "alice/y", failing.url),
+    ]:
         with pytest.raises(PushError) as err:
             push_results(out_dir, repo_id, token=token, endpoint=endpoint)
         errors.append(err.value)

@@ -24,8 +24,16 @@ from crma.ablation.models import (
     resolve_dtype,
 )
 
-TEXTS = ["", "Hello, world!", "  leading and trailing spaces  ", "tabs\tand\nnew lines\r\n",
-         "Héllo wörld — naïve café", "你好，世界", "emoji 🚀🔥 and combining é", "a < s > b </ s>"]
+TEXTS = [
+    "",
+    "Hello, world!",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnew lines\r\n",
+    "Héllo wörld — naïve café",
+    "你好，世界",
+    "emoji 🚀🔥 and combining é",
+    "a < s > b </ s>",
+]
 
 
 def _logits(lm: models.LoadedModel, text: str = "The quick brown fox") -> torch.Tensor:
@@ -104,10 +112,21 @@ def test_tiny_random_is_fast_deterministic_and_keeps_global_rng():
     assert elapsed < 1.0
     assert torch.equal(_logits(a), _logits(b))
     cfg = a.model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.intermediate_size, cfg.vocab_size) == (64, 2, 4, 2, 128, len(a.tokenizer))
-    assert (a.source, a.hub_id, a.is_4bit, a.device, a.dtype) == ("config", None, False, torch.device("cpu"),
-                                                                   torch.float32)
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    ) == (64, 2, 4, 2, 128, len(a.tokenizer))
+    assert (a.source, a.hub_id, a.is_4bit, a.device, a.dtype) == (
+        "config",
+        None,
+        False,
+        torch.device("cpu"),
+        torch.float32,
+    )
     assert a.n_params == sum(p.numel() for p in a.model.parameters()) == PRESETS["tiny-random"].approx_params
     assert not a.model.training
     assert len(a.model.model.layers) == 2
@@ -195,11 +214,12 @@ def test_smollm2_second_load_comes_from_cache(smollm2_converted, monkeypatch):
 def test_smollm2_answers_paris(smollm2_converted):
     lm, _ = smollm2_converted
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)
+    inputs = lm.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = lm.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    answer = lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -272,10 +292,14 @@ def _fake_config_error(monkeypatch, message: str, calls: list[dict]):
 @pytest.mark.parametrize(
     ("upstream", "expected"),
     [
-        ("org/m is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'",
-         "model 'org/m' was not found on the Hub"),
-        ("You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/org/m.",
-         "model 'org/m' is gated: accept its licence"),
+        (
+            "org/m is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'",
+            "model 'org/m' was not found on the Hub",
+        ),
+        (
+            "You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/org/m.",
+            "model 'org/m' is gated: accept its licence",
+        ),
     ],
 )
 def test_hub_errors_are_mapped(monkeypatch, upstream, expected):
@@ -309,10 +333,13 @@ def test_architectures_crma_cannot_use_are_refused(tmp_path):
 
 
 def test_remote_code_is_never_executed(tmp_path):
-    folder = _write_config(tmp_path / "remote", {
-        "model_type": "crma-custom",
-        "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"},
-    })
+    folder = _write_config(
+        tmp_path / "remote",
+        {
+            "model_type": "crma-custom",
+            "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"},
+        },
+    )
     (tmp_path / "remote" / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(ModelLoadError, match="never executes remote code"):
         load_model(folder, device="cpu")
@@ -336,8 +363,15 @@ def test_oversized_model_is_refused_with_numbers(monkeypatch):
 def test_size_estimate_of_a_7b_config_on_the_meta_device():
     from transformers import MistralConfig
 
-    config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False)
+    config = MistralConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+    )
     t0 = time.perf_counter()
     n_params, bf16_bytes = estimate_model_size(config, dtype=torch.bfloat16)
     _, nf4_bytes = estimate_model_size(config, dtype=torch.bfloat16, quantize_4bit=True)

@@ -68,9 +68,23 @@ def test_config_from_form_names_the_bad_field(fields, message):
 
 def test_config_from_form_parses_ui_values():
     cfg = service.config_from_form(
-        model=" tiny-random ", dataset="bundled", start=3.0, rows="16", arms=["lora", "lora+crma"], seeds="7",
-        steps=12.0, lr="2e-4", structural_lr=0.005, gate_lr="1e-3", batch_size=4.0, seq_len="256", lora_r=8,
-        lora_targets="q_proj, v_proj", crma_streams=3.0, crma_rank="4", spike_at=0,
+        model=" tiny-random ",
+        dataset="bundled",
+        start=3.0,
+        rows="16",
+        arms=["lora", "lora+crma"],
+        seeds="7",
+        steps=12.0,
+        lr="2e-4",
+        structural_lr=0.005,
+        gate_lr="1e-3",
+        batch_size=4.0,
+        seq_len="256",
+        lora_r=8,
+        lora_targets="q_proj, v_proj",
+        crma_streams=3.0,
+        crma_rank="4",
+        spike_at=0,
     )
     assert (cfg.model, cfg.start, cfg.rows, cfg.steps) == ("tiny-random", 3, 16, 12)
     assert (cfg.batch_size, cfg.seq_len, cfg.crma_streams, cfg.crma_rank) == (4, 256, 3, 4)
@@ -105,8 +119,17 @@ def test_caps_come_from_one_dict_and_can_be_lifted():
 def test_cli_command_round_trips_through_the_cli():
     from crma.ablation.cli import build_parser, config_from_args
 
-    cfg = service.config_from_form(model="tiny-random", seeds="1,2", steps=5, lr="3e-4", arms=list(ARM_SPECS),
-                                   lora_targets="q_proj,k_proj", spike_at=3, rows=8, seq_len=512)
+    cfg = service.config_from_form(
+        model="tiny-random",
+        seeds="1,2",
+        steps=5,
+        lr="3e-4",
+        arms=list(ARM_SPECS),
+        lora_targets="q_proj,k_proj",
+        spike_at=3,
+        rows=8,
+        seq_len=512,
+    )
     command = service.cli_command(cfg, out="/tmp/out")
     argv = shlex.split(command.replace("\\\n", " "))
     assert argv[:4] == ["python", "-m", "crma", "ablate"]
@@ -123,7 +146,13 @@ def test_default_config_cpu_and_gpu():
     assert (cpu.model, cpu.rows, cpu.seed, cpu.dataset) == ("smollm2-135m", 200, 42, "bundled")
     assert cpu.steps <= 40 and cpu.batch_size == 2 and cpu.seq_len == 128
     assert (gpu.model, gpu.rows, gpu.seed, gpu.steps, gpu.batch_size, gpu.seq_len) == (
-        "tinyllama-1.1b", 200, 42, 100, 4, 256)
+        "tinyllama-1.1b",
+        200,
+        42,
+        100,
+        4,
+        256,
+    )
     assert cpu.arms == gpu.arms == ["lora", "lora+crma"]
     assert "No GPU" in cpu_note and "CPU" in cpu_note and "author" in cpu_note
     assert "GPU found" in gpu_note and "author" in gpu_note
@@ -137,14 +166,19 @@ def test_estimate_gpu_seconds_is_monotone_and_clamped():
     base = dict(model="tinyllama-1.1b", caps=None)
     by_steps = [service.estimate_gpu_seconds(service.config_from_form(steps=s, **base)) for s in (50, 100, 200, 400)]
     assert by_steps == sorted(by_steps) and by_steps[0] < by_steps[-1]
-    two, four = (service.estimate_gpu_seconds(service.config_from_form(steps=200, arms=a, **base))
-                 for a in (["lora", "lora+crma"], list(ARM_SPECS)))
+    two, four = (
+        service.estimate_gpu_seconds(service.config_from_form(steps=200, arms=a, **base))
+        for a in (["lora", "lora+crma"], list(ARM_SPECS))
+    )
     assert four > two
-    one, three = (service.estimate_gpu_seconds(service.config_from_form(steps=100, seeds=s, **base))
-                  for s in ("1", "1,2,3"))
+    one, three = (
+        service.estimate_gpu_seconds(service.config_from_form(steps=100, seeds=s, **base)) for s in ("1", "1,2,3")
+    )
     assert three > one
-    small, large = (service.estimate_gpu_seconds(service.config_from_form(model=m, steps=300, caps=None))
-                    for m in ("smollm2-135m", "org/Some-Model-7B"))
+    small, large = (
+        service.estimate_gpu_seconds(service.config_from_form(model=m, steps=300, caps=None))
+        for m in ("smollm2-135m", "org/Some-Model-7B")
+    )
     assert large > small
     assert service.estimate_gpu_seconds(service.config_from_form(model="tiny-random", steps=1)) == low
     biggest = service.config_from_form(model="mistral-7b", steps=1000, seeds="1,2,3,4,5", arms=list(ARM_SPECS))
@@ -165,11 +199,23 @@ class FakeClock:
         return self.now
 
 
-def _record(arm: str, step: int, *, seed: int = 42, loss: float = 2.0, diverged: bool = False,
-            tokens_per_step: int = 100) -> StepRecord:
-    return StepRecord(arm=arm, seed=seed, step=step, loss=loss, grad_norm_pre=1.0 + 0.01 * step, grad_norm_post=1.0,
-                      clipped=step % 7 == 0, lr=2e-4, tokens=tokens_per_step * step, step_time_s=0.5,
-                      memory_mb=1536.0, diverged=diverged)
+def _record(
+    arm: str, step: int, *, seed: int = 42, loss: float = 2.0, diverged: bool = False, tokens_per_step: int = 100
+) -> StepRecord:
+    return StepRecord(
+        arm=arm,
+        seed=seed,
+        step=step,
+        loss=loss,
+        grad_norm_pre=1.0 + 0.01 * step,
+        grad_norm_post=1.0,
+        clipped=step % 7 == 0,
+        lr=2e-4,
+        tokens=tokens_per_step * step,
+        step_time_s=0.5,
+        memory_mb=1536.0,
+        diverged=diverged,
+    )
 
 
 def _result(cfg: AblationConfig, records: list[StepRecord], status: str = "finished", error: str | None = None):
@@ -290,7 +336,8 @@ def test_view_registry_is_bounded_and_rebuilds_from_files(tmp_path):
     space.out_dir.mkdir()
     (space.out_dir / "config.json").write_text(cfg.to_json())
     (space.out_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps(_record(arm, s).to_dict()) + "\n" for s in (1, 2) for arm in ("lora", "lora+crma")))
+        "".join(json.dumps(_record(arm, s).to_dict()) + "\n" for s in (1, 2) for arm in ("lora", "lora+crma"))
+    )
     rebuilt = registry.view_for(space.run_id, tmp_path)
     assert rebuilt is not None and len(rebuilt.records) == 4
     assert registry.view_for("../../etc", tmp_path) is None
@@ -387,9 +434,19 @@ def test_new_run_keeps_disk_bounded(tmp_path):
 
 def test_make_archive_holds_everything(tmp_path):
     out = tmp_path / "crma-1234abcd"
-    files = ["config.json", "metrics.jsonl", "summary.json", "summary.md", "report.html", "loss.png",
-             "grad_norm.png", "loss_delta.png", "adapters/lora/adapter_model.safetensors",
-             "adapters/lora+crma/adapter_config.json", "adapters/lora+crma/crma.safetensors"]
+    files = [
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "summary.md",
+        "report.html",
+        "loss.png",
+        "grad_norm.png",
+        "loss_delta.png",
+        "adapters/lora/adapter_model.safetensors",
+        "adapters/lora+crma/adapter_config.json",
+        "adapters/lora+crma/crma.safetensors",
+    ]
     for name in files:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(name.encode() * 3)
@@ -422,21 +479,34 @@ def test_event_json_is_strict_json():
     assert event["type"] == "record" and event["loss"] is None and event["diverged"] is True
     json.dumps(event, allow_nan=False)
     cfg = AblationConfig(model="tiny-random")
-    result = service.event_json(RunResult("stopped", "stopped by request", cfg, [record], {"x": math.inf},
-                                          files=["summary.json"]), run_id="r")
+    result = service.event_json(
+        RunResult("stopped", "stopped by request", cfg, [record], {"x": math.inf}, files=["summary.json"]), run_id="r"
+    )
     assert result["type"] == "result" and result["status"] == "stopped" and result["records"] == 1
     assert result["summary"] == {"x": None} and result["files"] == ["summary.json"]
-    assert service.event_json(Phase("loading"), run_id="r") == {"type": "phase", "run_id": "r",
-                                                                 "message": "loading", "seed": None}
+    assert service.event_json(Phase("loading"), run_id="r") == {
+        "type": "phase",
+        "run_id": "r",
+        "message": "loading",
+        "seed": None,
+    }
 
 
 def test_receipt_markdown():
-    summary = {"receipt": {
-        "seed": 42, "lora_init_sha256": {"lora": "a" * 64, "lora+crma": "a" * 64}, "lora_init_equal": True,
-        "batch_order_sha256": "b" * 64, "batches_seen_equal": True, "differs_only_in_adapter": True,
-        "config_diff": {"crma": {"lora": False, "lora+crma": True},
-                        "clipper": {"lora": "clip_grad_norm(1.0)", "lora+crma": "zclip"}},
-    }}
+    summary = {
+        "receipt": {
+            "seed": 42,
+            "lora_init_sha256": {"lora": "a" * 64, "lora+crma": "a" * 64},
+            "lora_init_equal": True,
+            "batch_order_sha256": "b" * 64,
+            "batches_seen_equal": True,
+            "differs_only_in_adapter": True,
+            "config_diff": {
+                "crma": {"lora": False, "lora+crma": True},
+                "clipper": {"lora": "clip_grad_norm(1.0)", "lora+crma": "zclip"},
+            },
+        }
+    }
     text = service.receipt_markdown(summary)
     assert "| 42 | ✅ yes | ✅ yes | ✅ yes |" in text
     assert "| crma | False | True |" in text and "| clipper | clip_grad_norm(1.0) | zclip |" in text

@@ -36,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in _LIST_FIELDS:
             ablate.add_argument(flag, default=None, help="comma-separated list")
         elif f.name == "save_adapters":
-            ablate.add_argument("--no-save-adapters", dest="save_adapters", action="store_const", const=False,
-                                default=None, help="do not write adapters/<arm>/")
+            ablate.add_argument(
+                "--no-save-adapters",
+                dest="save_adapters",
+                action="store_const",
+                const=False,
+                default=None,
+                help="do not write adapters/<arm>/",
+            )
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0].split("|")[0].strip(), str)
             ablate.add_argument(flag, type=kind, default=None)

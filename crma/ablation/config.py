@@ -111,8 +111,17 @@ class AblationConfig(JSONConfig):
             if not cond:
                 raise ValueError(f"`{name}` must be {rule}; got {getattr(self, name)!r}")
 
-        for name in ("rows", "steps", "batch_size", "seq_len", "lora_r", "lora_alpha", "crma_streams", "crma_rank",
-                     "diag_every"):
+        for name in (
+            "rows",
+            "steps",
+            "batch_size",
+            "seq_len",
+            "lora_r",
+            "lora_alpha",
+            "crma_streams",
+            "crma_rank",
+            "diag_every",
+        ):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
         need(isinstance(self.start, int) and self.start >= 0, "start", "an integer >= 0")
         need(isinstance(self.seed, int), "seed", "an integer")
@@ -124,16 +133,31 @@ class AblationConfig(JSONConfig):
         need(0 < self.zclip_alpha < 1, "zclip_alpha", "in (0, 1)")
         need(self.zclip_z_thresh > 0, "zclip_z_thresh", "> 0")
         need(isinstance(self.zclip_warmup, int) and self.zclip_warmup >= 2, "zclip_warmup", "an integer >= 2")
-        need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps, "warmup_steps",
-             "an integer in [0, steps)")
-        need(self.spike_at is None or (isinstance(self.spike_at, int) and 1 <= self.spike_at <= self.steps),
-             "spike_at", "None or a step in [1, steps]")
-        need(isinstance(self.spike_scale, (int, float)) and 1 <= self.spike_scale <= 1e4, "spike_scale",
-             "a number in [1, 10000]")
-        need(self.seeds is None or (len(self.seeds) > 0 and all(isinstance(s, int) for s in self.seeds)), "seeds",
-             "None or a non-empty list of integers")
-        need(len(self.arms) > 0 and all(a in ARM_SPECS for a in self.arms), "arms",
-             f"a non-empty list drawn from {list(ARM_SPECS)}")
+        need(
+            isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps,
+            "warmup_steps",
+            "an integer in [0, steps)",
+        )
+        need(
+            self.spike_at is None or (isinstance(self.spike_at, int) and 1 <= self.spike_at <= self.steps),
+            "spike_at",
+            "None or a step in [1, steps]",
+        )
+        need(
+            isinstance(self.spike_scale, (int, float)) and 1 <= self.spike_scale <= 1e4,
+            "spike_scale",
+            "a number in [1, 10000]",
+        )
+        need(
+            self.seeds is None or (len(self.seeds) > 0 and all(isinstance(s, int) for s in self.seeds)),
+            "seeds",
+            "None or a non-empty list of integers",
+        )
+        need(
+            len(self.arms) > 0 and all(a in ARM_SPECS for a in self.arms),
+            "arms",
+            f"a non-empty list drawn from {list(ARM_SPECS)}",
+        )
         need(len(self.lora_targets) > 0, "lora_targets", "a non-empty list of module names")
         need(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", "None or > 0")
         need(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")

@@ -84,8 +84,16 @@ class _Arm:
             if self.spec.zclip
             else None,
         }
-        for key in ("crma_streams", "crma_rank", "structural_lr", "gate_lr", "max_grad_norm", "zclip_alpha",
-                    "zclip_z_thresh", "zclip_warmup"):
+        for key in (
+            "crma_streams",
+            "crma_rank",
+            "structural_lr",
+            "gate_lr",
+            "max_grad_norm",
+            "zclip_alpha",
+            "zclip_z_thresh",
+            "zclip_warmup",
+        ):
             shared.pop(key, None)
         return {**shared, **adapter}
 
@@ -194,8 +202,9 @@ class _Session:
             arm.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
             arm.scheduler = torch.optim.lr_scheduler.LambdaLR(arm.optimizer, _lr_lambda(cfg))
             if arm.spec.zclip:
-                arm.clipper = ZClip(ZClipConfig(alpha=cfg.zclip_alpha, z_thresh=cfg.zclip_z_thresh,
-                                                warmup_steps=cfg.zclip_warmup))
+                arm.clipper = ZClip(
+                    ZClipConfig(alpha=cfg.zclip_alpha, z_thresh=cfg.zclip_z_thresh, warmup_steps=cfg.zclip_warmup)
+                )
             arm.rng, arm.cuda_rng = rng.clone(), cuda_rng
         self.model.train()
 
@@ -245,9 +254,19 @@ class _Session:
                 diag = crma.mixing_report(self.model, arm.adapter).summary()
             arm.diverged = not finite
             yield StepRecord(
-                arm=arm.label, seed=self.seed, step=step, loss=loss_value, grad_norm_pre=clip.pre_norm,
-                grad_norm_post=clip.post_norm, clipped=clip.clipped, lr=lr, tokens=arm.tokens, step_time_s=elapsed,
-                memory_mb=_memory_mb(self.device), diverged=not finite, crma=diag,
+                arm=arm.label,
+                seed=self.seed,
+                step=step,
+                loss=loss_value,
+                grad_norm_pre=clip.pre_norm,
+                grad_norm_post=clip.post_norm,
+                clipped=clip.clipped,
+                lr=lr,
+                tokens=arm.tokens,
+                step_time_s=elapsed,
+                memory_mb=_memory_mb(self.device),
+                diverged=not finite,
+                crma=diag,
             )
 
     # -- results ------------------------------------------------------------------------------------------------
@@ -280,8 +299,9 @@ class _Session:
                 if self.init_dir is not None:
                     kwargs["path_initial_model_for_weight_conversion"] = str(self.init_dir)
                 # save_embedding_layers=False: peft would otherwise look the base config up on the Hub to decide.
-                self.model.save_pretrained(staging, selected_adapters=[arm.adapter], save_embedding_layers=False,
-                                           **kwargs)
+                self.model.save_pretrained(
+                    staging, selected_adapters=[arm.adapter], save_embedding_layers=False, **kwargs
+                )
                 if target.exists():
                     shutil.rmtree(target)
                 shutil.move(str(staging / arm.adapter), target)
@@ -432,17 +452,29 @@ def run_ablation(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     summary = _summarize(records, cfg, receipts, arm_info, notes)
-    result = RunResult(status=status, error=error, config=cfg, records=records, summary=summary,
-                       out_dir=str(out) if out is not None else None, notes=notes,
-                       wall_s=time.perf_counter() - started)
+    result = RunResult(
+        status=status,
+        error=error,
+        config=cfg,
+        records=records,
+        summary=summary,
+        out_dir=str(out) if out is not None else None,
+        notes=notes,
+        wall_s=time.perf_counter() - started,
+    )
     if out is not None:
         yield Phase("writing the report")
         result.files = write_outputs(result, out)
     yield result
 
 
-def _summarize(records: list[StepRecord], cfg: AblationConfig, receipts: list[dict[str, Any]],
-               arm_info: dict[str, dict[str, Any]], notes: list[str]) -> dict[str, Any]:
+def _summarize(
+    records: list[StepRecord],
+    cfg: AblationConfig,
+    receipts: list[dict[str, Any]],
+    arm_info: dict[str, dict[str, Any]],
+    notes: list[str],
+) -> dict[str, Any]:
     from .report import summarize_run
 
     labels = arm_labels(cfg.arms)
@@ -463,8 +495,11 @@ def write_outputs(result: RunResult, out: Path) -> list[str]:
     summary = dict(result.summary)
     summary.update(status=result.status, error=result.error, wall_s=result.wall_s)
     title = f"{' vs '.join(arm_labels(result.config.arms))} on {result.config.model}"
-    (out / "summary.md").write_text(summary_markdown(summary, title=title) if result.records else
-                                    f"# {title}\n\nNo step finished: {result.error}\n")
+    (out / "summary.md").write_text(
+        summary_markdown(summary, title=title)
+        if result.records
+        else f"# {title}\n\nNo step finished: {result.error}\n"
+    )
     if result.records:
         write_report_html(result.records, summary, out / "report.html", title=title, config=result.config.to_dict())
         try:

@@ -65,17 +65,46 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
-        ModelPreset("tiny-random", None, "Tiny random Llama (~0.1M params, byte tokenizer): instant, offline, for "
-                    "smoke tests", quantize_4bit=False, needs_gpu=False, approx_params=107_200),
-        ModelPreset("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct: real pretrained "
-                    "chat model, runs on CPU, works offline", quantize_4bit=False, needs_gpu=False,
-                    approx_params=134_515_008),
-        ModelPreset("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama-1.1B-Chat (Hub download, "
-                    "GPU recommended)", quantize_4bit=False, needs_gpu=False, approx_params=1_100_048_384),
-        ModelPreset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct (Hub download)",
-                    quantize_4bit=False, needs_gpu=False, approx_params=494_032_768),
-        ModelPreset("mistral-7b", "mistralai/Mistral-7B-v0.3", "Mistral-7B-v0.3 in 4-bit (QLoRA; needs a GPU and "
-                    "a Hub download)", quantize_4bit=True, needs_gpu=True, approx_params=7_248_023_552),
+        ModelPreset(
+            "tiny-random",
+            None,
+            "Tiny random Llama (~0.1M params, byte tokenizer): instant, offline, for smoke tests",
+            quantize_4bit=False,
+            needs_gpu=False,
+            approx_params=107_200,
+        ),
+        ModelPreset(
+            "smollm2-135m",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "SmolLM2-135M-Instruct: real pretrained chat model, runs on CPU, works offline",
+            quantize_4bit=False,
+            needs_gpu=False,
+            approx_params=134_515_008,
+        ),
+        ModelPreset(
+            "tinyllama-1.1b",
+            "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+            "TinyLlama-1.1B-Chat (Hub download, GPU recommended)",
+            quantize_4bit=False,
+            needs_gpu=False,
+            approx_params=1_100_048_384,
+        ),
+        ModelPreset(
+            "qwen2.5-0.5b",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "Qwen2.5-0.5B-Instruct (Hub download)",
+            quantize_4bit=False,
+            needs_gpu=False,
+            approx_params=494_032_768,
+        ),
+        ModelPreset(
+            "mistral-7b",
+            "mistralai/Mistral-7B-v0.3",
+            "Mistral-7B-v0.3 in 4-bit (QLoRA; needs a GPU and a Hub download)",
+            quantize_4bit=True,
+            needs_gpu=True,
+            approx_params=7_248_023_552,
+        ),
     )
 }
 _OFFLINE_PRESETS = ("tiny-random", "smollm2-135m")
@@ -140,8 +169,14 @@ def resolve_device(device: str) -> torch.device:
     raise ModelLoadError(f"`device` must be 'auto', 'cpu' or 'cuda'; got {device!r}")
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
@@ -197,8 +232,13 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=2048,
-        padding_side="right", clean_up_tokenization_spaces=False,
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=2048,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = _BYTE_CHAT_TEMPLATE
     return tokenizer
@@ -213,8 +253,12 @@ _hub_reachable_cache: bool | None = None
 def _hub_offline_flag() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES",
-                                                                                                     "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
 
 
 def hub_reachable(*, timeout_s: float = 2.0, refresh: bool = False) -> bool:
@@ -343,8 +387,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _offline_message(label: str) -> str:
     why = "HF_HUB_OFFLINE is set" if _hub_offline_flag() else "no connection to the Hub endpoint"
-    return (f"model '{label}' is not in the local Hugging Face cache and the Hub is not reachable from this machine "
-            f"({why}); use an offline preset: {', '.join(_OFFLINE_PRESETS)}")
+    return (
+        f"model '{label}' is not in the local Hugging Face cache and the Hub is not reachable from this machine "
+        f"({why}); use an offline preset: {', '.join(_OFFLINE_PRESETS)}"
+    )
 
 
 def _map_hub_error(label: str, exc: BaseException) -> ModelLoadError:
@@ -360,8 +406,11 @@ def _map_hub_error(label: str, exc: BaseException) -> ModelLoadError:
             f"model '{label}' is gated: accept its licence at https://huggingface.co/{label} and provide a token "
             "(`hf auth login` or the HF_TOKEN environment variable)"
         )
-    if (any(isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError)) for e in chain)
-            or "not a valid model identifier" in lower or "not a valid repository name" in lower):
+    if (
+        any(isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError)) for e in chain)
+        or "not a valid model identifier" in lower
+        or "not a valid repository name" in lower
+    ):
         return ModelLoadError(
             f"model '{label}' was not found on the Hub (check the spelling; private repos need a token)"
         )
@@ -375,8 +424,14 @@ def _map_hub_error(label: str, exc: BaseException) -> ModelLoadError:
             f"model '{label}' has an architecture this transformers version does not know; CRMA needs a decoder "
             "with `model.layers` (Llama, Mistral, Qwen2, ...)"
         )
-    offline_types = (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, httpx.ConnectError,
-                     httpx.TimeoutException, ConnectionError, TimeoutError)
+    offline_types = (
+        hf_errors.LocalEntryNotFoundError,
+        hf_errors.OfflineModeIsEnabled,
+        httpx.ConnectError,
+        httpx.TimeoutException,
+        ConnectionError,
+        TimeoutError,
+    )
     if any(isinstance(e, offline_types) for e in chain) or "couldn't connect" in lower:
         return ModelLoadError(_offline_message(label))
     return ModelLoadError(f"could not load model '{label}': {_first_line(exc)}")
@@ -396,8 +451,12 @@ def _bnb_config(compute_dtype: torch.dtype) -> Any:
         raise ModelLoadError("4-bit loading needs bitsandbytes: pip install bitsandbytes") from e
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
 
 
 def _check_architecture(label: str, config: PretrainedConfig) -> nn.Module:
@@ -431,13 +490,25 @@ def _finish_tokenizer(label: str, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _from_pretrained(label: str, path: str, *, config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
-                     quantize_4bit: bool, local_files_only: bool = True) -> tuple[Any, Any]:
+def _from_pretrained(
+    label: str,
+    path: str,
+    *,
+    config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize_4bit: bool,
+    local_files_only: bool = True,
+) -> tuple[Any, Any]:
     """Weights and tokenizer of a Hub repo or a local folder, on `device`, errors mapped to `ModelLoadError`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": False,
-                              "local_files_only": local_files_only}
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": dtype,
+        "trust_remote_code": False,
+        "local_files_only": local_files_only,
+    }
     if quantize_4bit:
         kwargs["quantization_config"] = _bnb_config(dtype)
     if quantize_4bit or device.type == "cuda":
@@ -458,8 +529,9 @@ def _needs_gpu_error(preset: ModelPreset) -> ModelLoadError:
     )
 
 
-def _load_hub(name: str, hub_id: str, *, device: torch.device, dtype: torch.dtype, quantize_4bit: bool,
-              offline_ok: bool = False) -> LoadedModel:
+def _load_hub(
+    name: str, hub_id: str, *, device: torch.device, dtype: torch.dtype, quantize_4bit: bool, offline_ok: bool = False
+) -> LoadedModel:
     from transformers import AutoConfig
 
     local_dir = Path(hub_id).is_dir()
@@ -473,10 +545,26 @@ def _load_hub(name: str, hub_id: str, *, device: torch.device, dtype: torch.dtyp
     n_params, n_bytes = _estimate(meta, dtype, quantize_4bit)
     del meta
     _check_fits(hub_id, n_bytes, device)
-    model, tokenizer = _from_pretrained(hub_id, hub_id, config=config, device=device, dtype=dtype,
-                                        quantize_4bit=quantize_4bit, local_files_only=local_only)
-    return LoadedModel(model, tokenizer, name=name, hub_id=None if local_dir else hub_id, source="hub",
-                       n_params=n_params, is_4bit=quantize_4bit, device=device, dtype=dtype)
+    model, tokenizer = _from_pretrained(
+        hub_id,
+        hub_id,
+        config=config,
+        device=device,
+        dtype=dtype,
+        quantize_4bit=quantize_4bit,
+        local_files_only=local_only,
+    )
+    return LoadedModel(
+        model,
+        tokenizer,
+        name=name,
+        hub_id=None if local_dir else hub_id,
+        source="hub",
+        n_params=n_params,
+        is_4bit=quantize_4bit,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def tiny_random_config() -> Any:
@@ -484,9 +572,17 @@ def tiny_random_config() -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
     )
 
 
@@ -506,12 +602,22 @@ def _load_tiny_random(*, device: torch.device, dtype: torch.dtype, quantize_4bit
         with tempfile.TemporaryDirectory(prefix="crma-tiny-") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            model, _ = _from_pretrained("tiny-random", tmp, config=config, device=device, dtype=dtype,
-                                        quantize_4bit=True)
+            model, _ = _from_pretrained(
+                "tiny-random", tmp, config=config, device=device, dtype=dtype, quantize_4bit=True
+            )
     else:
         model = model.to(device=device, dtype=dtype)
-    return LoadedModel(model.eval(), tokenizer, name="tiny-random", hub_id=None, source="config", n_params=n_params,
-                       is_4bit=quantize_4bit, device=device, dtype=dtype)
+    return LoadedModel(
+        model.eval(),
+        tokenizer,
+        name="tiny-random",
+        hub_id=None,
+        source="config",
+        n_params=n_params,
+        is_4bit=quantize_4bit,
+        device=device,
+        dtype=dtype,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -590,7 +696,10 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False,
+                gguf.parent,
+                gguf_file=gguf.name,
+                dtype=torch.float32,
+                trust_remote_code=False,
                 quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
@@ -604,8 +713,9 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             # The marker is written last: a folder without it is never trusted.
-            (tmp / _CACHE_MARKER).write_text(json.dumps({"package": _SMOLLM2_PACKAGE, "version": version,
-                                                         "gguf": gguf.name, "dtype": "float32"}))
+            (tmp / _CACHE_MARKER).write_text(
+                json.dumps({"package": _SMOLLM2_PACKAGE, "version": version, "gguf": gguf.name, "dtype": "float32"})
+            )
         except OSError as e:
             raise ModelLoadError(
                 f"could not write the converted model under {root} ({e.strerror or e}); set CRMA_CACHE to a writable "
@@ -625,8 +735,9 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     logger.info("Converted %s in %.1f s", gguf.name, time.perf_counter() - t0)
 
 
-def _load_smollm2(preset: ModelPreset, *, device: torch.device, dtype: torch.dtype,
-                  quantize_4bit: bool) -> LoadedModel:
+def _load_smollm2(
+    preset: ModelPreset, *, device: torch.device, dtype: torch.dtype, quantize_4bit: bool
+) -> LoadedModel:
     from transformers import AutoConfig
 
     hub_id = preset.hub_id or ""
@@ -651,18 +762,29 @@ def _load_smollm2(preset: ModelPreset, *, device: torch.device, dtype: torch.dty
     config = AutoConfig.from_pretrained(target, trust_remote_code=False, local_files_only=True)
     n_params, n_bytes = _estimate(_check_architecture(preset.name, config), dtype, quantize_4bit)
     _check_fits(preset.name, n_bytes, device)
-    model, tokenizer = _from_pretrained(preset.name, str(target), config=config, device=device, dtype=dtype,
-                                        quantize_4bit=quantize_4bit)
-    return LoadedModel(model, tokenizer, name=preset.name, hub_id=hub_id, source=source, n_params=n_params,
-                       is_4bit=quantize_4bit, device=device, dtype=dtype)
+    model, tokenizer = _from_pretrained(
+        preset.name, str(target), config=config, device=device, dtype=dtype, quantize_4bit=quantize_4bit
+    )
+    return LoadedModel(
+        model,
+        tokenizer,
+        name=preset.name,
+        hub_id=hub_id,
+        source=source,
+        n_params=n_params,
+        is_4bit=quantize_4bit,
+        device=device,
+        dtype=dtype,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 
 
-def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
-               quantize_4bit: bool | None = None) -> LoadedModel:
+def load_model(
+    name: str, *, device: str = "auto", dtype: str = "auto", quantize_4bit: bool | None = None
+) -> LoadedModel:
     """Load a preset or a Hub model for the ablation engine, failing fast with a `ModelLoadError`.
 
     Order of checks: device and dtype, GPU requirement of the preset, Hub reachability (`HF_HUB_OFFLINE`, else a

@@ -36,18 +36,20 @@ from typing import Any
 from .config import ARM_SPECS, AblationConfig, Phase, RunResult, StepRecord
 
 # Caps of a public Space: one visitor's run must not hold the shared GPU (or the disk) for long.
-SPACE_CAPS: Mapping[str, int | float] = MappingProxyType({
-    "steps": 1000,
-    "rows": 5000,
-    "seq_len": 2048,
-    "batch_size": 32,
-    "seeds": 5,  # number of seeds in one run
-    "arms": 4,  # number of arms in one run (A/A copies included)
-    "lora_r": 256,
-    "crma_streams": 16,
-    "crma_rank": 64,
-    "max_wall_s": 1500,  # the longest GPU duration `estimate_gpu_seconds` asks for
-})
+SPACE_CAPS: Mapping[str, int | float] = MappingProxyType(
+    {
+        "steps": 1000,
+        "rows": 5000,
+        "seq_len": 2048,
+        "batch_size": 32,
+        "seeds": 5,  # number of seeds in one run
+        "arms": 4,  # number of arms in one run (A/A copies included)
+        "lora_r": 256,
+        "crma_streams": 16,
+        "crma_rank": 64,
+        "max_wall_s": 1500,  # the longest GPU duration `estimate_gpu_seconds` asks for
+    }
+)
 GPU_SECONDS_RANGE = (60, 1500)
 DATASET_CHOICES = ("alpaca", "bundled", "upload")
 PREVIEW_CELL_CHARS = 300
@@ -74,18 +76,24 @@ def default_config(has_gpu: bool) -> tuple[AblationConfig, str]:
         rows, seed 42, 30 steps, batch 2 x 128 tokens), and the note says so.
     """
     if has_gpu:
-        cfg = AblationConfig(model="tinyllama-1.1b", dataset="alpaca", rows=200, seed=42, steps=100, batch_size=4,
-                             seq_len=256)
-        note = (f"GPU found: the defaults reproduce the author's setting (TinyLlama-1.1B, 200 Alpaca rows, seed 42, "
-                f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens), about "
-                f"{_minutes(estimate_run_seconds(cfg, gpu=True))} for two arms.")
+        cfg = AblationConfig(
+            model="tinyllama-1.1b", dataset="alpaca", rows=200, seed=42, steps=100, batch_size=4, seq_len=256
+        )
+        note = (
+            f"GPU found: the defaults reproduce the author's setting (TinyLlama-1.1B, 200 Alpaca rows, seed 42, "
+            f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens), about "
+            f"{_minutes(estimate_run_seconds(cfg, gpu=True))} for two arms."
+        )
         return cfg, note
-    cfg = AblationConfig(model="smollm2-135m", dataset="bundled", rows=200, seed=42, steps=30, batch_size=2,
-                         seq_len=128)
-    note = (f"No GPU here, so the defaults are a CPU setting that finishes in about "
-            f"{_minutes(estimate_run_seconds(cfg, gpu=False))}: SmolLM2-135M on 200 bundled rows (offline), seed 42, "
-            f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens. The author's setting (TinyLlama-1.1B, "
-            "200 Alpaca rows, 100 steps, batch 4 x 256) needs a GPU.")
+    cfg = AblationConfig(
+        model="smollm2-135m", dataset="bundled", rows=200, seed=42, steps=30, batch_size=2, seq_len=128
+    )
+    note = (
+        f"No GPU here, so the defaults are a CPU setting that finishes in about "
+        f"{_minutes(estimate_run_seconds(cfg, gpu=False))}: SmolLM2-135M on 200 bundled rows (offline), seed 42, "
+        f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens. The author's setting (TinyLlama-1.1B, "
+        "200 Alpaca rows, 100 steps, batch 4 x 256) needs a GPU."
+    )
     return cfg, note
 
 
@@ -225,8 +233,9 @@ def resolve_dataset(dataset: Any, upload: str | os.PathLike[str] | None) -> str:
     raise ValueError(f"`dataset` must be one of {list(DATASET_CHOICES)} (upload: send the file); got {dataset!r}")
 
 
-def config_from_form(*, upload: str | os.PathLike[str] | None = None,
-                     caps: Mapping[str, int | float] | None = SPACE_CAPS, **form: Any) -> AblationConfig:
+def config_from_form(
+    *, upload: str | os.PathLike[str] | None = None, caps: Mapping[str, int | float] | None = SPACE_CAPS, **form: Any
+) -> AblationConfig:
     """Build and validate an `AblationConfig` from UI or API values: the one place where the app makes configs.
 
     Text boxes give strings ("2e-4", "1,2,3"), number boxes floats, checkbox groups lists; JSON clients give proper
@@ -442,8 +451,9 @@ def _hide_dir(message: str, source: str) -> str:
     return message
 
 
-def preview_rows(source: str, start: Any, rows: Any, limit: int = 20, *,
-                 caps: Mapping[str, int | float] | None = SPACE_CAPS) -> list[list[str]]:
+def preview_rows(
+    source: str, start: Any, rows: Any, limit: int = 20, *, caps: Mapping[str, int | float] | None = SPACE_CAPS
+) -> list[list[str]]:
     """The first `limit` rows of the selected slice as table rows `[row, instruction, input, output]`.
 
     The whole slice is validated, so a slice past the end or a bad row shows up here, before a run.
@@ -467,8 +477,10 @@ def preview_rows(source: str, start: Any, rows: Any, limit: int = 20, *,
         data = load_instruction_rows(source, start=first, rows=count)
     except DataError as exc:
         raise DataError(_hide_dir(str(exc), source)) from None
-    return [[str(first + i), *(_clip(row[c]) for c in ("instruction", "input", "output"))]
-            for i, row in enumerate(data[:limit])]
+    return [
+        [str(first + i), *(_clip(row[c]) for c in ("instruction", "input", "output"))]
+        for i, row in enumerate(data[:limit])
+    ]
 
 
 def _clip(text: str) -> str:
@@ -531,8 +543,9 @@ def runs_root() -> Path:
     return Path(os.environ.get(RUNS_ENV) or Path(tempfile.gettempdir()) / "crma-lab-runs")
 
 
-def new_run(root: str | os.PathLike[str] | None = None, *, max_age_s: float = 6 * 3600,
-            max_runs: int = 40) -> RunSpace:
+def new_run(
+    root: str | os.PathLike[str] | None = None, *, max_age_s: float = 6 * 3600, max_runs: int = 40
+) -> RunSpace:
     """Create a fresh run folder under `root` (after removing old ones, so disk use stays bounded)."""
     base = Path(root) if root is not None else runs_root()
     base.mkdir(parents=True, exist_ok=True)
@@ -560,8 +573,14 @@ def request_stop(run_id: Any, root: str | os.PathLike[str] | None = None) -> boo
     return True
 
 
-def cleanup_runs(root: str | os.PathLike[str], *, max_age_s: float = 6 * 3600, max_runs: int = 40,
-                 keep: tuple[str, ...] = (), now: float | None = None) -> list[str]:
+def cleanup_runs(
+    root: str | os.PathLike[str],
+    *,
+    max_age_s: float = 6 * 3600,
+    max_runs: int = 40,
+    keep: tuple[str, ...] = (),
+    now: float | None = None,
+) -> list[str]:
     """Remove run folders older than `max_age_s` (by last change), then the oldest beyond `max_runs`.
 
     Returns:
@@ -639,8 +658,16 @@ class LiveView:
         log_scale (`bool`): logarithmic grad-norm axis.
     """
 
-    def __init__(self, cfg: AblationConfig, *, device: str = "CPU", min_interval_s: float = 0.35,
-                 clock: Callable[[], float] = time.monotonic, smoothing: float = 0.6, log_scale: bool = False):
+    def __init__(
+        self,
+        cfg: AblationConfig,
+        *,
+        device: str = "CPU",
+        min_interval_s: float = 0.35,
+        clock: Callable[[], float] = time.monotonic,
+        smoothing: float = 0.6,
+        log_scale: bool = False,
+    ):
         from .engine import arm_labels
 
         self.cfg, self.device, self.min_interval_s, self.clock = cfg, device, min_interval_s, clock
@@ -856,11 +883,19 @@ def event_json(event: Phase | StepRecord | RunResult, *, run_id: str) -> dict[st
         return _plain({"type": "record", "run_id": run_id, **event.to_dict()})
     if isinstance(event, Phase):
         return {"type": "phase", "run_id": run_id, "message": event.message, "seed": event.seed}
-    return _plain({
-        "type": "result", "run_id": run_id, "status": event.status, "error": event.error,
-        "records": len(event.records), "wall_s": event.wall_s, "summary": event.summary, "files": event.files,
-        "notes": event.notes,
-    })
+    return _plain(
+        {
+            "type": "result",
+            "run_id": run_id,
+            "status": event.status,
+            "error": event.error,
+            "records": len(event.records),
+            "wall_s": event.wall_s,
+            "summary": event.summary,
+            "files": event.files,
+            "notes": event.notes,
+        }
+    )
 
 
 def receipt_markdown(summary: Mapping[str, Any]) -> str:
@@ -869,11 +904,15 @@ def receipt_markdown(summary: Mapping[str, Any]) -> str:
     per_seed = receipt.get("per_seed") or ([receipt] if receipt else [])
     if not per_seed:
         return "No fairness receipt: no seed finished its set-up."
-    lines = ["| Seed | Same LoRA init | Same batches | Only the adapter differs | Batch order sha256 |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| Seed | Same LoRA init | Same batches | Only the adapter differs | Batch order sha256 |",
+        "|---|---|---|---|---|",
+    ]
     for r in per_seed:
-        lines.append(f"| {r.get('seed')} | {_tick(r.get('lora_init_equal'))} | {_tick(r.get('batches_seen_equal'))} | "
-                     f"{_tick(r.get('differs_only_in_adapter'))} | `{str(r.get('batch_order_sha256', ''))[:16]}…` |")
+        lines.append(
+            f"| {r.get('seed')} | {_tick(r.get('lora_init_equal'))} | {_tick(r.get('batches_seen_equal'))} | "
+            f"{_tick(r.get('differs_only_in_adapter'))} | `{str(r.get('batch_order_sha256', ''))[:16]}…` |"
+        )
     first = per_seed[0]
     inits = first.get("lora_init_sha256") or {}
     if inits:
@@ -881,8 +920,13 @@ def receipt_markdown(summary: Mapping[str, Any]) -> str:
     diff = first.get("config_diff") or {}
     if diff:
         arms = list(next(iter(diff.values())))
-        lines += ["", "What differs between the arms (everything else is identical):", "",
-                  "| Setting | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        lines += [
+            "",
+            "What differs between the arms (everything else is identical):",
+            "",
+            "| Setting | " + " | ".join(arms) + " |",
+            "|---|" + "---|" * len(arms),
+        ]
         for key, values in diff.items():
             lines.append(f"| {key} | " + " | ".join(_cell(values.get(a)) for a in arms) + " |")
     return "\n".join(lines)
@@ -933,8 +977,8 @@ def client_snippet(cfg: AblationConfig, space_id: str | None) -> str:
     return (
         "from gradio_client import Client\n\n"
         f"client = Client({sid!r})\n"
-        f"job = client.submit({json.dumps(payload, indent=4)}, None, api_name=\"/ablate\")\n"
+        f'job = client.submit({json.dumps(payload, indent=4)}, None, api_name="/ablate")\n'
         "for event, archive in job:  # one event per step record, then the result\n"
-        "    print(event[\"type\"], event.get(\"arm\"), event.get(\"step\"), event.get(\"loss\"))\n"
-        "print(event[\"status\"], archive)\n"
+        '    print(event["type"], event.get("arm"), event.get("step"), event.get("loss"))\n'
+        'print(event["status"], archive)\n'
     )
