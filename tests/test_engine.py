@@ -164,3 +164,14 @@ def test_out_of_memory_and_unexpected_errors_end_as_failed_runs_with_files(monke
     monkeypatch.setattr(_Session, "step", broken)
     _, result = run(tmp_path / "bug")
     assert result.status == "failed" and "internal error (KeyError" in result.error
+
+
+def test_lora_only_grad_norm_is_reported_for_every_arm() -> None:
+    records, result = run(arms=["lora", "lora+crma"], steps=3)
+    for r in records:
+        assert r.grad_norm_lora is not None and 0 < r.grad_norm_lora <= r.grad_norm_pre + 1e-6
+    lora = by_arm(records, "lora")
+    # the lora arm has no other trainable parameters: both norms agree (up to float summation order)
+    assert all(abs(r.grad_norm_lora - r.grad_norm_pre) <= 1e-5 * r.grad_norm_pre for r in lora)
+    assert by_arm(records, "lora+crma")[0].grad_norm_lora == pytest.approx(lora[0].grad_norm_lora, rel=1e-6)
+    assert result.summary["arms"]["lora+crma"]["grad_norm_lora_peak"] is not None

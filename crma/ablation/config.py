@@ -187,6 +187,9 @@ class StepRecord:
         memory_mb (`float`): peak device memory (GPU) or process RSS (CPU) in MiB.
         diverged (`bool`): the loss or gradient was not finite; the arm stops after this record.
         crma (`dict | None`): mixing diagnostics summary every `diag_every` steps for CRMA arms.
+        grad_norm_lora (`float | None`): pre-clip L2 norm of the LoRA parameters' gradients alone. `grad_norm_pre`
+            covers every trainable parameter of the arm, CRMA's included, so it is not the same quantity across
+            arms; this one is.
     """
 
     arm: str
@@ -202,6 +205,7 @@ class StepRecord:
     memory_mb: float
     diverged: bool = False
     crma: dict[str, Any] | None = None
+    grad_norm_lora: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict (one `metrics.jsonl` line)."""

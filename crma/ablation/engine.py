@@ -58,6 +58,7 @@ class _Arm:
     spec: ArmSpec
     adapter: str  # internal peft / CRMA adapter name ("arm0", ...): module keys cannot hold '+' safely
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    lora_params: list[torch.nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     clipper: ZClip | None = None
@@ -193,11 +194,13 @@ class _Session:
                 crma.attach(self.model, crma_cfg, adapter_name=arm.adapter)
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        names = {id(p): n for n, p in self.model.named_parameters()}
         for arm in self.arms:
             self.activate(arm)
             arm.init_hash = tensor_hash(get_peft_model_state_dict(self.model, adapter_name=arm.adapter))
             groups = crma.param_groups(self.model, cfg.lr, cfg.structural_lr, cfg.gate_lr, cfg.weight_decay)
             arm.params = [p for g in groups for p in g["params"]]
+            arm.lora_params = [p for p in arm.params if "lora_" in names[id(p)]]
             arm.trainable = sum(p.numel() for p in arm.params)
             arm.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
             arm.scheduler = torch.optim.lr_scheduler.LambdaLR(arm.optimizer, _lr_lambda(cfg))
@@ -234,6 +237,8 @@ class _Session:
             start = time.perf_counter()
             loss = self.model(**batch).loss
             (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+            lora_grads = [p.grad for p in arm.lora_params if p.grad is not None]
+            lora_norm = torch.nn.utils.get_total_norm(lora_grads, 2.0).item() if lora_grads else None
             clip = arm.clipper.step(arm.params) if arm.clipper else clip_by_norm(arm.params, cfg.max_grad_norm)
             loss_value = loss.item()
             finite = math.isfinite(loss_value) and math.isfinite(clip.pre_norm)
@@ -267,6 +272,7 @@ class _Session:
                 memory_mb=_memory_mb(self.device),
                 diverged=not finite,
                 crma=diag,
+                grad_norm_lora=lora_norm,
             )
 
     # -- results ------------------------------------------------------------------------------------------------

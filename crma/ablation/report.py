@@ -32,6 +32,8 @@ METRIC_KEYS = (
     "grad_norm_pre_peak",
     "grad_norm_pre_mean",
     "grad_norm_post_peak",
+    "grad_norm_lora_peak",
+    "grad_norm_lora_mean",
     "steps_clipped",
     "spike_count",
     "steps",
@@ -148,6 +150,7 @@ def summarize_arm(
     pre = [r.grad_norm_pre for r in recs]
     finite_loss, finite_pre = _finite(losses), _finite(pre)
     finite_post = _finite(r.grad_norm_post for r in recs)
+    finite_lora = _finite(r.grad_norm_lora for r in recs if r.grad_norm_lora is not None)
     ema = _finite(smooth(losses, FINAL_LOSS_EMA_WEIGHT))
     diverged_at = next(
         (r.step for r in recs if r.diverged or _num(r.loss) is None or _num(r.grad_norm_pre) is None), None
@@ -164,6 +167,8 @@ def summarize_arm(
         "grad_norm_pre_peak": max(finite_pre) if finite_pre else None,
         "grad_norm_pre_mean": sum(finite_pre) / len(finite_pre) if finite_pre else None,
         "grad_norm_post_peak": max(finite_post) if finite_post else None,
+        "grad_norm_lora_peak": max(finite_lora) if finite_lora else None,
+        "grad_norm_lora_mean": sum(finite_lora) / len(finite_lora) if finite_lora else None,
         "steps_clipped": sum(bool(r.clipped) for r in recs),
         "spike_count": len(spikes),
         "spike_at": [recs[i].step for i in spikes],
@@ -300,6 +305,8 @@ _ROWS = (
     ("Peak grad norm (pre-clip)", "grad_norm_pre_peak", lambda x: f"{x:.2f}"),
     ("Peak grad norm (post-clip)", "grad_norm_post_peak", lambda x: f"{x:.2f}"),
     ("Mean grad norm", "grad_norm_pre_mean", lambda x: f"{x:.2f}"),
+    ("Peak LoRA-only grad norm", "grad_norm_lora_peak", lambda x: f"{x:.2f}"),
+    ("Mean LoRA-only grad norm", "grad_norm_lora_mean", lambda x: f"{x:.2f}"),
     ("Steps clipped", "steps_clipped", _fmt_int),
     ("Gradient spikes", "spike_count", _fmt_int),
     ("Spectral norm ‖M‖₂", "spectral_norm", lambda x: f"{x:.6f}"),
@@ -386,6 +393,11 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         "Grad norms are before clipping. ZClip arms clip spikes directly, so compare with lora+zclip before "
         "crediting the mixing with a lower peak."
     )
+    if any(arm_summary.get("grad_norm_lora_peak") is not None for arm_summary in arms.values()):
+        notes.append(
+            "The grad norm covers every trainable parameter of an arm, CRMA's own included; the LoRA-only rows "
+            "measure the same parameter set in every arm."
+        )
     # Remarks the engine attached to the run (fallbacks taken, caps hit) belong with the numbers they qualify.
     notes += [str(n) for n in summary.get("notes") or []]
     for arm, s in arms.items():
