@@ -40,8 +40,3 @@ def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameter elements; 4-bit packed weights count as stored."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
