@@ -107,6 +107,8 @@ def _guard(fn):
 def _start(cfg: AblationConfig) -> tuple[service.RunSpace, object]:
     """A private run folder and the engine's event stream (inside the GPU lease on ZeroGPU)."""
     service.check_data(cfg)  # a bad file or slice fails here, before a GPU is requested
+    # An unknown or gated id too; on ZeroGPU this process has no GPU before the lease, so no device checks here.
+    service.check_model(cfg, device_checks=not ZERO_GPU)
     space = service.new_run()
     if ZERO_GPU:
         cfg = service.fit_wall_cap(cfg, service.estimate_gpu_seconds(cfg))

@@ -431,3 +431,19 @@ def test_hub_reachability_is_fast_and_cached(monkeypatch):
     t0 = time.perf_counter()
     assert models.hub_reachable(refresh=True) is False
     assert time.perf_counter() - t0 < 3.0
+
+
+def test_check_model_fails_fast_without_loading_weights() -> None:
+    from crma.ablation import models
+
+    models.check_model("tiny-random")
+    models.check_model("smollm2-135m")
+    with pytest.raises(models.ModelLoadError, match="did you mean 'smollm2-135m'"):
+        models.check_model("smolm2-135m")
+    with pytest.raises(models.ModelLoadError, match="needs a CUDA GPU"):
+        models.check_model("mistral-7b", device="auto")
+    # ZeroGPU before its lease: no GPU check, but the config is still looked up (offline here, so that fails clearly)
+    with pytest.raises(models.ModelLoadError, match="Hub is not reachable"):
+        models.check_model("mistral-7b", device_checks=False)
+    with pytest.raises(models.ModelLoadError, match="nobody/nothing"):
+        models.check_model("nobody/nothing")

@@ -803,19 +803,27 @@ def load_model(
     Returns:
         `LoadedModel`: the model in `eval()` mode on the device, its tokenizer, and where it came from.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ModelLoadError(f"`model` must be a preset ({', '.join(PRESETS)}) or a Hub id; got {name!r}")
-    name = name.strip()
-    resolved_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype, resolved_device)
-    preset = PRESETS.get(name)
-    if preset is not None and preset.needs_gpu and resolved_device.type != "cuda":
-        raise _needs_gpu_error(preset)
-    quantize = quantize_4bit if quantize_4bit is not None else (preset.quantize_4bit if preset else False)
+    name, preset, resolved_device, resolved_dtype, quantize, hub_id = _resolve(name, device, dtype, quantize_4bit)
     if preset is not None and preset.name == "tiny-random":
         return _load_tiny_random(device=resolved_device, dtype=resolved_dtype, quantize_4bit=quantize)
     if preset is not None and preset.name == "smollm2-135m":
         return _load_smollm2(preset, device=resolved_device, dtype=resolved_dtype, quantize_4bit=quantize)
+    return _load_hub(name, hub_id, device=resolved_device, dtype=resolved_dtype, quantize_4bit=quantize)
+
+
+def _resolve(
+    name: str, device: str, dtype: str, quantize_4bit: bool | None, *, device_checks: bool = True
+) -> tuple[str, ModelPreset | None, torch.device, torch.dtype, bool, str]:
+    # The checks every model passes before anything is loaded: name, device, dtype, GPU need, Hub id.
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"`model` must be a preset ({', '.join(PRESETS)}) or a Hub id; got {name!r}")
+    name = name.strip()
+    resolved_device = resolve_device(device if device_checks else "cpu")
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    preset = PRESETS.get(name)
+    if device_checks and preset is not None and preset.needs_gpu and resolved_device.type != "cuda":
+        raise _needs_gpu_error(preset)
+    quantize = quantize_4bit if quantize_4bit is not None else (preset.quantize_4bit if preset else False)
     if preset is None and "/" not in name and not Path(name).is_dir():
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -823,4 +831,32 @@ def load_model(
             f"unknown model {name!r}: {hint}use a preset ({', '.join(PRESETS)}) or a Hub id like 'org/name'"
         )
     hub_id = preset.hub_id if preset is not None and preset.hub_id else name
-    return _load_hub(name, hub_id, device=resolved_device, dtype=resolved_dtype, quantize_4bit=quantize)
+    return name, preset, resolved_device, resolved_dtype, quantize, hub_id
+
+
+def check_model(
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize_4bit: bool | None = None,
+    device_checks: bool = True,
+) -> None:
+    """Every check `load_model` makes before it loads weights (name, GPU need, config, architecture, size), so a
+    bad model id fails fast. `device_checks=False` skips the GPU need and the size check, for a process that has no
+    GPU yet (ZeroGPU before its lease). Raises `ModelLoadError`."""
+    from transformers import AutoConfig
+
+    name, preset, resolved_device, resolved_dtype, quantize, hub_id = _resolve(
+        name, device, dtype, quantize_4bit, device_checks=device_checks
+    )
+    if preset is not None and preset.name in ("tiny-random", "smollm2-135m"):
+        return  # built from a config, or shipped offline: nothing to look up
+    local_only = Path(hub_id).is_dir() or not hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(hub_id, trust_remote_code=False, local_files_only=local_only)
+    except _HUB_ERRORS as e:
+        raise _map_hub_error(hub_id, e) from e
+    _, n_bytes = _estimate(_check_architecture(hub_id, config), resolved_dtype, quantize)
+    if device_checks:
+        _check_fits(hub_id, n_bytes, resolved_device)

@@ -434,6 +434,14 @@ def _minutes(seconds: float) -> str:
 # Data preview and preflight
 
 
+def check_model(cfg: AblationConfig, *, device_checks: bool = True) -> None:
+    """Resolve the run's model without loading weights, so an unknown, gated, remote-code or too large model fails
+    before a GPU is requested (`ModelLoadError`); `device_checks=False` where the GPU only comes with the lease."""
+    from .models import check_model as check
+
+    check(cfg.model, device=cfg.device, dtype=cfg.dtype, device_checks=device_checks)
+
+
 def check_data(cfg: AblationConfig) -> None:
     """Read the run's data slice now, so a bad file or slice fails before a GPU is requested (`DataError`)."""
     from .data import DataError, load_instruction_rows
