@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -65,6 +66,10 @@ def test_cli_writes_every_file(cli_run) -> None:
         for name in ("loss.png", "grad_norm.png", "loss_delta.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and rows[0]["arm"] == "lora" and float(rows[0]["loss"]) == lines[0]["loss"]
+    assert "crma_composite_gain" in rows[0]
     assert len(lines) == 6 and {x["arm"] for x in lines} == {"lora", "lora+crma"}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {"lora", "lora+crma"} and summary["status"] == "finished"

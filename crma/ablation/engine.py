@@ -494,7 +494,7 @@ def _summarize(
 
 def write_outputs(result: RunResult, out: Path) -> list[str]:
     """Write summary.json, summary.md, report.html and the PNG charts; return every file in `out`, relative."""
-    from .report import summary_markdown, write_png_charts, write_report_html
+    from .report import summary_markdown, write_metrics_csv, write_png_charts, write_report_html
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(result.config.to_json())
@@ -507,6 +507,7 @@ def write_outputs(result: RunResult, out: Path) -> list[str]:
         else f"# {title}\n\nNo step finished: {result.error}\n"
     )
     if result.records:
+        write_metrics_csv(result.records, out / "metrics.csv")
         write_report_html(result.records, summary, out / "report.html", title=title, config=result.config.to_dict())
         try:
             write_png_charts(result.records, out)

@@ -621,6 +621,24 @@ def write_metrics_jsonl(records: Iterable[StepRecord], path: str | os.PathLike[s
     return out
 
 
+def write_metrics_csv(records: Iterable[StepRecord], path: str | os.PathLike[str]) -> Path:
+    """Write the records as CSV for spreadsheets: one row per arm and step, CRMA diagnostics as `crma_*` columns."""
+    import csv
+
+    rows = []
+    for r in records:
+        row = {k: v for k, v in r.to_dict().items() if k != "crma"}
+        row.update({f"crma_{k}": v for k, v in (r.crma or {}).items()})
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    out = Path(path)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
 def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[StepRecord]:
     """Read a `metrics.jsonl` written by `write_metrics_jsonl` (blank lines skipped).
 
