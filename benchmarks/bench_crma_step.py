@@ -109,6 +109,18 @@ def time_worker(model_name: str, rounds: int, steps: int, batch: int, tokens: in
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 
+def _run_worker(kind: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -124,59 +136,15 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker == "crma", args.model, args.steps, args.batch, args.tokens)))
         return
-    timing = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--worker",
-                "time",
-                "--model",
-                args.model,
-                "--rounds",
-                str(args.rounds),
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-                "--tokens",
-                str(args.tokens),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    common = ["--model", args.model, "--rounds", str(args.rounds), "--steps", str(args.steps),
+              "--batch", str(args.batch), "--tokens", str(args.tokens)]  # fmt: skip
+    timing = _run_worker("time", common)
     runs: dict[str, list[dict]] = {"lora": [], "crma": []}
     # Large blocks straight from mmap and back on free: peak RSS then follows live tensors, not glibc's arenas.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     for _ in range(args.rounds):
         for kind in ("lora", "crma"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    kind,
-                    "--model",
-                    args.model,
-                    "--steps",
-                    str(args.steps),
-                    "--batch",
-                    str(args.batch),
-                    "--tokens",
-                    str(args.tokens),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=ROOT,
-                env=env,
-            )
-            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[kind].append(_run_worker(kind, common, env=env))
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
