@@ -14,6 +14,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import plotly.graph_objects as go
 
@@ -234,6 +235,20 @@ def _raw_trace(arm: str, steps: list[int], y: list[float | None] | list[float]) 
     )
 
 
+def _arm_line(arm: str, steps: Sequence[int], y: Sequence[float | None], **kwargs: Any) -> go.Scatter:
+    """An arm's main line: its colour and dash, width 2, grouped with the arm's other traces in the legend."""
+    style = arm_style(arm)
+    return go.Scatter(
+        x=steps,
+        y=y,
+        mode=kwargs.pop("mode", "lines"),
+        name=arm,
+        legendgroup=arm,
+        line=dict(color=style["color"], dash=style["dash"], width=2),
+        **kwargs,
+    )
+
+
 def _layout(fig: go.Figure, *, title: str, y_title: str, revision: str) -> go.Figure:
     fig.update_layout(
         title=dict(text=title, x=0.01, xanchor="left"),
@@ -289,20 +304,16 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
     fig = go.Figure()
     bands, raws, lines, marks = [], [], [], []
     for arm, by_step in _group(recs).items():
-        style = arm_style(arm)
         s = _series(by_step, lambda r: r.loss, multi, arm)
         bands += _band_traces(arm, s, smoothing, "loss")
         y = smooth(s.y, smoothing) if smoothing > 0 else s.y
         if smoothing > 0:
             raws.append(_raw_trace(arm, s.steps, _none_if_bad(s.y)))
         lines.append(
-            go.Scatter(
-                x=s.steps,
-                y=_none_if_bad(y),
-                mode="lines",
-                name=arm,
-                legendgroup=arm,
-                line=dict(color=style["color"], dash=style["dash"], width=2),
+            _arm_line(
+                arm,
+                s.steps,
+                _none_if_bad(y),
                 customdata=_none_if_bad(s.y),
                 hovertemplate="%{y:.4f} (raw %{customdata:.4f})" if smoothing > 0 else "%{y:.4f}",
             )
@@ -367,17 +378,7 @@ def make_grad_norm_figure(
                     hovertemplate="post-clip %{y:.3f}",
                 )
             )
-        lines.append(
-            go.Scatter(
-                x=s.steps,
-                y=_none_if_bad(y),
-                mode="lines",
-                name=arm,
-                legendgroup=arm,
-                line=dict(color=style["color"], dash=style["dash"], width=2),
-                hovertemplate="pre-clip %{y:.3f}",
-            )
-        )
+        lines.append(_arm_line(arm, s.steps, _none_if_bad(y), hovertemplate="pre-clip %{y:.3f}"))
         n_seeds = {step: len(rs) for step, rs in by_step.items()}
         clipped = [(step, sum(r.clipped for r in rs)) for step, rs in by_step.items() if any(r.clipped for r in rs)]
         raw_at = dict(zip(s.steps, s.y, strict=True))
@@ -494,13 +495,10 @@ def make_delta_figure(
         if smoothing > 0:
             raws.append(_raw_trace(arm, s.steps, s.y))
         lines.append(
-            go.Scatter(
-                x=s.steps,
-                y=y,
-                mode="lines",
-                name=arm,
-                legendgroup=arm,
-                line=dict(color=style["color"], dash=style["dash"], width=2),
+            _arm_line(
+                arm,
+                s.steps,
+                y,
                 customdata=s.y,
                 hovertemplate="Δ %{y:+.4f} (raw %{customdata:+.4f})" if smoothing > 0 else "Δ %{y:+.4f}",
             )
@@ -543,19 +541,16 @@ def make_mixing_figure(records: Sequence[StepRecord], *, seed: int | None = None
     )
     groups = _group(r for r in recs if r.crma)
     for arm, by_step in groups.items():
-        style = arm_style(arm)
         for row, (key, label) in enumerate(_CRMA_METRICS, start=1):
             s = _series(by_step, lambda r, k=key: (r.crma or {}).get(k), multi, arm)
             fig.add_trace(
-                go.Scatter(
-                    x=s.steps,
-                    y=_none_if_bad(s.y),
+                _arm_line(
+                    arm,
+                    s.steps,
+                    _none_if_bad(s.y),
                     mode="lines+markers",
-                    name=arm,
-                    legendgroup=arm,
                     showlegend=row == 1,
                     marker=dict(size=5),
-                    line=dict(color=style["color"], dash=style["dash"], width=2),
                     hovertemplate=f"{label}: %{{y:.4g}}<extra>{arm}</extra>",
                 ),
                 row=row,
