@@ -525,22 +525,16 @@ def build_demo() -> gr.Blocks:
             concurrency_id="light",
             concurrency_limit=4,
         )
-        smoothing.release(
-            rerender,
-            [run_state, smoothing, log_scale],
-            [loss_plot, grad_plot, delta_plot],
-            api_visibility="private",
-            concurrency_id="light",
-            trigger_mode="always_last",
-        )
-        log_scale.change(
-            rerender,
-            [run_state, smoothing, log_scale],
-            [loss_plot, grad_plot, delta_plot],
-            api_visibility="private",
-            concurrency_id="light",
-            trigger_mode="always_last",
-        )
+        # Smoothing and log scale redraw from the stored records; no re-run.
+        for trigger in (smoothing.release, log_scale.change):
+            trigger(
+                rerender,
+                [run_state, smoothing, log_scale],
+                [loss_plot, grad_plot, delta_plot],
+                api_visibility="private",
+                concurrency_id="light",
+                trigger_mode="always_last",
+            )
         push_btn.click(
             push,
             [run_state, repo_name, private],

@@ -23,10 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 
-def worker(use_crma: bool, model_name: str, steps: int, batch: int, tokens: int) -> dict:
-    import resource
-    import time
-
+def _setup(model_name: str, batch: int, tokens: int):
+    """SmolLM2 + LoRA r=8 on q/v + CRMA (active), AdamW over the CRMA param groups, and a fixed batch of ids."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -40,13 +38,25 @@ def worker(use_crma: bool, model_name: str, steps: int, batch: int, tokens: int)
     for p in loaded.model.parameters():
         p.detach().sum()
     model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    if use_crma:
-        crma.attach(model)
+    crma.attach(model)
     model.train()
     groups = crma.param_groups(model, 2e-4, 5e-3, 1e-3)
-    optimizer = torch.optim.AdamW(groups)
     params = [p for g in groups for p in g["params"]]
     ids = torch.randint(0, loaded.model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    return model, torch.optim.AdamW(groups), params, ids
+
+
+def worker(use_crma: bool, model_name: str, steps: int, batch: int, tokens: int) -> dict:
+    import resource
+    import time
+
+    import torch
+
+    import crma
+
+    model, optimizer, params, ids = _setup(model_name, batch, tokens)
+    if not use_crma:
+        crma.disable(model)
 
     saved: dict[int, int] = {}
 
@@ -72,7 +82,7 @@ def worker(use_crma: bool, model_name: str, steps: int, batch: int, tokens: int)
         "step_s": statistics.median(times),
         "saved_mb": sum(saved.values()) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),  # CRMA off: its params are frozen
     }
 
 
@@ -80,20 +90,10 @@ def time_worker(model_name: str, rounds: int, steps: int, batch: int, tokens: in
     import time
 
     import torch
-    from peft import LoraConfig, get_peft_model
 
     import crma
-    from crma.ablation.models import load_model
 
-    torch.manual_seed(0)
-    loaded = load_model(model_name, device="cpu", dtype="float32")
-    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    crma.attach(model)
-    model.train()
-    groups = crma.param_groups(model, 2e-4, 5e-3, 1e-3)
-    optimizer = torch.optim.AdamW(groups)
-    params = [p for g in groups for p in g["params"]]
-    ids = torch.randint(0, loaded.model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    model, optimizer, params, ids = _setup(model_name, batch, tokens)
     times: dict[str, list[float]] = {"lora": [], "crma": []}
     for block in range(2 * rounds + 1):
         kind = "crma" if block % 2 else "lora"
