@@ -7,19 +7,9 @@ The core imports only torch (peft lazily, to dequantise 4-bit weights). The abla
 from __future__ import annotations
 
 from .config import CRMAConfig, ZClipConfig
-from .model import (
-    MixingReport,
-    active_adapter,
-    attach,
-    detach,
-    disable,
-    enable,
-    load,
-    mixing_report,
-    param_groups,
-    save,
-    set_active,
-)
+from .diagnostics import MixingReport, mixing_report
+from .model import active_adapter, attach, detach, disable, enable, param_groups, set_active
+from .serialization import load, save
 from .sinkhorn import sinkhorn
 from .zclip import ClipResult, ZClip, clip_by_norm
 

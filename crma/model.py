@@ -1,4 +1,4 @@
-"""attach / detach / switch CRMA on a HF causal LM, optimizer groups, mixing diagnostics, save / load.
+"""attach / detach / switch CRMA on a HF causal LM, and its optimizer groups.
 
 Einsum letters: `l` layers, `i`/`j` streams.
 
@@ -11,9 +11,7 @@ from block to block keeps its gradient under (reentrant) checkpointing too.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,11 +19,8 @@ from torch import nn
 
 from .config import CRMAConfig
 from .layer import CRMABlock, batched_mixing, orthonormal_basis, principal_basis
-from .sinkhorn import sinkhorn
 from .utils import find_decoder_layers, hidden_size_of, module_device
 
-CONFIG_NAME = "crma_config.json"
-WEIGHTS_NAME = "crma.safetensors"
 STRUCTURAL_NAMES = ("crma_log_mix", "crma_read_logits", "crma_write_logits")
 GATE_NAMES = ("crma_log_alpha",)
 WRITING_WEIGHTS = ("self_attn.o_proj", "mlp.down_proj")
@@ -230,143 +225,6 @@ def param_groups(
         for kind, params in groups.items()
         if params
     ]
-
-
-@dataclass
-class LayerMixing:
-    """Mixing diagnostics of one block: singular values, Sinkhorn error, distance from identity, gate."""
-
-    index: int
-    sigma1: float
-    sigma2: float
-    max_row_err: float
-    max_col_err: float
-    dist_from_identity: float
-    alpha: float
-
-
-@dataclass
-class MixingReport:
-    """Per-layer mixing diagnostics and the composite gain of the product of all layers' M."""
-
-    layers: list[LayerMixing]
-    composite_gain: float
-
-    def summary(self) -> dict[str, float]:
-        """Means over layers (worst case for the Sinkhorn error) and the composite gain."""
-        n = len(self.layers)
-        return {
-            "sigma1_mean": sum(x.sigma1 for x in self.layers) / n,
-            "sigma2_mean": sum(x.sigma2 for x in self.layers) / n,
-            "max_rowcol_err": max(max(x.max_row_err, x.max_col_err) for x in self.layers),
-            "dist_from_identity_mean": sum(x.dist_from_identity for x in self.layers) / n,
-            "composite_gain": self.composite_gain,
-            "alpha_mean": sum(x.alpha for x in self.layers) / n,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict."""
-        return asdict(self)
-
-
-@torch.no_grad()
-def mixing_report(model: nn.Module, adapter_name: str | None = None) -> MixingReport:
-    """Per layer: sigma1, sigma2, max row/column-sum error, ||M - I||_F, gate alpha; and the composite gain.
-
-    sigma1 is 1 for every doubly stochastic M (it only says Sinkhorn converged); sigma2 says how much the streams
-    mix (1: none or a permutation, 0: full averaging). The composite gain is max(max abs row sum, max abs column
-    sum) of M_L ... M_1: at most 1 (+ Sinkhorn error) whatever the depth.
-    """
-    rows, product = [], None
-    for block in crma_blocks(model, adapter_name):
-        m = sinkhorn(block.crma_log_mix.double().cpu(), block.config.sinkhorn_iters)
-        sv = torch.linalg.svdvals(m)
-        rows.append(
-            LayerMixing(
-                index=block.index,
-                sigma1=sv[0].item(),
-                sigma2=sv[1].item(),
-                max_row_err=(m.sum(-1) - 1).abs().max().item(),
-                max_col_err=(m.sum(-2) - 1).abs().max().item(),
-                dist_from_identity=torch.linalg.matrix_norm(m - torch.eye(m.shape[0], dtype=m.dtype)).item(),
-                alpha=block.gate().item(),
-            )
-        )
-        product = m if product is None else m @ product
-    gain = max(product.abs().sum(-1).max().item(), product.abs().sum(-2).max().item())
-    return MixingReport(layers=rows, composite_gain=gain)
-
-
-def _fingerprint(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    return {
-        "num_layers": len(find_decoder_layers(model)),
-        "hidden_size": hidden_size_of(model),
-        "model_type": getattr(config, "model_type", None),
-    }
-
-
-def save(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> Path:
-    """Write `crma_config.json` and `crma.safetensors` of one adapter (the active one by default) into `path`."""
-    from safetensors.torch import save_file
-
-    layers, channel = _require(model)
-    name = adapter_name or channel.active or next(iter(channel.configs))
-    blocks = crma_blocks(model, name)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": 1, "crma": channel.configs[name].to_dict(), **_fingerprint(model)}
-    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tensors = {
-        f"layers.{i}.{key}": value.detach().to("cpu", torch.float32).contiguous()
-        for i, block in enumerate(blocks)
-        for key, value in block.state_dict().items()
-    }
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "crma"})
-    return path
-
-
-@torch.no_grad()
-def load(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Load a saved CRMA adapter into `model` (attaching it with the saved config if needed) and make it active.
-
-    Raises `ValueError` when the base model's depth or width differs from the one the adapter was saved from,
-    and `FileNotFoundError` when `path` lacks the CRMA files.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for needed in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / needed).is_file():
-            raise FileNotFoundError(f"{path} has no {needed}: not a CRMA adapter folder")
-    meta = json.loads((path / CONFIG_NAME).read_text())
-    config = CRMAConfig.from_dict(meta["crma"])
-    here = _fingerprint(model)
-    for key in ("num_layers", "hidden_size"):
-        if meta.get(key) != here[key]:
-            raise ValueError(
-                f"this CRMA adapter was saved from a model with {key}={meta.get(key)} "
-                f"({meta.get('model_type')}); the model it is loaded into has {key}={here[key]} ({here['model_type']})"
-            )
-    _, channel = _channel(model)
-    if channel is None or adapter_name not in channel.configs:
-        _attach(model, config, adapter_name=adapter_name, init_A=False)
-    tensors = load_file(str(path / WEIGHTS_NAME))
-    blocks = crma_blocks(model, adapter_name)
-    expected = {f"layers.{i}.{k}" for i, b in enumerate(blocks) for k in b.state_dict()}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(
-            f"{path / WEIGHTS_NAME} does not match the attached adapter: missing {missing[:4]}, unexpected {extra[:4]}"
-        )
-    for i, block in enumerate(blocks):
-        for key, param in block.named_parameters():
-            value = tensors[f"layers.{i}.{key}"]
-            if value.shape != param.shape:
-                raise ValueError(f"layers.{i}.{key}: saved shape {tuple(value.shape)} != {tuple(param.shape)}")
-            param.copy_(value.to(param.device))
-    set_active(model, adapter_name)
-    return model
 
 
 def expected_parameter_count(num_layers: int, hidden_size: int, config: CRMAConfig | None = None) -> int:
