@@ -10,6 +10,41 @@ from typing import Any, Literal, TypeVar
 _T = TypeVar("_T")
 
 
+class ConfigFieldError(ValueError):
+    """One config field broke its rule. `str()` names the field in backticks; a caller that shows the field under
+    another name (a form label, a CLI flag) builds its own message from `field`, `rule` and `value`.
+
+    Args:
+        field (`str`): the field's name in its dataclass.
+        rule (`str`): what the value must be, as a phrase ("an integer ≥ 1").
+        value (`Any`): the value that broke it.
+    """
+
+    def __init__(self, field: str, rule: str, value: Any):
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(self.message(f"`{field}`"))
+
+    def message(self, name: str) -> str:
+        """The error sentence with the field called `name`."""
+        return f"{name} must be {self.rule}; got {self.value!r}"
+
+
+def require(condition: bool, field: str, rule: str, value: Any) -> None:
+    """Raise `ConfigFieldError(field, rule, value)` unless `condition` holds."""
+    if not condition:
+        raise ConfigFieldError(field, rule, value)
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON `true` must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -73,23 +108,33 @@ class CRMAConfig(JSONConfig):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.n_streams, int) and self.n_streams >= 2):
-            raise ValueError(f"`n_streams` must be an integer >= 2; got {self.n_streams!r}")
-        if not (isinstance(self.rank, int) and self.rank > 0):
-            raise ValueError(f"`rank` must be a positive integer; got {self.rank!r}")
-        if not (isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters > 0):
-            raise ValueError(f"`sinkhorn_iters` must be a positive integer; got {self.sinkhorn_iters!r}")
-        if not (1.0 / self.n_streams < self.mix_init_diag < 1.0):
-            raise ValueError(f"`mix_init_diag` must be in (1/n_streams, 1); got {self.mix_init_diag!r}")
-        if not (self.gate_init > 0 and self.log_alpha_min <= math.log(self.gate_init) <= self.log_alpha_max):
-            raise ValueError(
-                f"`gate_init` must be > 0 with ln(gate_init) in [{self.log_alpha_min}, {self.log_alpha_max}]; "
-                f"got {self.gate_init!r}"
-            )
-        if self.init_A not in ("principal", "orthonormal"):
-            raise ValueError(f"`init_A` must be 'principal' or 'orthonormal'; got {self.init_A!r}")
-        if self.eps <= 0:
-            raise ValueError(f"`eps` must be > 0; got {self.eps!r}")
+        require(is_int(self.n_streams) and self.n_streams >= 2, "n_streams", "an integer ≥ 2", self.n_streams)
+        require(is_int(self.rank) and self.rank > 0, "rank", "a positive integer", self.rank)
+        require(
+            is_int(self.sinkhorn_iters) and self.sinkhorn_iters > 0,
+            "sinkhorn_iters",
+            "a positive integer",
+            self.sinkhorn_iters,
+        )
+        require(
+            is_number(self.mix_init_diag) and 1.0 / self.n_streams < self.mix_init_diag < 1.0,
+            "mix_init_diag",
+            f"a number in (1/n_streams, 1) = ({1 / self.n_streams:.3g}, 1)",
+            self.mix_init_diag,
+        )
+        for name in ("read_init", "write_init", "log_alpha_min", "log_alpha_max"):
+            require(is_number(getattr(self, name)), name, "a finite number", getattr(self, name))
+        require(
+            is_number(self.gate_init)
+            and self.gate_init > 0
+            and self.log_alpha_min <= math.log(self.gate_init) <= self.log_alpha_max,
+            "gate_init",
+            f"> 0 with ln(gate_init) in [{self.log_alpha_min}, {self.log_alpha_max}]",
+            self.gate_init,
+        )
+        require(self.init_A in ("principal", "orthonormal"), "init_A", "'principal' or 'orthonormal'", self.init_A)
+        require(is_int(self.init_seed), "init_seed", "an integer", self.init_seed)
+        require(is_number(self.eps) and self.eps > 0, "eps", "a number > 0", self.eps)
 
     @property
     def mix_init_logit(self) -> float:
@@ -120,13 +165,21 @@ class ZClipConfig(JSONConfig):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"`alpha` must be in (0, 1); got {self.alpha!r}")
-        if not self.z_thresh > 0:
-            raise ValueError(f"`z_thresh` must be > 0; got {self.z_thresh!r}")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 1):
-            raise ValueError(f"`warmup_steps` must be an integer >= 1; got {self.warmup_steps!r}")
-        if self.clip_option not in ("adaptive_scaling", "mean", "fixed"):
-            raise ValueError(f"`clip_option` must be 'adaptive_scaling', 'mean' or 'fixed'; got {self.clip_option!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"`max_grad_norm` must be None or > 0; got {self.max_grad_norm!r}")
+        require(is_number(self.alpha) and 0 < self.alpha < 1, "alpha", "a number in (0, 1)", self.alpha)
+        require(is_number(self.z_thresh) and self.z_thresh > 0, "z_thresh", "a number > 0", self.z_thresh)
+        require(
+            is_int(self.warmup_steps) and self.warmup_steps >= 1, "warmup_steps", "an integer ≥ 1", self.warmup_steps
+        )
+        require(
+            self.clip_option in ("adaptive_scaling", "mean", "fixed"),
+            "clip_option",
+            "'adaptive_scaling', 'mean' or 'fixed'",
+            self.clip_option,
+        )
+        require(
+            self.max_grad_norm is None or (is_number(self.max_grad_norm) and self.max_grad_norm > 0),
+            "max_grad_norm",
+            "None or a number > 0",
+            self.max_grad_norm,
+        )
+        require(is_number(self.eps) and self.eps > 0, "eps", "a number > 0", self.eps)

@@ -1,11 +1,33 @@
 """The paired ablation engine: LoRA vs LoRA+CRMA (and the 2x2 attribution grid) in lockstep on one base model.
 
-Imports transformers, peft, datasets and plotly lazily through its submodules; never gradio.
+Imports transformers, peft and plotly lazily through its submodules; never gradio.
 """
 
 from __future__ import annotations
 
-from .config import ARM_NAMES, AblationConfig, Phase, RunResult, StepRecord
-from .engine import run_ablation
+from .arms import ARM_NAMES, ARM_SPECS, GRID_ARMS
+from .config import AblationConfig
+from .records import Phase, RunResult, StepRecord
+from .schema import ConfigError, parse_config
 
-__all__ = ["ARM_NAMES", "AblationConfig", "Phase", "RunResult", "StepRecord", "run_ablation"]
+__all__ = [
+    "ARM_NAMES",
+    "ARM_SPECS",
+    "GRID_ARMS",
+    "AblationConfig",
+    "ConfigError",
+    "Phase",
+    "RunResult",
+    "StepRecord",
+    "parse_config",
+    "run_ablation",
+]
+
+
+def __getattr__(name: str):
+    # The engine imports torch; `from crma.ablation import AblationConfig` should not have to.
+    if name == "run_ablation":
+        from .engine import run_ablation
+
+        return run_ablation
+    raise AttributeError(name)

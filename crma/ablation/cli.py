@@ -1,116 +1,187 @@
-"""`python -m crma ablate ...`: the headless entry point of the paired ablation."""
+"""`python -m crma ablate ...`: the headless entry point of the paired ablation. Every flag comes from the config
+schema (`schema.py`), so the CLI, `--config` files, the app's form and the `/ablate` API read values the same way."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from dataclasses import fields
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import AblationConfig, Phase, RunResult, StepRecord
+from .config import AblationConfig
+from .records import Phase, RunResult, StepRecord
+from .schema import ConfigError, field_spec, parse_config, schema
 
-_LIST_FIELDS = {"arms", "lora_targets"}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+EXIT_OK, EXIT_STOPPED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser: one flag per `AblationConfig` field, plus --config and --out."""
+    """The CLI's argument parser: one flag per config field (nested CRMA / ZClip fields included), plus --config,
+    --out, --overwrite and --no-progress."""
     parser = argparse.ArgumentParser(prog="python -m crma", description="CRMA Lab: paired LoRA vs LoRA+CRMA ablations")
     sub = parser.add_subparsers(dest="command", required=True)
     ablate = sub.add_parser("ablate", help="run arms side by side on the same seed, data and hyperparameters")
-    ablate.add_argument("--config", type=Path, help="JSON file with AblationConfig fields (flags override it)")
-    ablate.add_argument("--out", type=Path, default=Path("runs/latest"), help="output folder (default runs/latest)")
+    ablate.add_argument("--config", type=Path, help="JSON file of settings (flags given as well override it)")
+    ablate.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: a new runs/<time>-<model>, linked as runs/latest)",
+    )
+    ablate.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in fields(AblationConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "seeds":
-            ablate.add_argument(flag, type=_int_list, default=None, help="comma-separated seeds, e.g. 1,2,3")
-        elif f.name in _LIST_FIELDS:
-            ablate.add_argument(flag, default=None, help="comma-separated list")
-        elif f.name == "save_adapters":
+    for spec in schema():
+        text = f"{spec.label}: {spec.help} (default: {spec.default})".replace("%", "%%")
+        if spec.hint is bool:
             ablate.add_argument(
-                "--no-save-adapters",
-                dest="save_adapters",
-                action="store_const",
-                const=False,
-                default=None,
-                help="do not write adapters/<arm>/",
+                spec.flag, dest=spec.key, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0].split("|")[0].strip(), str)
-            ablate.add_argument(flag, type=kind, default=None)
+            ablate.add_argument(spec.flag, *spec.legacy_flags, dest=spec.key, default=None, metavar="VALUE", help=text)
     return parser
 
 
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder: give a .json file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} is not valid JSON: nested too deeply") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of settings")
+    return data
+
+
 def config_from_args(args: argparse.Namespace) -> AblationConfig:
-    """Merge --config FILE with the flags given on the command line (flags win)."""
-    data: dict[str, Any] = {}
+    """Merge --config FILE with the flags given on the command line (flags win); `ValueError` names the source."""
+    base = None
     if args.config is not None:
         try:
-            data = json.loads(args.config.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config file {args.config} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {args.config} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {args.config} must hold a JSON object of AblationConfig fields")
-    for f in fields(AblationConfig):
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        if f.name in _LIST_FIELDS:
-            value = [x.strip() for x in value.split(",") if x.strip()]
-        data[f.name] = value
-    return AblationConfig.from_dict(data)
+            base = parse_config(_read_config_file(args.config))
+        except ConfigError as exc:
+            raise ValueError(f"config file {args.config}: {exc}") from None
+    flags = {spec.key: getattr(args, spec.key) for spec in schema() if getattr(args, spec.key, None) is not None}
+    try:
+        return parse_config(flags, base=base)
+    except ConfigError as exc:
+        raise ValueError(f"{field_spec(exc.key).flag}: {exc}" if exc.key in flags else str(exc)) from None
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """Parse, run, print the summary table; return the process exit code (0 ok, 1 stopped/failed, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+def default_out_dir(cfg: AblationConfig, root: Path = Path("runs")) -> Path:
+    """A fresh folder per run: `runs/<YYYYmmdd-HHMMSS>-<model>` (the model's last path part)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = cfg.model.rstrip("/").rsplit("/", 1)[-1]
+    return root / f"{stamp}-{name}"
+
+
+def _link_latest(out: Path) -> None:
+    latest = out.parent / "latest"
+    try:
+        if latest.is_symlink():
+            latest.unlink()
+        if not latest.exists():
+            latest.symlink_to(out.name, target_is_directory=True)
+    except OSError:  # a file system without symlinks: the run's own folder is what counts
+        pass
+
+
+@contextmanager
+def _graceful_stop(stop: threading.Event) -> Iterator[list[str]]:
+    """Ctrl-C or SIGTERM: stop every arm after the current step and write every file; a second one aborts."""
+    caught: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+        print("\nstopping after the current step (again to abort)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield caught
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .writer import RunWriter
+
     try:
         cfg = config_from_args(args)
-    except (ValueError, TypeError) as exc:
+        out = args.out if args.out is not None else default_out_dir(cfg)
+        writer = RunWriter(out, overwrite=args.overwrite)
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     from tqdm import tqdm
 
-    from .engine import arm_labels, run_ablation
+    from .arms import arm_labels
+    from .engine import run_ablation
 
+    stop = threading.Event()
     total = cfg.steps * len(cfg.arms) * len(cfg.seed_list)
     bar = tqdm(total=total, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     result: RunResult | None = None
     try:
-        for event in run_ablation(cfg, out_dir=args.out):
-            if isinstance(event, Phase):
-                bar.set_description(event.message[:40])
-            elif isinstance(event, StepRecord):
-                bar.update(1)
-                bar.set_postfix_str(f"{event.arm} loss {event.loss:.3f} |g| {event.grad_norm_pre:.2f}")
-            elif isinstance(event, RunResult):
-                result = event
+        with _graceful_stop(stop) as caught:
+            events = run_ablation(cfg, stop=stop, adapters_dir=writer.adapters_dir)
+            for event in writer.wrap(cfg, events):
+                if isinstance(event, Phase):
+                    bar.set_description(event.message[:40])
+                elif isinstance(event, StepRecord):
+                    bar.update(1)
+                    bar.set_postfix_str(f"{event.arm} loss {event.loss:.3f} |g| {event.grad_norm_pre:.2f}")
+                elif isinstance(event, RunResult):
+                    result = event
     except KeyboardInterrupt:
         bar.close()
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"aborted; the steps so far are in {writer.staging}/metrics.jsonl", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         bar.close()
     if result is None:  # pragma: no cover - run_ablation always ends with a RunResult
-        return 1
-    if result.status == "failed":
+        return EXIT_STOPPED
+    if args.out is None and result.out_dir is not None:
+        _link_latest(Path(result.out_dir))
+    if result.status == "failed" and not result.records:
         print(f"error: {result.error}", file=sys.stderr)
-        return 1 if result.records else 2
-    summary_md = args.out / "summary.md"
+        return EXIT_BAD_INPUT
+    summary_md = Path(result.out_dir or writer.staging) / "summary.md"
     if summary_md.exists():
         print(summary_md.read_text())
     for note in result.notes:
         print(f"note: {note}")
-    print(f"{result.status}: {len(result.records)} records of {', '.join(arm_labels(cfg.arms))} in {args.out}/")
-    return 0 if result.status == "finished" else 1
+    where = result.out_dir or writer.staging
+    print(f"{result.status}: {len(result.records)} records of {', '.join(arm_labels(cfg.arms))} in {where}/")
+    if result.status == "failed":
+        print(f"error: {result.error}", file=sys.stderr)
+    if caught:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if result.status == "finished" else EXIT_STOPPED
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Parse, run, print the summary table; return the process exit code (0 ok, 1 stopped/failed, 2 bad input,
+    130 interrupted — after writing every file of the steps done)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "ablate":
+        return _ablate(args)
+    return EXIT_BAD_INPUT  # pragma: no cover - argparse requires a known command

@@ -1,36 +1,21 @@
-"""Configuration and record types of the paired ablation engine (no torch math here)."""
+"""`AblationConfig`: everything that defines one paired ablation run. It nests the core's `CRMAConfig` and
+`ZClipConfig`, so every CRMA and ZClip setting is ablatable, and it round-trips through JSON (`config.json`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from crma.config import JSONConfig
+from crma.config import CRMAConfig, JSONConfig, ZClipConfig, is_int, is_number, require
 
-ARM_NAMES = ("lora", "lora+crma", "lora+zclip", "lora+mix")
+from .arms import ARM_SPECS, AUTHOR_ARMS
 
-
-@dataclass(frozen=True)
-class ArmSpec:
-    """What one arm adds to the shared LoRA: the CRMA mixing and/or ZClip (else a fixed norm clip).
-
-    Args:
-        name (`str`): one of `ARM_NAMES`.
-        crma (`bool`): CRMA side channel attached and active for this arm.
-        zclip (`bool`): ZClip adaptive clipping; otherwise `clip_grad_norm_(max_grad_norm)` as HF Trainer does.
-    """
-
-    name: str
-    crma: bool
-    zclip: bool
+SEED_RANGE = (0, 2**32)  # torch.manual_seed and numpy both take this range
 
 
-ARM_SPECS: dict[str, ArmSpec] = {
-    "lora": ArmSpec("lora", crma=False, zclip=False),
-    "lora+crma": ArmSpec("lora+crma", crma=True, zclip=True),
-    "lora+zclip": ArmSpec("lora+zclip", crma=False, zclip=True),
-    "lora+mix": ArmSpec("lora+mix", crma=True, zclip=False),
-}
+def _from_mapping(cls: type, value: Any) -> Any:
+    # Nested configs arrive as dicts from JSON; they are built (and validated) by their own class.
+    return cls.from_dict(value) if isinstance(value, dict) else value
 
 
 @dataclass
@@ -45,22 +30,25 @@ class AblationConfig(JSONConfig):
         rows (`int`): number of rows in the slice.
         steps (`int`): optimizer steps per arm.
         seed (`int`): seed of the run (LoRA init, batch order, dropout); `seeds` overrides it with several.
-        seeds (`list[int] | None`): run the whole ablation once per seed.
-        arms (`list[str]`): arm names from `ARM_NAMES`; a name listed twice is an A/A control.
+        seeds (`list[int] | None`): run the whole ablation once per seed; a one-element list just sets `seed`.
+        arms (`list[str]`): arm names (`lora`, `lora+zclip`, `lora+mix`, `lora+crma`); a name listed twice is an A/A
+            control.
         lr (`float`): learning rate of LoRA and the CRMA projections.
         structural_lr (`float`): learning rate of CRMA's `log_mix`, read and write logits.
         gate_lr (`float`): learning rate of CRMA's gate `log_alpha`.
         weight_decay (`float`): decay of the projection group only.
         batch_size (`int`): rows per step.
         seq_len (`int`): tokens per row after truncation.
-        lora_r, lora_alpha (`int`): LoRA rank and alpha.
+        lora_r (`int`): LoRA rank.
+        lora_alpha (`int`): LoRA alpha (the update is scaled by alpha / r).
         lora_targets (`list[str]`): module names LoRA adapts.
         lora_dropout (`float`): LoRA dropout (0 in the CRMA recipe).
-        lora_init (`str`): peft `init_lora_weights` (`pissa_niter_4` as the author describes, or `gaussian`/`default`).
-        max_grad_norm (`float`): fixed clip of the non-ZClip arms (HF Trainer's default 1.0).
-        crma_streams, crma_rank (`int`): CRMA side channel size.
-        zclip_alpha, zclip_z_thresh (`float`), zclip_warmup (`int`): ZClip settings (published defaults).
-        warmup_steps (`int`): linear LR warm-up steps, then linear decay to 0 (HF Trainer's default schedule).
+        lora_init (`str`): peft `init_lora_weights`: `pissa_niter_N` or `pissa` (as the author describes),
+            `gaussian`, or `default` (peft's Kaiming-uniform A, zero B).
+        max_grad_norm (`float`): fixed clip of the arms without ZClip (HF Trainer's default 1.0).
+        crma (`CRMAConfig`): the CRMA side channel of the arms that have it (streams, rank, Sinkhorn, init).
+        zclip (`ZClipConfig`): ZClip of the arms that have it (published defaults).
+        warmup_steps (`int`): linear LR warm-up steps, then linear decay to 0 at the last step.
         spike_at (`int | None`): stress test: at this step every arm gets the same corrupted batch (random tokens)
             and its loss is multiplied by `spike_scale` for the backward pass, so a gradient spike happens even on a
             model whose loss on random tokens is not unusual (a random-init one); the logged loss is the unscaled one.
@@ -79,7 +67,7 @@ class AblationConfig(JSONConfig):
     steps: int = 40
     seed: int = 42
     seeds: list[int] | None = None
-    arms: list[str] = field(default_factory=lambda: ["lora", "lora+crma"])
+    arms: list[str] = field(default_factory=lambda: list(AUTHOR_ARMS))
     lr: float = 2e-4
     structural_lr: float = 5e-3
     gate_lr: float = 1e-3
@@ -92,11 +80,8 @@ class AblationConfig(JSONConfig):
     lora_dropout: float = 0.0
     lora_init: str = "pissa_niter_4"
     max_grad_norm: float = 1.0
-    crma_streams: int = 3
-    crma_rank: int = 4
-    zclip_alpha: float = 0.97
-    zclip_z_thresh: float = 2.5
-    zclip_warmup: int = 25
+    crma: CRMAConfig = field(default_factory=CRMAConfig)
+    zclip: ZClipConfig = field(default_factory=ZClipConfig)
     warmup_steps: int = 0
     spike_at: int | None = None
     spike_scale: float = 20.0
@@ -107,146 +92,85 @@ class AblationConfig(JSONConfig):
     save_adapters: bool = True
 
     def __post_init__(self) -> None:
-        def need(cond: bool, name: str, rule: str) -> None:
-            if not cond:
-                raise ValueError(f"`{name}` must be {rule}; got {getattr(self, name)!r}")
-
-        for name in (
-            "rows",
-            "steps",
-            "batch_size",
-            "seq_len",
-            "lora_r",
-            "lora_alpha",
-            "crma_streams",
-            "crma_rank",
-            "diag_every",
-        ):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
-        need(isinstance(self.start, int) and self.start >= 0, "start", "an integer >= 0")
-        need(isinstance(self.seed, int), "seed", "an integer")
-        for name in ("lr", "structural_lr", "gate_lr", "max_grad_norm"):
+        self.crma = _from_mapping(CRMAConfig, self.crma)
+        self.zclip = _from_mapping(ZClipConfig, self.zclip)
+        require(isinstance(self.crma, CRMAConfig), "crma", "a CRMAConfig", self.crma)
+        require(isinstance(self.zclip, ZClipConfig), "zclip", "a ZClipConfig", self.zclip)
+        for name in ("model", "dataset", "lora_init"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and 0 < value < 10, name, "a number in (0, 10)")
-        need(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)")
-        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
-        need(0 < self.zclip_alpha < 1, "zclip_alpha", "in (0, 1)")
-        need(self.zclip_z_thresh > 0, "zclip_z_thresh", "> 0")
-        need(isinstance(self.zclip_warmup, int) and self.zclip_warmup >= 2, "zclip_warmup", "an integer >= 2")
-        need(
-            isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps,
-            "warmup_steps",
-            "an integer in [0, steps)",
-        )
-        need(
-            self.spike_at is None or (isinstance(self.spike_at, int) and 1 <= self.spike_at <= self.steps),
-            "spike_at",
-            "None or a step in [1, steps]",
-        )
-        need(
-            isinstance(self.spike_scale, (int, float)) and 1 <= self.spike_scale <= 1e4,
-            "spike_scale",
-            "a number in [1, 10000]",
-        )
-        need(
-            self.seeds is None or (len(self.seeds) > 0 and all(isinstance(s, int) for s in self.seeds)),
+            require(isinstance(value, str) and value.strip() != "", name, "a non-empty string", value)
+        for name in ("rows", "steps", "batch_size", "seq_len", "lora_r", "lora_alpha", "diag_every"):
+            value = getattr(self, name)
+            require(is_int(value) and value > 0, name, "an integer ≥ 1", value)
+        require(is_int(self.start) and self.start >= 0, "start", "an integer ≥ 0", self.start)
+        low, high = SEED_RANGE
+        if isinstance(self.seeds, list) and len(self.seeds) == 1:
+            self.seed, self.seeds = self.seeds[0], None  # one seed is just `seed`
+        require(is_int(self.seed) and low <= self.seed < high, "seed", "an integer in [0, 2^32)", self.seed)
+        require(
+            self.seeds is None
+            or (
+                isinstance(self.seeds, list)
+                and len(self.seeds) > 0
+                and all(is_int(s) and low <= s < high for s in self.seeds)
+                and len(set(self.seeds)) == len(self.seeds)
+            ),
             "seeds",
-            "None or a non-empty list of integers",
+            "None or a list of distinct integers in [0, 2^32)",
+            self.seeds,
         )
-        need(
-            len(self.arms) > 0 and all(a in ARM_SPECS for a in self.arms),
+        require(
+            isinstance(self.arms, list) and len(self.arms) > 0 and all(a in ARM_SPECS for a in self.arms),
             "arms",
             f"a non-empty list drawn from {list(ARM_SPECS)}",
+            self.arms,
         )
-        need(len(self.lora_targets) > 0, "lora_targets", "a non-empty list of module names")
-        need(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", "None or > 0")
-        need(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
-        need(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "'auto', 'float32' or 'bfloat16'")
+        for name in ("lr", "structural_lr", "gate_lr", "max_grad_norm"):
+            value = getattr(self, name)
+            require(is_number(value) and 0 < value < 10, name, "a number in (0, 10)", value)
+        require(
+            is_number(self.weight_decay) and 0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)", self.weight_decay
+        )
+        require(
+            is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self.lora_dropout
+        )
+        require(
+            isinstance(self.lora_targets, list)
+            and len(self.lora_targets) > 0
+            and all(isinstance(t, str) and t.strip() for t in self.lora_targets),
+            "lora_targets",
+            "a non-empty list of module names",
+            self.lora_targets,
+        )
+        require(
+            is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
+            "warmup_steps",
+            "an integer in [0, steps)",
+            self.warmup_steps,
+        )
+        require(
+            self.spike_at is None or (is_int(self.spike_at) and 1 <= self.spike_at <= self.steps),
+            "spike_at",
+            "None or a step in [1, steps]",
+            self.spike_at,
+        )
+        require(
+            is_number(self.spike_scale) and 1 <= self.spike_scale <= 1e4,
+            "spike_scale",
+            "a number in [1, 10000]",
+            self.spike_scale,
+        )
+        require(
+            self.max_wall_s is None or (is_number(self.max_wall_s) and self.max_wall_s > 0),
+            "max_wall_s",
+            "None or a number > 0",
+            self.max_wall_s,
+        )
+        require(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'", self.device)
+        require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "'auto', 'float32' or 'bfloat16'", self.dtype)
+        require(isinstance(self.save_adapters, bool), "save_adapters", "true or false", self.save_adapters)
 
     @property
     def seed_list(self) -> list[int]:
         """The seeds this run covers."""
         return list(self.seeds) if self.seeds else [self.seed]
-
-
-@dataclass
-class StepRecord:
-    """One arm's optimizer step: the unit the engine yields, `metrics.jsonl` stores and the charts plot.
-
-    Args:
-        arm (`str`): arm label (`lora`, `lora+crma`, ...; A/A copies get `#2` suffixes).
-        seed (`int`): the run's seed.
-        step (`int`): 1-based optimizer step.
-        loss (`float`): mean token loss of the batch (NaN/inf when the arm diverged).
-        grad_norm_pre (`float`): global L2 norm of the arm's trainable gradients before clipping.
-        grad_norm_post (`float`): the same after clipping.
-        clipped (`bool`): whether the clipper scaled the gradients.
-        lr (`float`): base learning rate used for this step.
-        tokens (`int`): tokens (prompt and response, padding excluded) this arm has trained on so far.
-        step_time_s (`float`): wall time of this arm's forward + backward + step.
-        memory_mb (`float`): peak device memory (GPU) or process RSS (CPU) in MiB.
-        diverged (`bool`): the loss or gradient was not finite; the arm stops after this record.
-        crma (`dict | None`): mixing diagnostics summary every `diag_every` steps for CRMA arms.
-        grad_norm_lora (`float | None`): pre-clip L2 norm of the LoRA parameters' gradients alone. `grad_norm_pre`
-            covers every trainable parameter of the arm, CRMA's included, so it is not the same quantity across
-            arms; this one is.
-    """
-
-    arm: str
-    seed: int
-    step: int
-    loss: float
-    grad_norm_pre: float
-    grad_norm_post: float
-    clipped: bool
-    lr: float
-    tokens: int
-    step_time_s: float
-    memory_mb: float
-    diverged: bool = False
-    crma: dict[str, Any] | None = None
-    grad_norm_lora: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict (one `metrics.jsonl` line)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
-        """Inverse of `to_dict()`."""
-        return cls(**data)
-
-
-@dataclass
-class Phase:
-    """A progress message between steps (loading the model, setting up a seed, writing files)."""
-
-    message: str
-    seed: int | None = None
-
-
-@dataclass
-class RunResult:
-    """The end of a run: always yielded last, also when the run stopped or failed (partial records kept).
-
-    Args:
-        status (`"finished" | "stopped" | "failed"`): how the run ended.
-        error (`str | None`): one-line reason when failed or stopped early for a cap.
-        config (`AblationConfig`): the run's config.
-        records (`list[StepRecord]`): every step record of every arm and seed.
-        summary (`dict`): `summary.json` content (per-arm figures, deltas, seeds, fairness receipt).
-        out_dir (`str | None`): folder holding the files, when one was given.
-        files (`list[str]`): files written, relative to `out_dir`.
-        notes (`list[str]`): honest remarks about the run (fallbacks taken, figures not available).
-        wall_s (`float`): wall time of the whole run.
-    """
-
-    status: Literal["finished", "stopped", "failed"]
-    error: str | None
-    config: AblationConfig
-    records: list[StepRecord]
-    summary: dict[str, Any]
-    out_dir: str | None = None
-    files: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    wall_s: float = 0.0

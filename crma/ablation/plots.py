@@ -18,7 +18,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from crma.ablation.config import StepRecord
+from .records import StepRecord
+from .summary import check_weight, smooth, spike_steps
 
 # Okabe–Ito palette (colour-blind safe). The four named arms get fixed colours; anything else is hashed
 # (crc32, stable across processes, unlike `hash`) onto the rest.
@@ -63,34 +64,6 @@ def arm_style(arm: str) -> dict[str, str]:
         n = int(copy) if copy.isdigit() else zlib.crc32(copy.encode("utf-8"))
         dash = _COPY_DASHES[(max(n, 2) - 2) % len(_COPY_DASHES)]
     return {"color": colour, "dash": dash}
-
-
-def smooth(values: Sequence[float], weight: float) -> list[float]:
-    """TensorBoard-style debiased exponential moving average.
-
-    `s_t = weight · s_{t-1} + (1 − weight) · x_t`, divided by `1 − weight^n` (n = finite values seen so far) so the
-    first points are not pulled toward 0. Non-finite inputs give NaN at their position and leave the state unchanged,
-    so one NaN does not poison the rest of the curve.
-
-    Args:
-        values (`Sequence[float]`): the raw series (NaN/inf/None allowed).
-        weight (`float`): smoothing weight in [0, 1); 0 returns the values unchanged (non-finite ones as NaN).
-
-    Returns:
-        `list[float]` of the same length.
-    """
-    _check_weight("weight", weight)
-    out: list[float] = []
-    last, n = 0.0, 0
-    for v in values:
-        x = _f(v)
-        if not math.isfinite(x):
-            out.append(math.nan)
-            continue
-        last = last * weight + (1.0 - weight) * x
-        n += 1
-        out.append(last / (1.0 - weight**n))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,11 +246,6 @@ def _seed_note(multi: bool, seed: int | None, records: Sequence[StepRecord]) -> 
     return f" — seed {seed}" if seed is not None else ""
 
 
-def _check_weight(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise ValueError(f"`{name}` must be a number in [0, 1); got {value!r}")
-
-
 def _empty(fig: go.Figure, text: str) -> go.Figure:
     fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
     return fig
@@ -299,7 +267,7 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
         `go.Figure`: traces in drawing order bands, raw lines, smoothed lines, divergence markers ("x" on the last
         finite value, with hover text).
     """
-    _check_weight("smoothing", smoothing)
+    check_weight("smoothing", smoothing)
     recs, multi = _select_seed(records, seed)
     fig = go.Figure()
     bands, raws, lines, marks = [], [], [], []
@@ -349,10 +317,7 @@ def make_grad_norm_figure(
         `go.Figure`: clipped steps as small circles, spikes (`report.spike_steps` on the raw pre-clip series) as
         larger triangles, divergence as "x".
     """
-    # report imports this module for its figures; importing back here, at call time, avoids the cycle.
-    from crma.ablation.report import spike_steps
-
-    _check_weight("smoothing", smoothing)
+    check_weight("smoothing", smoothing)
     recs, multi = _select_seed(records, seed)
     fig = go.Figure()
     bands, raws, posts, lines, marks = [], [], [], [], []
@@ -469,7 +434,7 @@ def make_delta_figure(
     Returns:
         `go.Figure`.
     """
-    _check_weight("smoothing", smoothing)
+    check_weight("smoothing", smoothing)
     recs, multi = _select_seed(records, seed)
     groups = _group(recs)
     if groups and baseline not in groups:

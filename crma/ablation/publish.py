@@ -7,15 +7,10 @@ or an error message.
 
 Failure modes and what a visitor reads (`PushError`, one line each):
 - no token -> "not signed in ..."; a token the Hub answers 401 -> "... token was rejected ...";
-- a namespace that is not theirs, a read-only token, or a 403 -> "cannot write to <repo> ...";
+- a namespace that is not theirs or a read-only token: the Hub answers 403 -> "cannot write to <repo> ...";
 - a malformed repo id -> checked locally with `validate_repo_id` before any request;
-- an unreachable endpoint -> "cannot reach ...". The first request is `whoami`, which
-  `huggingface_hub` sends without retries: a closed port fails in ~1 ms (33 ms on the first call,
-  which builds the HTTP client; the test bounds it at 3 s). A bare `upload_folder` starts with
-  `preupload`, sent through `http_backoff`, which retries network errors 5 times: 23.2 s measured on
-  the same closed port. That retry now only happens if the Hub goes away mid-push. The client sets
-  no timeout (`timeout=None`): an endpoint that silently drops packets hangs until the OS gives up;
-  `huggingface_hub.set_client_factory` is the process-wide knob if the app wants one;
+- an unreachable endpoint -> "cannot reach ...". The first request is `whoami`, which `huggingface_hub` sends
+  without retries, so an unreachable Hub fails at once rather than after `upload_folder`'s retries;
 - anything else -> "upload failed while <step>: ...", naming the step (checking the token, creating
   the repo, validating the model card, preparing the upload, uploading large files, committing).
 """
@@ -31,18 +26,10 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
-logger = logging.getLogger(__name__)
+from .data import ALPACA_REPO
+from .render import receipt_markdown
 
-# Preset names of `AblationConfig.model` -> the Hub id the preset loads (None: built from a config, not on the Hub).
-PRESET_HUB_IDS: dict[str, str | None] = {
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
-    "mistral-7b": "mistralai/Mistral-7B-v0.3",
-    "tiny-random": None,
-}
-# `AblationConfig.dataset` names that are Hub data sets; `bundled` and local files are not.
-DATASET_HUB_IDS: dict[str, str] = {"alpaca": "tatsu-lab/alpaca"}
+logger = logging.getLogger(__name__)
 
 CARD_TAGS = ["crma", "lora", "peft", "ablation"]
 CHARTS = {"loss.png": "Training loss", "grad_norm.png": "Gradient norm", "loss_delta.png": "Loss difference"}
@@ -64,8 +51,10 @@ def hub_model_id(model: str | None) -> str | None:
     """The Hub id of a preset name or Hub id; None for config-built presets and anything that is not a repo id."""
     if model is None:
         return None
-    if model in PRESET_HUB_IDS:
-        return PRESET_HUB_IDS[model]
+    from .models import PRESETS
+
+    if model in PRESETS:
+        return PRESETS[model].hub_id
     try:
         validate_repo_id(model)
     except HFValidationError:
@@ -81,7 +70,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _cell(value: Any) -> str:
+def _card_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -97,7 +86,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
     lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for arm, figures in arms.items():
         figures = figures if isinstance(figures, dict) else {}
-        lines.append(f"| {arm} | " + " | ".join(_cell(figures.get(c, "")) for c in columns) + " |")
+        lines.append(f"| {arm} | " + " | ".join(_card_cell(figures.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -130,8 +119,8 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
     Args:
         out_dir (`Path`): the folder `run_ablation` wrote (config.json, summary.*, charts, adapters/).
         repo_id (`str`): the repo the card will live in (used in the loading snippets).
-        base_model (`str | None`): the run's `model` (preset name or Hub id); mapped with `PRESET_HUB_IDS`,
-            left out of the metadata when it is not on the Hub.
+        base_model (`str | None`): the run's `model` (preset name or Hub id); a preset is mapped to its Hub id,
+            and the base is left out of the metadata when it is not on the Hub.
         dataset (`str | None`): the run's `dataset`; listed in the metadata only when it is a Hub data set.
 
     Returns:
@@ -141,7 +130,7 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
     config = _read_json(out_dir / "config.json")
     summary = _read_json(out_dir / "summary.json")
     base_id = hub_model_id(base_model)
-    dataset_id = DATASET_HUB_IDS.get(dataset) if dataset else None
+    dataset_id = ALPACA_REPO if dataset == "alpaca" else None  # the one Hub data set a run can name
     arm_dirs = (
         sorted(p for p in (out_dir / "adapters").glob("*") if p.is_dir()) if (out_dir / "adapters").is_dir() else []
     )
@@ -165,7 +154,7 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
     ]
     run = {k: config[k] for k in ("model", "dataset", "start", "rows", "steps", "seed", "arms") if k in config}
     if run:
-        body += ["", "## Run", ""] + [f"- **{k}**: `{_cell(v)}`" for k, v in run.items()]
+        body += ["", "## Run", ""] + [f"- **{k}**: `{_card_cell(v)}`" for k, v in run.items()]
 
     table = (
         (out_dir / "summary.md").read_text(encoding="utf-8").strip()
@@ -178,10 +167,8 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
     if charts:
         # Relative links: the Hub resolves them against this repo, so the images render on the model page.
         body += ["", "## Charts", ""] + [f"![{title}]({name})" for name, title in charts]
-    receipt = summary.get("receipt")
-    if isinstance(receipt, dict) and receipt:
-        body += ["", "## Fairness receipt", "", "| check | value |", "|---|---|"]
-        body += [f"| {_cell(k)} | {_cell(v)} |" for k, v in receipt.items()]
+    if isinstance(summary.get("receipt"), dict) and summary["receipt"]:
+        body += ["", "## Fairness receipt", "", receipt_markdown(summary)]
 
     body += ["", "## What this repo holds", "", "| path | contents |", "|---|---|"]
     for name, note in FILE_NOTES.items():
@@ -257,27 +244,12 @@ def _as_push_error(exc: Exception, *, step: str, repo_id: str, endpoint: str, to
     return PushError(f"upload failed while {step}: {_one_line(f'{type(exc).__name__}: {exc}', token)}")
 
 
-def _check_namespace(repo_id: str, me: dict[str, Any]) -> str:
-    """The full repo id (user namespace added when missing); PushError when the token cannot write there."""
-    user = me.get("name")
-    if not isinstance(user, str):
-        return repo_id  # unexpected whoami shape: let the Hub decide
+def _full_repo_id(repo_id: str, me: dict[str, Any]) -> str:
+    """`name` alone means the signed-in user's namespace; whether the token may write there is the Hub's to say
+    (its 403 becomes the push error), not a guess of ours from `whoami`."""
     namespace, _, name = repo_id.rpartition("/")
-    if not namespace:
-        return f"{user}/{name}"
-    access = me.get("auth", {}).get("accessToken", {}) if isinstance(me.get("auth"), dict) else {}
-    if access.get("role") == "read":
-        raise PushError(f"cannot write to {repo_id}: the token is read-only; sign in with write access")
-    if namespace.casefold() == user.casefold():
-        return repo_id
-    orgs = {o.get("name", "").casefold(): o.get("roleInOrg") for o in me.get("orgs", []) if isinstance(o, dict)}
-    if namespace.casefold() not in orgs:
-        raise PushError(
-            f"cannot write to {repo_id}: '{namespace}' is neither your account ({user}) nor one of your organizations"
-        )
-    if orgs[namespace.casefold()] == "read":
-        raise PushError(f"cannot write to {repo_id}: your role in '{namespace}' is read-only")
-    return repo_id
+    user = me.get("name")
+    return f"{user}/{name}" if not namespace and isinstance(user, str) else repo_id
 
 
 def _files_to_push(folder: Path) -> list[tuple[str, Path]]:
@@ -348,7 +320,7 @@ def push_results(
             raise _as_push_error(exc, step=step, repo_id=repo_id, endpoint=where, token=token) from exc
 
     me = call("checking the token", api.whoami, token=token)
-    repo_id = _check_namespace(repo_id, me)
+    repo_id = _full_repo_id(repo_id, me)
     url = call("creating the repo", api.create_repo, repo_id, token=token, private=private, exist_ok=True)
 
     config = _read_json(folder / "config.json")

@@ -1,0 +1,368 @@
+"""`ArmSet`: one seed's arms on the shared base model — set-up, one lockstep training step per arm, adapters, receipt,
+tear-down.
+
+Fair by construction, and checked from live state: one seed, one LoRA initialisation (PiSSA decomposed once) copied
+into every arm, the same batch handed to every arm, one RNG stream per arm started from the same state. What an arm
+adds (CRMA, ZClip) is set up from its `ArmSpec`; nothing in `train_step` asks which arm it is.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import crma
+from crma import ZClip, clip_by_norm
+
+from .arms import ARM_SPECS, ArmSpec, arm_labels
+from .config import AblationConfig
+from .receipt import (
+    batch_digest,
+    build_receipt,
+    lora_facts,
+    optimizer_facts,
+    tensor_hash,
+    trainable_facts,
+)
+from .records import StepRecord
+
+
+@dataclass
+class Batch:
+    """What every arm trains on at one step.
+
+    Args:
+        step (`int`): 1-based step.
+        tensors (`dict[str, Tensor]`): `input_ids`, `attention_mask`, `labels` on the model's device.
+        indices (`list[int]`): the examples it holds.
+        loss_scale (`float`): multiplier of the loss for backward (the spike stress step; 1 otherwise).
+    """
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    indices: list[int]
+    loss_scale: float = 1.0
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens, prompt and response."""
+        return int(self.tensors["attention_mask"].sum())
+
+
+@dataclass
+class Arm:
+    """One arm's live training state."""
+
+    label: str
+    spec: ArmSpec
+    adapter: str  # internal peft / CRMA adapter name ("arm0", ...): module keys cannot hold '+' safely
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    lora_params: list[torch.nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    clipper: ZClip | None = None
+    rng: torch.Tensor | None = None
+    cuda_rng: list[torch.Tensor] | None = None
+    tokens: int = 0
+    diverged: bool = False
+    init_hash: str = ""
+    trainable: int = 0
+    wall_s: float = 0.0
+    batch_digests: list[str] = field(default_factory=list)
+
+    def clip(self, max_grad_norm: float) -> crma.ClipResult:
+        """Clip this arm's gradients with its clipper: ZClip, or the fixed norm clip."""
+        if self.clipper is not None:
+            return self.clipper.step(self.params)
+        return clip_by_norm(self.params, max_grad_norm)
+
+    def clipper_facts(self, max_grad_norm: float) -> dict[str, Any]:
+        """The clipper this arm really uses, as the receipt records it."""
+        if self.clipper is not None:
+            return {"kind": "zclip", **self.clipper.config.to_dict()}
+        return {"kind": "clip_grad_norm", "max_norm": max_grad_norm}
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak device memory (GPU) or the process's resident memory (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def snapshot_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of the weights LoRA targets: PiSSA rewrites them in place; every seed starts from the originals."""
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if any(name.endswith(t) for t in targets) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+
+
+@torch.no_grad()
+def restore_targets(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Put the weights of `snapshot_targets` back."""
+    modules = dict(model.named_modules())
+    for name, weight in snapshot.items():
+        modules[name].weight.copy_(weight)
+
+
+class ArmSet:
+    """The arms of one seed on the shared model. Use as a context manager: set-up on entry, tear-down on exit (the
+    base model is given back with its original weights, also after an error).
+
+    Args:
+        cfg (`AblationConfig`): the run's config.
+        loaded (`LoadedModel`): the shared base model and tokenizer.
+        seed (`int`): this seed.
+        notes (`list[str]`): the run's notes; set-up appends fallbacks it takes.
+    """
+
+    def __init__(self, cfg: AblationConfig, loaded: Any, seed: int, *, notes: list[str]):
+        self.cfg, self.loaded, self.seed, self.notes = cfg, loaded, seed, notes
+        self.device = loaded.device
+        self.arms = [
+            Arm(label, ARM_SPECS[name], f"arm{i}")
+            for i, (label, name) in enumerate(zip(arm_labels(cfg.arms), cfg.arms, strict=True))
+        ]
+        self.model: Any = None
+        self.init_dir: Path | None = None
+        self.setup_facts: dict[str, dict[str, Any]] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._snapshot: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> ArmSet:
+        self._snapshot = snapshot_targets(self.loaded.model, list(self.cfg.lora_targets))
+        self._tmp = tempfile.TemporaryDirectory(prefix="crma-init-")
+        try:
+            self.setup()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.teardown()
+
+    def __iter__(self) -> Iterator[Arm]:
+        """The arms still training (a diverged arm stops; the others go on)."""
+        return (arm for arm in self.arms if not arm.diverged)
+
+    @property
+    def all_diverged(self) -> bool:
+        """Every arm has diverged."""
+        return all(arm.diverged for arm in self.arms)
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def _lora_config(self, init: Any) -> Any:
+        from peft import LoraConfig
+
+        cfg = self.cfg
+        return LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            init_lora_weights=init,
+            task_type="CAUSAL_LM",
+        )
+
+    def _peft_init(self) -> Any:
+        init = self.cfg.lora_init
+        if init.startswith("pissa") and self.loaded.is_4bit:
+            self.notes.append(
+                "PiSSA needs full-precision weights (peft refuses 4-bit ones): on this 4-bit model every arm's LoRA "
+                "starts from peft's Gaussian init (A ~ N(0, 1/r), B = 0) instead."
+            )
+            return "gaussian"
+        return True if init == "default" else init
+
+    def setup(self) -> None:
+        """Wrap the base in peft, give every arm the same initial LoRA, attach CRMA where the arm has it, and build
+        each arm's optimizer, schedule, clipper and RNG state."""
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg, base = self.cfg, self.loaded.model
+        missing = [t for t in cfg.lora_targets if not any(n.endswith(t) for n, _ in base.named_modules())]
+        if missing:
+            raise ValueError(f"LoRA target module(s) {missing} do not exist in {self.loaded.name}")
+        peft_init = self._peft_init()
+        first = self.arms[0]
+        # Seed *before* get_peft_model: the LoRA init must be a function of the seed (LlamaFactory #5446).
+        torch.manual_seed(self.seed)
+        self.model = get_peft_model(base, self._lora_config(peft_init), adapter_name=first.adapter)
+        initial = {
+            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=first.adapter).items()
+        }
+        if isinstance(peft_init, str) and peft_init.startswith("pissa"):
+            # Keep the initial PiSSA adapter: saving converts the trained one into a plain LoRA for the original base.
+            self.model.peft_config[first.adapter].init_lora_weights = True
+            self.model.save_pretrained(self._tmp.name, selected_adapters=[first.adapter])
+            self.model.peft_config[first.adapter].init_lora_weights = peft_init
+            self.init_dir = Path(self._tmp.name) / "pissa_init"
+            (Path(self._tmp.name) / first.adapter).rename(self.init_dir)
+        for arm in self.arms[1:]:
+            # Every arm starts from the *same* LoRA weights on the *same* (once-mutated) base.
+            self.model.add_adapter(arm.adapter, self._lora_config(False))
+            set_peft_model_state_dict(self.model, initial, adapter_name=arm.adapter)
+        for arm in self.arms:
+            if arm.spec.crma:
+                crma.attach(self.model, cfg.crma, adapter_name=arm.adapter)
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for arm in self.arms:
+            self.activate(arm)
+            arm.init_hash = tensor_hash(get_peft_model_state_dict(self.model, adapter_name=arm.adapter))
+            groups = crma.param_groups(self.model, cfg.lr, cfg.structural_lr, cfg.gate_lr, cfg.weight_decay)
+            arm.params = [p for g in groups for p in g["params"]]
+            arm.lora_params = [p for p in arm.params if "lora_" in names[id(p)]]
+            arm.trainable = sum(p.numel() for p in arm.params)
+            arm.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+            arm.scheduler = get_linear_schedule_with_warmup(arm.optimizer, cfg.warmup_steps, cfg.steps)
+            arm.clipper = ZClip(cfg.zclip) if arm.spec.zclip else None
+            arm.rng, arm.cuda_rng = rng.clone(), cuda_rng
+        self.model.train()
+        self.setup_facts = self.facts()
+
+    def activate(self, arm: Arm) -> None:
+        """Make `arm`'s LoRA (and CRMA, or none) the active adapter."""
+        self.model.set_adapter(arm.adapter)
+        if arm.spec.crma:
+            crma.set_active(self.model, arm.adapter)
+        elif crma.active_adapter(self.model) is not None:
+            crma.disable(self.model)
+
+    # -- one step of one arm ------------------------------------------------------------------------------------
+    def train_step(self, arm: Arm, batch: Batch) -> StepRecord:
+        """Forward, backward, clip, optimizer and schedule step of one arm on `batch`; the record of that step."""
+        cfg = self.cfg
+        self.activate(arm)
+        torch.set_rng_state(arm.rng)
+        if arm.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(arm.cuda_rng)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        arm.batch_digests.append(batch_digest(batch.tensors, batch.loss_scale))
+        lr = arm.optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        loss = self.model(**batch.tensors).loss
+        (loss * batch.loss_scale if batch.loss_scale != 1.0 else loss).backward()
+        lora_grads = [p.grad for p in arm.lora_params if p.grad is not None]
+        lora_norm = torch.nn.utils.get_total_norm(lora_grads, 2.0).item() if lora_grads else None
+        clip = arm.clip(cfg.max_grad_norm)
+        loss_value = loss.item()  # a host sync; the figure is logged anyway
+        finite = math.isfinite(loss_value) and math.isfinite(clip.pre_norm)
+        if finite:
+            arm.optimizer.step()
+            arm.scheduler.step()
+        arm.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        arm.wall_s += elapsed
+        arm.rng = torch.get_rng_state()
+        arm.cuda_rng = torch.cuda.get_rng_state_all() if arm.cuda_rng is not None else None
+        arm.tokens += batch.tokens
+        arm.diverged = not finite
+        diag = None
+        if arm.spec.crma and (batch.step % cfg.diag_every == 0 or batch.step in (1, cfg.steps)):
+            diag = crma.mixing_report(self.model, arm.adapter).summary()
+        return StepRecord(
+            arm=arm.label,
+            seed=self.seed,
+            step=batch.step,
+            loss=loss_value,
+            grad_norm_pre=clip.pre_norm,
+            grad_norm_post=clip.post_norm,
+            clipped=clip.clipped,
+            lr=lr,
+            tokens=arm.tokens,
+            step_time_s=elapsed,
+            memory_mb=memory_mb(self.device),
+            diverged=not finite,
+            crma=diag,
+            grad_norm_lora=lora_norm,
+        )
+
+    # -- what the arms really are ---------------------------------------------------------------------------------
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """Each arm's live training facts (see `receipt`), read with the arm active."""
+        out = {}
+        for arm in self.arms:
+            self.activate(arm)
+            crma_cfg = None
+            if crma.active_adapter(self.model) == arm.adapter:
+                crma_cfg = crma.model.crma_blocks(self.model, arm.adapter)[0].config.to_dict()
+            out[arm.label] = {
+                "optimizer": optimizer_facts(arm.optimizer),
+                "lora": lora_facts(self.model.peft_config[arm.adapter]),
+                "lora_init_sha256": arm.init_hash,
+                "crma": crma_cfg,
+                "clipper": arm.clipper_facts(self.cfg.max_grad_norm),
+                "trainable": trainable_facts(self.model, arm.adapter),
+                "batch_digests": list(arm.batch_digests),
+                "steps": len(arm.batch_digests),
+            }
+        return out
+
+    def receipt(self, order_sha256: str) -> dict[str, Any]:
+        """The fairness receipt of this seed: facts after set-up and now, and the verdict on both."""
+        return build_receipt(self.seed, self.setup_facts, self.facts(), order_sha256)
+
+    # -- results ------------------------------------------------------------------------------------------------
+    def save_adapters(self, root: Path) -> list[Path]:
+        """Write every arm's adapter to `root/<arm>/`: a plain LoRA for the original base (PiSSA converted) and the
+        CRMA files beside it."""
+        written = []
+        hub_id = getattr(self.loaded, "hub_id", None)
+        for arm in self.arms:
+            target = root / arm.label
+            staging = Path(tempfile.mkdtemp(prefix="crma-save-"))
+            try:
+                self.model.peft_config[arm.adapter].base_model_name_or_path = hub_id
+                kwargs = {}
+                if self.init_dir is not None:
+                    kwargs["path_initial_model_for_weight_conversion"] = str(self.init_dir)
+                # save_embedding_layers=False: peft would otherwise look the base config up on the Hub to decide.
+                self.model.save_pretrained(
+                    staging, selected_adapters=[arm.adapter], save_embedding_layers=False, **kwargs
+                )
+                if target.exists():
+                    shutil.rmtree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(staging / arm.adapter), target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            if arm.spec.crma:
+                crma.save(self.model, target, adapter_name=arm.adapter)
+            written.append(target)
+        self.activate(self.arms[0])
+        return written
+
+    def teardown(self) -> None:
+        """Remove every adapter, give the base model back with its original weights, drop the temp folder."""
+        if self.model is not None:
+            for arm in self.arms:
+                if arm.spec.crma:
+                    try:
+                        crma.detach(self.model, arm.adapter)
+                    except ValueError:  # set-up failed before this arm's CRMA was attached
+                        pass
+            self.loaded.model = self.model.unload()
+            self.model = None
+        restore_targets(self.loaded.model, self._snapshot)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

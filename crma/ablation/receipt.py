@@ -1,0 +1,263 @@
+"""The fairness receipt: what each arm really trained with, read from live state, and the verdict on it.
+
+Each arm's *facts* are read from the objects that train it — the optimizer's own `param_groups`, the peft config of its
+adapter, its CRMA config, its clipper, the names of the parameters that require grad while it is active, a hash of
+the batch tensors it consumed — once after set-up and again at the end. The verdict compares every pair of arms facet
+by facet and allows exactly the differences the two arms' names declare (`ArmSpec.declares`); anything else, or an arm
+whose live state does not do what its name says, is a problem the receipt names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from typing import Any
+
+import torch
+
+from .arms import ARM_SPECS, arm_name
+
+# Optimizer hyperparameters worth comparing (torch.optim names); `params` and bookkeeping keys are left out.
+_OPTIMIZER_KEYS = (
+    "initial_lr",
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "momentum",
+    "nesterov",
+    "dampening",
+)
+# peft LoraConfig keys that describe the adapter's math (bookkeeping such as base_model_name_or_path is left out).
+_LORA_KEYS = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "init_lora_weights",
+)
+FACETS = (
+    "optimizer",
+    "optimizer.crma_groups",
+    "lora.config",
+    "lora.rank",
+    "lora.init",
+    "crma",
+    "clipper",
+    "trainable.other",
+    "trainable.count",
+    "batches",
+)
+
+
+def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of a dict of tensors (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def optimizer_facts(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Type and per-group hyperparameters of a live optimizer, read from its own `param_groups`."""
+    groups = {}
+    for i, group in enumerate(optimizer.param_groups):
+        name = group.get("name", f"group{i}")
+        groups[name] = {k: _jsonable(group[k]) for k in _OPTIMIZER_KEYS if k in group}
+        groups[name]["numel"] = sum(p.numel() for p in group["params"])
+    return {"type": type(optimizer).__name__, "groups": groups}
+
+
+def lora_facts(peft_config: Any) -> dict[str, Any]:
+    """The math-relevant keys of one adapter's peft `LoraConfig`."""
+    data = peft_config.to_dict() if hasattr(peft_config, "to_dict") else dict(peft_config)
+    return {k: _jsonable(data.get(k)) for k in _LORA_KEYS}
+
+
+def _normalise(name: str, adapter: str) -> str:
+    # Adapter names differ by construction (arm0, arm1, ...): compare the parameter paths without them.
+    return name.replace(f".{adapter}.", ".<adapter>.").removesuffix(f".{adapter}")
+
+
+def trainable_facts(model: torch.nn.Module, adapter: str) -> dict[str, Any]:
+    """Names and sizes of the parameters that require grad right now, split into LoRA, CRMA and anything else."""
+    lora, crma_, other = {}, {}, {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = _normalise(name, adapter)
+        bucket = lora if "lora_" in name else crma_ if ".crma." in name else other
+        bucket[key] = param.numel()
+    return {
+        "count": sum(lora.values()) + sum(crma_.values()) + sum(other.values()),
+        "lora": {"count": sum(lora.values()), "names": sorted(lora)},
+        "crma": {"count": sum(crma_.values()), "names": sorted(crma_)},
+        "other": {"count": sum(other.values()), "names": sorted(other)},
+    }
+
+
+def batch_digest(batch: dict[str, torch.Tensor], loss_scale: float) -> str:
+    """A short hash of the tensors one arm consumed in one step, and the loss scale it trained them with."""
+    digest = hashlib.sha256(tensor_hash(batch).encode())
+    digest.update(repr(float(loss_scale)).encode())
+    return digest.hexdigest()[:16]
+
+
+def sequence_hash(digests: list[str]) -> str:
+    """sha256 of a list of per-step batch digests."""
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
+
+
+def _facets(facts: dict[str, Any]) -> dict[str, Any]:
+    """The comparable pieces of one arm's facts (see `FACETS`)."""
+    groups = facts["optimizer"]["groups"]
+    proj = {k: v for k, v in groups.get("proj", {}).items() if k != "numel"}
+    crma_groups = {name: {k: v for k, v in g.items() if k != "numel"} for name, g in groups.items() if name != "proj"}
+    lora = dict(facts["lora"])
+    rank = {"r": lora.pop("r", None), "lora_alpha": lora.pop("lora_alpha", None)}
+    lora.pop("init_lora_weights", None)
+    return {
+        "optimizer": {"type": facts["optimizer"]["type"], "proj": proj},
+        "optimizer.crma_groups": crma_groups or None,
+        "lora.config": lora,
+        "lora.rank": rank,
+        "lora.init": facts["lora_init_sha256"],
+        "crma": facts["crma"],
+        "clipper": facts["clipper"],
+        "trainable.other": facts["trainable"]["other"]["names"],
+        "trainable.count": facts["trainable"]["count"],
+        "batches": facts.get("batch_digests", []),
+    }
+
+
+def _differs(facet: str, a: Any, b: Any) -> bool:
+    if facet == "batches":  # a diverged arm stops early: compare the steps both consumed
+        n = min(len(a), len(b))
+        return a[:n] != b[:n]
+    return json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True)
+
+
+def _claims(label: str, facts: dict[str, Any]) -> list[str]:
+    """Problems where an arm's live state does not do what its name says."""
+    spec, problems = ARM_SPECS[arm_name(label)], []
+    has_crma = facts["crma"] is not None and facts["trainable"]["crma"]["count"] > 0
+    if spec.crma != has_crma:
+        problems.append(f"{label}: CRMA is {'on' if has_crma else 'off'} but the arm's name says it is not")
+    uses_zclip = facts["clipper"].get("kind") == "zclip"
+    if spec.zclip != uses_zclip:
+        problems.append(f"{label}: the clipper is {facts['clipper'].get('kind')}, not what the arm's name says")
+    if facts["trainable"]["lora"]["count"] == 0:
+        problems.append(f"{label}: no LoRA parameter is trainable")
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Compare the arms' facts pairwise; allow only the differences their names declare.
+
+    Args:
+        facts (`dict[str, dict]`): `{arm label: facts}` as `ArmSet.facts()` reads them.
+
+    Returns:
+        `dict` with `fair` (bool), `problems` (one sentence each), `flagged` (the facets that differ undeclared),
+        `differences` (`{facet: {arm: value}}` for every
+        facet that differs between some arms, declared or not) and `declared` (`{arm: [facets]}`).
+    """
+    facets = {label: _facets(f) for label, f in facts.items()}
+    declared = {label: sorted(ARM_SPECS[arm_name(label)].declares) for label in facts}
+    problems = [p for label, f in facts.items() for p in _claims(label, f)]
+    differences: dict[str, dict[str, Any]] = {}
+    flagged: set[str] = set()
+    for a, b in itertools.combinations(facts, 2):
+        allowed = set(declared[a]) | set(declared[b])
+        for facet in FACETS:
+            if not _differs(facet, facets[a][facet], facets[b][facet]):
+                continue
+            differences.setdefault(facet, {label: facets[label][facet] for label in facts})
+            if facet not in allowed:
+                flagged.add(facet)
+                problems.append(
+                    f"{b} vs {a}: {facet} differs ({_short(facets[b][facet])} vs {_short(facets[a][facet])}), "
+                    "which neither arm's name declares"
+                )
+    return {
+        "fair": not problems,
+        "problems": problems,
+        "flagged": sorted(flagged),
+        "differences": differences,
+        "declared": declared,
+    }
+
+
+def _stored(facts: dict[str, Any]) -> dict[str, Any]:
+    # The per-step digests are compared above; the stored receipt keeps their hash and count.
+    out = {k: v for k, v in facts.items() if k != "batch_digests"}
+    out["batches_sha256"] = sequence_hash(facts.get("batch_digests", []))
+    return out
+
+
+def build_receipt(
+    seed: int, setup: dict[str, dict[str, Any]], end: dict[str, dict[str, Any]], order_sha256: str
+) -> dict[str, Any]:
+    """The receipt of one seed: the facts after set-up and at the end, the verdict on each, and the headline ticks.
+
+    Args:
+        seed (`int`): the seed.
+        setup (`dict[str, dict]`): facts of every arm right after set-up.
+        end (`dict[str, dict]`): facts of every arm after the last step (batches included).
+        order_sha256 (`str`): hash of the planned batch order.
+    """
+    at_setup, at_end = verdict(setup), verdict(end)
+    plain = [label for label in end if not ARM_SPECS[arm_name(label)].matched]
+    inits = {label: end[label]["lora_init_sha256"] for label in end}
+    batches = {label: sequence_hash(end[label].get("batch_digests", [])) for label in end}
+    return {
+        "seed": seed,
+        "fair": at_setup["fair"] and at_end["fair"],
+        "problems": list(dict.fromkeys(at_setup["problems"] + at_end["problems"])),
+        "lora_init_sha256": inits,
+        "lora_init_equal": len({inits[label] for label in plain}) <= 1,
+        "batch_order_sha256": order_sha256,
+        "batches_seen_sha256": batches,
+        "batches_seen_equal": "batches" not in at_end["flagged"],
+        "config_diff": at_end["differences"],
+        "declared": at_end["declared"],
+        "differs_only_in_adapter": at_setup["fair"] and at_end["fair"],
+        "arms": {label: {"setup": _stored(setup[label]), "end": _stored(end[label])} for label in end},
+    }

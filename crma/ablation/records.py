@@ -1,0 +1,159 @@
+"""What the engine yields: one `StepRecord` per arm and step, `Phase` messages between steps, a final `RunResult`;
+and how records go to and come back from `metrics.jsonl` / `metrics.csv`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import AblationConfig
+from .jsonio import dumps
+
+Status = Literal["finished", "stopped", "failed"]
+
+
+@dataclass
+class StepRecord:
+    """One arm's optimizer step: the unit the engine yields, `metrics.jsonl` stores and the charts plot.
+
+    Args:
+        arm (`str`): arm label (`lora`, `lora+crma`, ...; A/A copies get `#2` suffixes).
+        seed (`int`): the run's seed.
+        step (`int`): 1-based optimizer step.
+        loss (`float`): mean token loss of the batch (NaN/inf when the arm diverged; `null` in JSON).
+        grad_norm_pre (`float`): global L2 norm of the arm's trainable gradients before clipping.
+        grad_norm_post (`float`): the same after clipping.
+        clipped (`bool`): whether the clipper scaled the gradients.
+        lr (`float`): base learning rate used for this step.
+        tokens (`int`): tokens (prompt and response, padding excluded) this arm has trained on so far.
+        step_time_s (`float`): wall time of this arm's forward + backward + step.
+        memory_mb (`float`): peak device memory (GPU) or process RSS (CPU) in MiB.
+        diverged (`bool`): the loss or gradient was not finite; the arm stops after this record.
+        crma (`dict | None`): mixing diagnostics summary every `diag_every` steps for CRMA arms.
+        grad_norm_lora (`float | None`): pre-clip L2 norm of the LoRA parameters' gradients alone. `grad_norm_pre`
+            covers every trainable parameter of the arm, CRMA's included, so it is not the same quantity across
+            arms; this one is.
+    """
+
+    arm: str
+    seed: int
+    step: int
+    loss: float
+    grad_norm_pre: float
+    grad_norm_post: float
+    clipped: bool
+    lr: float
+    tokens: int
+    step_time_s: float
+    memory_mb: float
+    diverged: bool = False
+    crma: dict[str, Any] | None = None
+    grad_norm_lora: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (floats as they are, NaN included)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
+        """Inverse of `to_dict()`; a `null` float (a non-finite value in JSON) comes back as NaN."""
+        values = dict(data)
+        for key in _FLOAT_FIELDS:
+            if values.get(key) is None or isinstance(values.get(key), str):  # "NaN" strings of older files too
+                values[key] = float(values[key]) if isinstance(values.get(key), str) else math.nan
+        return cls(**values)
+
+
+_FLOAT_FIELDS = ("loss", "grad_norm_pre", "grad_norm_post")
+
+
+@dataclass
+class Phase:
+    """A progress message between steps (loading the model, setting up a seed, writing files)."""
+
+    message: str
+    seed: int | None = None
+
+
+@dataclass
+class RunResult:
+    """The end of a run: always yielded last, also when the run stopped or failed (partial records kept).
+
+    Args:
+        status (`"finished" | "stopped" | "failed"`): how the run ended.
+        error (`str | None`): one-line reason when failed or stopped early for a cap.
+        config (`AblationConfig`): the run's config.
+        records (`list[StepRecord]`): every step record of every arm and seed.
+        summary (`dict`): `summary.json` content (per-arm figures, deltas, seeds, fairness receipt).
+        out_dir (`str | None`): folder holding the files, when one was given.
+        files (`list[str]`): files written, relative to `out_dir`.
+        notes (`list[str]`): honest remarks about the run (fallbacks taken, figures not available).
+        wall_s (`float`): wall time of the whole run.
+    """
+
+    status: Status
+    error: str | None
+    config: AblationConfig
+    records: list[StepRecord]
+    summary: dict[str, Any]
+    out_dir: str | None = None
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+Event = StepRecord | Phase | RunResult
+
+
+def record_line(record: StepRecord) -> str:
+    """One `metrics.jsonl` line (strict JSON; non-finite floats as null)."""
+    return dumps(record.to_dict()) + "\n"
+
+
+def write_metrics_jsonl(records: Iterable[StepRecord], path: str | os.PathLike[str], *, append: bool = False) -> Path:
+    """Write records as JSON lines (see `record_line`); `append` adds to an existing file (live logging)."""
+    out = Path(path)
+    with out.open("a" if append else "w", encoding="utf-8") as fh:
+        fh.writelines(record_line(r) for r in records)
+    return out
+
+
+def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[StepRecord]:
+    """Read a `metrics.jsonl` (blank lines skipped).
+
+    Raises:
+        `ValueError`: a line is not JSON or not a `StepRecord`; the message names the file and line.
+    """
+    src = Path(path)
+    out = []
+    with src.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(StepRecord.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
+                raise ValueError(f"{src.name}:{lineno}: not a StepRecord JSON line ({err})") from err
+    return out
+
+
+def write_metrics_csv(records: Iterable[StepRecord], path: str | os.PathLike[str]) -> Path:
+    """Write the records as CSV for spreadsheets: one row per arm and step, CRMA diagnostics as `crma_*` columns."""
+    rows = []
+    for r in records:
+        row = {k: v for k, v in r.to_dict().items() if k != "crma"}
+        row.update({f"crma_{k}": v for k, v in (r.crma or {}).items()})
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    out = Path(path)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out

@@ -1,0 +1,347 @@
+"""Renderers of a run's summary: the Markdown table, the self-contained HTML report, PNG charts, the receipt.
+
+Numbers come from `summary.py`, figures from `plots.py`; nothing here computes a metric.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .arms import baseline_arm
+from .plots import make_delta_figure, make_grad_norm_figure, make_loss_figure, make_mixing_figure
+from .records import StepRecord
+from .summary import as_number
+
+_DASH = "–"
+_CHROMIUM = "/usr/bin/chromium"
+
+
+def _fmt_int(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+# (row label, summary key, formatter)
+_ROWS = (
+    ("Final loss", "final_loss", lambda x: f"{x:.4f}"),
+    ("Final loss (EMA)", "final_loss_ema", lambda x: f"{x:.4f}"),
+    ("Peak grad norm (pre-clip)", "grad_norm_pre_peak", lambda x: f"{x:.2f}"),
+    ("Peak grad norm (post-clip)", "grad_norm_post_peak", lambda x: f"{x:.2f}"),
+    ("Mean grad norm", "grad_norm_pre_mean", lambda x: f"{x:.2f}"),
+    ("Peak LoRA-only grad norm", "grad_norm_lora_peak", lambda x: f"{x:.2f}"),
+    ("Mean LoRA-only grad norm", "grad_norm_lora_mean", lambda x: f"{x:.2f}"),
+    ("Steps clipped", "steps_clipped", _fmt_int),
+    ("Gradient spikes", "spike_count", _fmt_int),
+    ("Spectral norm ‖M‖₂", "spectral_norm", lambda x: f"{x:.6f}"),
+    ("Max row/col error", "max_rowcol_err", lambda x: f"{x:.1e}"),
+    ("σ₂", "sigma2", lambda x: f"{x:.4f}"),
+    ("‖M − I‖_F", "dist_from_identity", lambda x: f"{x:.4f}"),
+    ("Composite gain", "composite_gain", lambda x: f"{x:.4f}"),
+    ("Trainable params", "trainable_params", _fmt_int),
+    ("Wall time", "wall_s", lambda x: f"{x:.1f} s"),
+    ("Tokens/s", "tokens_per_s", lambda x: f"{x:,.1f}"),
+)
+
+
+def _metric_cell(summ: dict[str, Any], key: str, fmt: Any) -> str:
+    value = as_number(summ.get(key))
+    if value is None:
+        return _DASH
+    text = fmt(value)
+    if key == "final_loss" and summ.get("diverged"):
+        text += f" (diverged @ {summ['diverged_at']})"
+    return text
+
+
+def _delta_cell(delta: dict[str, float | None] | None) -> str:
+    if not delta:
+        return _DASH
+    if delta["rel_pct"] is not None:
+        return f"{delta['rel_pct']:+.1f}%"
+    return f"{delta['abs']:+.4g}"
+
+
+def _main_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    arms, base = list(summary["arms"]), summary["baseline"]
+    others = [a for a in arms if a != base]
+    header = ["Metric", *arms] + (["Delta"] if len(others) == 1 else [f"Δ {a}" for a in others])
+    rows = []
+    for label, key, fmt in _ROWS:
+        row = [label] + [_metric_cell(summary["arms"][a], key, fmt) for a in arms]
+        row += [_delta_cell(summary["deltas"].get(a, {}).get(key)) for a in others]
+        rows.append(row)
+    return header, rows
+
+
+def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    arms, n_seeds = list(summary["arms"]), len(summary["seed_list"])
+    rows = []
+    for label, key, fmt in _ROWS:
+        row = [label]
+        for arm in arms:
+            stat = summary["across_seeds"][arm].get(key)
+            if stat is None:
+                row.append(_DASH)
+                continue
+            std = _DASH if stat["std"] is None else fmt(stat["std"]).removesuffix(" s")
+            # n is in the heading; a cell names it only when some seeds had no value (e.g. diverged before it).
+            row.append(f"{fmt(stat['mean'])} ± {std}" + (f" (n={stat['n']})" if stat["n"] < n_seeds else ""))
+        rows.append(row)
+    return ["Metric", *arms], rows
+
+
+def _notes(summary: dict[str, Any]) -> list[str]:
+    base, arms = summary["baseline"], summary["arms"]
+    notes = []
+    if any(as_number(s.get("spectral_norm")) is not None for s in arms.values()):
+        notes.append(
+            "‖M‖₂ = 1 holds for every doubly stochastic matrix (the identity and full averaging alike), "
+            "so it only confirms that Sinkhorn converged; σ₂ (1 = no mixing, 0 = full averaging), "
+            "‖M − I‖_F and the composite gain say how much the streams actually mix."
+        )
+    if "seeds" in summary:
+        counts = []
+        for arm in arms:
+            if arm == base:
+                continue
+            pairs = [s["deltas"].get(arm, {}).get("final_loss") for s in summary["seeds"].values()]
+            pairs = [p for p in pairs if p]
+            counts.append(f"{arm} in {sum(p['abs'] < 0 for p in pairs)} of {len(pairs)} seeds")
+        notes.append(
+            f"Final loss lower than {base}: {'; '.join(counts)}. A loss delta is noise unless the seeds agree."
+        )
+    elif len(arms) > 1:
+        notes.append("One seed only: a loss delta of a few tenths of a percent is noise unless several seeds agree.")
+    notes.append(
+        "Grad norms are before clipping. ZClip arms clip spikes directly, so compare with lora+zclip before "
+        "crediting the mixing with a lower peak."
+    )
+    if any(arm_summary.get("grad_norm_lora_peak") is not None for arm_summary in arms.values()):
+        notes.append(
+            "The grad norm covers every trainable parameter of an arm, CRMA's own included; the LoRA-only rows "
+            "measure the same parameter set in every arm."
+        )
+    # Remarks the engine attached to the run (fallbacks taken, caps hit) belong with the numbers they qualify.
+    notes += [str(n) for n in summary.get("notes") or []]
+    for arm, s in arms.items():
+        if s.get("diverged"):
+            notes.append(f"{arm} diverged at step {s['diverged_at']}; its final loss is its last finite value.")
+    return notes
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA") -> str:
+    """Markdown report of `summarize_run(...)`: the metric table with signed % deltas, seed statistics, footnotes.
+
+    Args:
+        summary (`dict`): the output of `summarize_run`.
+        title (`str`): heading of the report.
+
+    Returns:
+        `str`: Markdown; "–" marks values that do not apply (e.g. mixing figures of an arm without CRMA).
+    """
+    if "arms" not in summary or "baseline" not in summary:
+        raise ValueError("`summary` must be the dict returned by summarize_run (keys 'arms', 'baseline')")
+    parts = [f"## {title}", ""]
+    n_seeds = len(summary.get("seed_list", []))
+    if "seeds" in summary:
+        parts += [
+            f"Mean over {n_seeds} seeds ({', '.join(map(str, summary['seed_list']))}); deltas vs "
+            f"{summary['baseline']}.",
+            "",
+        ]
+    elif n_seeds == 1:
+        parts += [f"Seed {summary['seed_list'][0]}; deltas vs {summary['baseline']}.", ""]
+    parts += [_md_table(*_main_table(summary)), ""]
+    if "seeds" in summary:
+        parts += [f"### Mean ± sample std (n − 1) over {n_seeds} seeds", "", _md_table(*_seed_table(summary)), ""]
+    parts += [f"- {note}" for note in _notes(summary)]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;
+text-align:right}th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}
+pre{background:#f6f8fa;padding:1em;overflow:auto}.figure{margin:1.5em 0}"""
+
+
+def _figures(records: Sequence[StepRecord], smoothing: float, baseline: str | None) -> list[tuple[str, Any]]:
+    """(file stem, figure) of the standard charts; the delta chart needs two arms."""
+    arms = list(dict.fromkeys(r.arm for r in records))
+    figs = [
+        ("loss", make_loss_figure(records, smoothing=smoothing)),
+        ("grad_norm", make_grad_norm_figure(records, smoothing=0.0)),
+    ]
+    if len(arms) > 1:
+        base = baseline if baseline in arms else baseline_arm(arms)
+        figs.append(("loss_delta", make_delta_figure(records, baseline=base, smoothing=smoothing)))
+    return figs
+
+
+def report_html(
+    records: Sequence[StepRecord],
+    summary: dict[str, Any],
+    *,
+    title: str = "LoRA vs LoRA+CRMA",
+    config: dict[str, Any] | None = None,
+    smoothing: float = 0.6,
+) -> str:
+    """One self-contained HTML page: charts (plotly.js inlined once), the summary table, the receipt, the config.
+
+    Args:
+        records (`Sequence[StepRecord]`): the run's records.
+        summary (`dict`): `summarize_run(records, ...)` plus the engine's keys (receipt, status, notes).
+        title (`str`): page title and heading.
+        config (`dict | None`): the run config (e.g. `AblationConfig.to_dict()`), shown as JSON in a `<pre>` block.
+        smoothing (`float`): EMA weight of the loss and delta charts.
+
+    Returns:
+        `str`: the page. It opens offline: no script or style is loaded from the network.
+    """
+    figs = [fig for _, fig in _figures(records, smoothing, summary.get("baseline"))]
+    if any(r.crma for r in records):
+        figs.append(make_mixing_figure(records))
+    divs = []
+    for i, fig in enumerate(figs):
+        # plotly.js (~4.8 MB) goes in once, with the first figure; the later ones reuse the global `Plotly`.
+        div = fig.to_html(
+            full_html=False,
+            include_plotlyjs=i == 0,
+            include_mathjax=False,
+            default_width="100%",
+            default_height=f"{int(fig.layout.height or 480)}px",
+            config={"displaylogo": False},
+        )
+        divs.append(f'<div class="figure">{div}</div>')
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        _html_table(*_main_table(summary)),
+    ]
+    if "seeds" in summary:
+        n = len(summary["seed_list"])
+        parts += [f"<h2>Mean ± sample std (n − 1) over {n} seeds</h2>", _html_table(*_seed_table(summary))]
+    parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in _notes(summary)) + "</ul>")
+    parts += ["<h2>Charts</h2>", *divs]
+    if config is not None:
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        parts += ["<h2>Config</h2>", f"<pre>{html.escape(text, quote=False)}</pre>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_png_charts(
+    records: Sequence[StepRecord],
+    out_dir: str | os.PathLike[str],
+    *,
+    smoothing: float = 0.6,
+    baseline: str | None = "lora",
+    width: int = 1100,
+    height: int = 520,
+    scale: float = 2.0,
+) -> list[Path]:
+    """Export `loss.png`, `grad_norm.png` and (with two or more arms) `loss_delta.png` with kaleido.
+
+    kaleido renders through a Chrome/Chromium. When `BROWSER_PATH` is unset and `/usr/bin/chromium` exists, it is
+    used (and `BROWSER_PATH` is set for the process). All figures go through one `plotly.io.write_images` call: one
+    browser session instead of one per figure, which is most of the export's time.
+
+    Args:
+        records (`Sequence[StepRecord]`): the run's records.
+        out_dir (`str | PathLike`): folder to write into (created).
+        smoothing (`float`): EMA weight of the loss and delta charts.
+        baseline (`str | None`): delta baseline; falls back to `lora`, then the first arm, when absent.
+        width, height (`int`): layout size in pixels; `scale` multiplies the output resolution.
+
+    Returns:
+        `list[Path]` of the written files.
+
+    Raises:
+        `RuntimeError`: static export is impossible (no Chrome/Chromium found, or kaleido failed to drive it).
+    """
+    if not records:
+        raise ValueError("`records` is empty: no chart to export")
+    import plotly.io as pio
+
+    if not os.environ.get("BROWSER_PATH") and os.path.exists(_CHROMIUM):
+        os.environ["BROWSER_PATH"] = _CHROMIUM
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    figs = _figures(records, smoothing, baseline)
+    paths = [folder / f"{stem}.png" for stem, _ in figs]
+    try:
+        pio.write_images([fig for _, fig in figs], paths, format="png", width=width, height=height, scale=scale)
+    except Exception as err:  # kaleido/choreographer raise RuntimeError, ChromeNotFoundError, OSError, timeouts...
+        raise RuntimeError(
+            "PNG export failed: kaleido needs a Chrome or Chromium browser (install Debian's `chromium`, on a Space "
+            f"via packages.txt, or point BROWSER_PATH at one). BROWSER_PATH={os.environ.get('BROWSER_PATH')!r}. "
+            f"Cause: {type(err).__name__}: {str(err).strip()}"
+        ) from err
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fairness receipt
+
+
+def receipt_markdown(summary: dict[str, Any]) -> str:
+    """The fairness receipt of `summary.json` as Markdown: same LoRA init, same batches, config diff."""
+    receipt = summary.get("receipt") or {}
+    per_seed = receipt.get("per_seed") or ([receipt] if receipt else [])
+    if not per_seed:
+        return "No fairness receipt: no seed finished its set-up."
+    lines = [
+        "| Seed | Same LoRA init | Same batches | Only the adapter differs | Batch order sha256 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in per_seed:
+        lines.append(
+            f"| {r.get('seed')} | {_tick(r.get('lora_init_equal'))} | {_tick(r.get('batches_seen_equal'))} | "
+            f"{_tick(r.get('differs_only_in_adapter'))} | `{str(r.get('batch_order_sha256', ''))[:16]}…` |"
+        )
+    first = per_seed[0]
+    inits = first.get("lora_init_sha256") or {}
+    if inits:
+        lines += ["", "LoRA init sha256 per arm: " + ", ".join(f"{a} `{h[:12]}…`" for a, h in inits.items())]
+    diff = first.get("config_diff") or {}
+    if diff:
+        arms = list(next(iter(diff.values())))
+        lines += [
+            "",
+            "What differs between the arms (everything else is identical):",
+            "",
+            "| Setting | " + " | ".join(arms) + " |",
+            "|---|" + "---|" * len(arms),
+        ]
+        for key, values in diff.items():
+            lines.append(f"| {key} | " + " | ".join(_setting_cell(values.get(a)) for a in arms) + " |")
+    return "\n".join(lines)
+
+
+def _tick(value: Any) -> str:
+    return "✅ yes" if value is True else ("❌ no" if value is False else "–")
+
+
+def _setting_cell(value: Any) -> str:
+    text = "–" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text.replace("|", "\\|")

@@ -1,0 +1,189 @@
+"""The page's form and API input to a run config: dataset choice, Space caps, names, and the data preview.
+
+Values go through the one config parser (`crma.ablation.schema.parse_config`); this module adds only what a public
+Space needs on top: the upload stands in for a file path, caps bound every size, and names can never reach a path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from crma.ablation.config import AblationConfig
+from crma.ablation.schema import ConfigError, coerce, config_to_values, field_spec, label, parse_config
+
+DATASET_CHOICES = ("alpaca", "bundled", "upload")
+PREVIEW_CELL_CHARS = 300
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+# Caps of a public Space: one visitor's run must not hold the shared GPU (or the disk) for long.
+SPACE_CAPS: Mapping[str, int | float] = MappingProxyType(
+    {
+        "steps": 1000,
+        "rows": 5000,
+        "seq_len": 2048,
+        "batch_size": 32,
+        "seeds": 5,  # number of seeds in one run
+        "arms": 5,  # number of arms in one run (A/A copies included)
+        "lora_r": 256,
+        "crma.n_streams": 16,
+        "crma.rank": 64,
+        "crma.sinkhorn_iters": 100,
+        "max_wall_s": 1500,  # the longest GPU duration `estimate_gpu_seconds` asks for
+    }
+)
+
+
+def resolve_dataset(dataset: Any, upload: str | os.PathLike[str] | None) -> str:
+    """The engine's data source for the form's choice: `alpaca`, `bundled`, or the uploaded file's path.
+
+    A visitor never names a server path: `upload` comes from the app's file widget, so arbitrary paths (which the data
+    loader would happily read) cannot be reached through the form or the API.
+    """
+    choice = dataset.strip().lower() if isinstance(dataset, str) else dataset
+    if choice in ("alpaca", "bundled"):
+        return choice
+    if choice in ("upload", None, "") and upload:
+        return str(upload)
+    if choice == "upload":
+        raise ConfigError("dataset", "Data is 'upload' but no file was uploaded: choose a .json, .jsonl or .csv file")
+    raise ConfigError(
+        "dataset", f"Data must be one of {list(DATASET_CHOICES)} (upload: send the file); got {dataset!r}"
+    )
+
+
+def config_from_form(
+    values: Mapping[str, Any],
+    *,
+    upload: str | os.PathLike[str] | None = None,
+    caps: Mapping[str, int | float] | None = SPACE_CAPS,
+) -> AblationConfig:
+    """Build and validate an `AblationConfig` from the page's form or an `/ablate` JSON object.
+
+    Values are read by the one config parser (`parse_config`: text such as "2e-4" or "1,2,3", or JSON data; nested
+    `{"crma": {...}}`, dotted `crma.rank` or the first release's flat `crma_rank`). On top of it: `dataset` is
+    `alpaca`, `bundled` or `upload` (the uploaded file stands in for a path, so no visitor can name one), `spike_at`
+    0 means off, `model` must be a preset or a Hub id, and every size is capped.
+
+    Args:
+        values (`Mapping[str, Any]`): settings by key; anything left out keeps its default.
+        upload (`str | PathLike | None`): path of the uploaded data file (used when `dataset` is `upload`).
+        caps (`Mapping | None`): upper bounds (`SPACE_CAPS` by default; None for no caps). `max_wall_s` is also
+            filled in from the cap when the values leave it empty.
+
+    Returns:
+        `AblationConfig`: a valid config.
+
+    Raises:
+        `ConfigError` / `ValueError`: one sentence naming the field by its label on the page.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError("", f"the settings must be a JSON object; got {type(values).__name__}")
+    data = dict(values)
+    if "dataset" in data or upload:
+        data["dataset"] = resolve_dataset(data.get("dataset"), upload)
+    if data.get("spike_at") in (0, 0.0, "0"):
+        data["spike_at"] = None  # 0 in a number box means "off"
+    if caps is not None and "max_wall_s" in caps and data.get("max_wall_s") in (None, ""):
+        data["max_wall_s"] = float(caps["max_wall_s"])
+    cfg = parse_config(data)
+    _check_names(cfg, model_given="model" in data)
+    if caps is not None:
+        check_caps(cfg, caps)
+    return cfg
+
+
+def _check_names(cfg: AblationConfig, *, model_given: bool) -> None:
+    if model_given and (not _HUB_ID.match(cfg.model) or ".." in cfg.model):
+        raise ConfigError("model", f"Model must be a preset or a Hub id like 'org/name' (no paths); got {cfg.model!r}")
+    for target in cfg.lora_targets:
+        if not _MODULE_NAME.match(target):
+            raise ConfigError(
+                "lora_targets", f"LoRA targets must be module names such as q_proj,v_proj; got {target!r}"
+            )
+
+
+def check_caps(cfg: AblationConfig, caps: Mapping[str, int | float] = SPACE_CAPS) -> None:
+    """Raise `ConfigError` naming (by its label) the first field of `cfg` over its cap (`seeds` and `arms` count
+    entries)."""
+    values = config_to_values(cfg)
+    for key, cap in caps.items():
+        if key == "seeds":
+            value = len(cfg.seed_list)
+        elif key == "arms":
+            value = len(cfg.arms)
+        else:
+            value = values[key]
+        if value is not None and value > cap:
+            shown = f"{value} of them" if key in ("seeds", "arms") else repr(value)
+            raise ConfigError(key, f"{label(key)} must be at most {cap:g} on this Space; got {shown}")
+
+
+def check_model(cfg: AblationConfig, *, device_checks: bool = True) -> None:
+    """Resolve the run's model without loading weights, so an unknown, gated, remote-code or too large model fails
+    before a GPU is requested (`ModelLoadError`); `device_checks=False` where the GPU only comes with the lease."""
+    from crma.ablation.models import check_model as check
+
+    check(cfg.model, device=cfg.device, dtype=cfg.dtype, device_checks=device_checks)
+
+
+def check_data(cfg: AblationConfig) -> None:
+    """Read the run's data slice now, so a bad file or slice fails before a GPU is requested (`DataError`)."""
+    from crma.ablation.data import DataError, load_instruction_rows
+
+    try:
+        load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows)
+    except DataError as exc:
+        raise DataError(_hide_dir(str(exc), cfg.dataset)) from None
+
+
+def _hide_dir(message: str, source: str) -> str:
+    # An uploaded file lives in a server temp folder: name the file, not where the server keeps it.
+    if source not in DATASET_CHOICES and os.sep in source:
+        return message.replace(source, Path(source).name)
+    return message
+
+
+def preview_rows(
+    source: str, start: Any, rows: Any, limit: int = 20, *, caps: Mapping[str, int | float] | None = SPACE_CAPS
+) -> list[list[str]]:
+    """The first `limit` rows of the selected slice as table rows `[row, instruction, input, output]`.
+
+    The whole slice is validated, so a slice past the end or a bad row shows up here, before a run.
+
+    Args:
+        source (`str`): `alpaca`, `bundled` or a path to an uploaded file.
+        start, rows: the form's values (numbers or numeric strings).
+        limit (`int`): rows shown.
+        caps (`Mapping | None`): the same caps as `config_from_form` (`rows`).
+
+    Raises:
+        `ValueError`: (`DataError` for data problems) with the message to show.
+    """
+    from crma.ablation.data import DataError, load_instruction_rows
+
+    first, count = coerce(field_spec("start"), start), coerce(field_spec("rows"), rows)
+    if first < 0:
+        raise ConfigError("start", f"Start row must be an integer ≥ 0; got {first}")
+    if count < 1:
+        raise ConfigError("rows", f"Rows must be an integer ≥ 1; got {count}")
+    if caps is not None and "rows" in caps and count > caps["rows"]:
+        raise ConfigError("rows", f"Rows must be at most {caps['rows']:g} on this Space; got {count}")
+    try:
+        data = load_instruction_rows(source, start=first, rows=count)
+    except DataError as exc:
+        raise DataError(_hide_dir(str(exc), source)) from None
+    return [
+        [str(first + i), *(_clip(row[c]) for c in ("instruction", "input", "output"))]
+        for i, row in enumerate(data[:limit])
+    ]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= PREVIEW_CELL_CHARS else text[: PREVIEW_CELL_CHARS - 1] + "…"

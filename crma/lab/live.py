@@ -1,0 +1,237 @@
+"""`LiveView`: turns engine events into what the page shows, and decides when the page should redraw;
+`ViewRegistry`: the live views of the runs of this process, by run id."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from crma.ablation.arms import arm_labels, baseline_arm
+from crma.ablation.config import AblationConfig
+from crma.ablation.records import Phase, RunResult, StepRecord
+
+from .runs import get_run
+
+
+class LiveView:
+    """Turns engine events into what the page shows, and decides when the page should redraw.
+
+    `update(event)` is O(1) per event (counters only); figures are built from the records only when a redraw is due:
+    at most one per `min_interval_s` (and never more often than three times the last drawing cost, so drawing cannot
+    eat more than a quarter of a fast run's time), always on a `Phase` and on the final `RunResult`.
+
+    Args:
+        cfg (`AblationConfig`): the run's config.
+        device (`str`): device label for the progress line.
+        min_interval_s (`float`): the throttle.
+        clock (`Callable[[], float]`): monotonic clock (injected in tests).
+        smoothing (`float`): EMA weight for the charts (the raw line stays faint behind).
+        log_scale (`bool`): logarithmic grad-norm axis.
+    """
+
+    def __init__(
+        self,
+        cfg: AblationConfig,
+        *,
+        device: str = "CPU",
+        min_interval_s: float = 0.35,
+        clock: Callable[[], float] = time.monotonic,
+        smoothing: float = 0.6,
+        log_scale: bool = False,
+    ):
+        self.cfg, self.device, self.min_interval_s, self.clock = cfg, device, min_interval_s, clock
+        self.smoothing, self.log_scale = smoothing, log_scale
+        self.labels = arm_labels(cfg.arms)
+        self.baseline = baseline_arm(self.labels)
+        self.seeds = cfg.seed_list
+        self.total_steps = cfg.steps * len(self.seeds)
+        self.records: list[StepRecord] = []
+        self.phase = "waiting for the GPU queue"
+        self.result: RunResult | None = None
+        self.done = 0  # global step index (seed i, step s -> i * steps + s) of the newest record
+        self.seed: int | None = None
+        self.memory_mb: float | None = None
+        self.tokens = 0  # summed over arms and seeds
+        self.compute_s = 0.0  # summed step_time_s: throughput is tokens per second of training compute
+        self.diverged: list[str] = []
+        self.redraws = 0
+        self._arms_seen: set[str] = set()
+        self._tokens_at: dict[tuple[str, int], int] = {}
+        self._started = clock()
+        self._first: tuple[float, int] | None = None  # (time, done) at the first record, for the ETA
+        self._last_draw: float | None = None
+        self._draw_cost = 0.0
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def update(self, event: Phase | StepRecord | RunResult) -> bool:
+        """Take one engine event; return True when the page should redraw now."""
+        if isinstance(event, RunResult):
+            self.result = event
+            self.phase = event.status
+            return self._mark()
+        if isinstance(event, Phase):
+            self.phase = event.message
+            return self._mark()
+        record = event
+        self.records.append(record)
+        self._arms_seen.add(record.arm)
+        self.seed = record.seed
+        seed_index = self.seeds.index(record.seed) if record.seed in self.seeds else 0
+        self.done = max(self.done, seed_index * self.cfg.steps + record.step)
+        key = (record.arm, record.seed)
+        self.tokens += record.tokens - self._tokens_at.get(key, 0)
+        self._tokens_at[key] = record.tokens
+        self.compute_s += record.step_time_s
+        self.memory_mb = record.memory_mb
+        if record.diverged:
+            seed_note = f" (seed {record.seed})" if len(self.seeds) > 1 else ""
+            self.diverged.append(f"{record.arm} diverged at step {record.step}{seed_note}")
+        now = self.clock()
+        if self._first is None:
+            self._first = (now, self.done)
+        due = now - (self._last_draw or -math.inf) >= max(self.min_interval_s, 3 * self._draw_cost)
+        if due or len(self.records) == 1:  # the first point shows at once
+            return self._mark()
+        return False
+
+    def _mark(self) -> bool:
+        self._last_draw = self.clock()
+        self.redraws += 1
+        return True
+
+    # -- charts ------------------------------------------------------------------------------------------------
+    def figures(self, smoothing: float | None = None, log_scale: bool | None = None) -> tuple[Any, Any, Any]:
+        """(loss, grad norm, loss delta) Plotly figures of the records so far. While a multi-seed run goes on, the
+        charts show the current seed; once it ended, the mean over seeds with a band."""
+        from crma.ablation.plots import make_delta_figure, make_grad_norm_figure, make_loss_figure
+
+        if smoothing is not None:
+            self.smoothing = smoothing
+        if log_scale is not None:
+            self.log_scale = log_scale
+        started = self.clock()
+        records = self.records[:]  # a snapshot: the run may append while a slider redraws from another thread
+        seed = self.seed if self.result is None and len(self.seeds) > 1 else None
+        loss = make_loss_figure(records, smoothing=self.smoothing, seed=seed)
+        grad = make_grad_norm_figure(records, smoothing=self.smoothing, log_scale=self.log_scale, seed=seed)
+        # The delta chart needs the baseline's records; before its first step the chart says so.
+        delta_records = records if self.baseline in self._arms_seen else []
+        delta = make_delta_figure(delta_records, baseline=self.baseline, smoothing=self.smoothing, seed=seed)
+        self._draw_cost = self.clock() - started
+        return loss, grad, delta
+
+    def mixing_figure(self) -> Any:
+        """CRMA mixing diagnostics over steps (all seeds)."""
+        from crma.ablation.plots import make_mixing_figure
+
+        return make_mixing_figure(self.records[:])
+
+    # -- progress ----------------------------------------------------------------------------------------------
+    def fraction(self) -> float:
+        """Share of the run's steps done, in [0, 1]."""
+        if self.result is not None and self.result.status == "finished":
+            return 1.0
+        return min(1.0, self.done / self.total_steps) if self.total_steps else 0.0
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the pace since the first step, None before two steps."""
+        if self._first is None or self.result is not None:
+            return None
+        t0, d0 = self._first
+        if self.done <= d0:
+            return None
+        return (self.clock() - t0) / (self.done - d0) * (self.total_steps - self.done)
+
+    def progress_text(self) -> str:
+        """One line: step k/N, seed, elapsed, ETA, device, memory, tokens/s (and what happened, at the end)."""
+        elapsed = self.clock() - self._started
+        if self.result is not None:
+            r = self.result
+            where = f"step {self.done}/{self.total_steps}"
+            if r.status == "finished":
+                head = f"Finished {self.total_steps} steps x {len(self.labels)} arms in {_clock(r.wall_s or elapsed)}"
+            elif r.status == "stopped":
+                head = f"Stopped at {where} ({r.error or 'stopped by request'}); partial results kept"
+            else:
+                head = f"Failed at {where}: {r.error}"
+        elif not self.records:
+            head = f"{self.phase} ({_clock(elapsed)})"
+        else:
+            head = f"Step {self.done}/{self.total_steps}"
+            if len(self.seeds) > 1 and self.seed is not None:
+                head += f" · seed {self.seed} ({self.seeds.index(self.seed) + 1}/{len(self.seeds)})"
+            eta = self.eta_s()
+            head += f" · elapsed {_clock(elapsed)} · ETA {_clock(eta) if eta is not None else '…'}"
+            if not self.phase.startswith(("loading", "reading", "seed", "waiting")):
+                head += f" · {self.phase}"
+        parts = [head, self.device]
+        if self.memory_mb is not None:
+            kind = "GPU peak" if self.device.startswith(("GPU", "ZeroGPU")) else "RSS"
+            parts.append(f"{kind} {self.memory_mb / 1024:.2f} GiB")
+        if self.compute_s > 0:
+            parts.append(f"{self.tokens / self.compute_s:,.0f} tokens/s")
+        text = " · ".join(parts)
+        if self.diverged:
+            text += " · ⚠ " + "; ".join(self.diverged) + " (the other arms continue)"
+        return text
+
+    def progress_html(self) -> str:
+        """A progress bar with `progress_text()` under it (inline styles: no page CSS needed)."""
+        pct = 100 * self.fraction()
+        failed = self.result is not None and self.result.status == "failed"
+        colour = "#d55e00" if failed or self.diverged else "#0072b2"
+        return (
+            f'<div class="crma-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
+            f'aria-valuenow="{pct:.0f}"><div style="height:10px;border-radius:5px;background:#e5e7eb;overflow:hidden">'
+            f'<div style="height:100%;width:{pct:.1f}%;background:{colour};transition:width .3s"></div></div>'
+            f'<div style="margin-top:4px;font-size:0.9em">{html.escape(self.progress_text())}</div></div>'
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ViewRegistry:
+    """Live views by run id, so a smoothing or log-scale change can redraw a visitor's run (running or ended)
+    without re-running it. Bounded: the oldest views are dropped (their records stay in `metrics.jsonl`)."""
+
+    def __init__(self, max_views: int = 16):
+        self.max_views = max_views
+        self._views: OrderedDict[str, LiveView] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, run_id: str, view: LiveView) -> None:
+        with self._lock:
+            self._views[run_id] = view
+            while len(self._views) > self.max_views:
+                self._views.popitem(last=False)
+
+    def get(self, run_id: Any) -> LiveView | None:
+        with self._lock:
+            return self._views.get(run_id) if isinstance(run_id, str) else None
+
+    def view_for(self, run_id: Any, root: str | os.PathLike[str] | None = None) -> LiveView | None:
+        """The live view of `run_id`, else one rebuilt from the run's `config.json` and `metrics.jsonl`."""
+        view = self.get(run_id)
+        if view is not None:
+            return view
+        folder = get_run(run_id, root)
+        if folder is None or not (folder.out_dir / "metrics.jsonl").is_file():
+            return None
+        from crma.ablation.records import read_metrics_jsonl
+
+        cfg = AblationConfig.from_json((folder.out_dir / "config.json").read_text())
+        view = LiveView(cfg)
+        for record in read_metrics_jsonl(folder.out_dir / "metrics.jsonl"):
+            view.update(record)
+        view.result = RunResult(status="finished", error=None, config=cfg, records=view.records, summary={})
+        return view
