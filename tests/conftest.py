@@ -42,3 +42,19 @@ def make_tiny_llama(layers: int = 2, hidden: int = 32, vocab: int = 259, model_t
 @pytest.fixture
 def tiny_lm():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def records():
+    """Synthetic records of four arms, one seed (see `synthetic.make_records`)."""
+    from synthetic import make_records
+
+    return make_records()
+
+
+@pytest.fixture(scope="module")
+def records2():
+    """The same with two seeds."""
+    from synthetic import make_records
+
+    return make_records(seeds=(1, 2))

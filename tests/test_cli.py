@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import runpy
 import shutil
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import crma
+from crma.ablation.arm_set import ArmSet
 from crma.ablation.cli import run_cli
-from crma.ablation.engine import _Session
 
 TINY = [
     "--model",
@@ -39,7 +40,7 @@ def cli_run(tmp_path_factory):
     """One CLI run of lora vs lora+crma that also records each trained arm's logits on a probe batch."""
     out = tmp_path_factory.mktemp("run")
     trained: dict[str, torch.Tensor] = {}
-    original = _Session.save_adapters
+    original = ArmSet.save_adapters
 
     def recording(self, root):
         self.model.eval()
@@ -49,11 +50,11 @@ def cli_run(tmp_path_factory):
                 trained[arm.label] = self.model(PROBE).logits.clone()
         return original(self, root)
 
-    _Session.save_adapters = recording
+    ArmSet.save_adapters = recording
     try:
         code = run_cli(["ablate", *TINY, "--arms", "lora,lora+crma", "--out", str(out)])
     finally:
-        _Session.save_adapters = original
+        ArmSet.save_adapters = original
     return code, out, trained
 
 
@@ -120,12 +121,15 @@ def test_config_file_and_flags_merge(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--rows", "0"], "`rows` must be a positive integer"),
+        (["--rows", "0"], "--rows: Rows must be an integer ≥ 1; got 0"),
         (["--start", "100000"], "past the end"),
-        (["--arms", "lora,dora"], "`arms` must be"),
+        (["--arms", "lora,dora"], "--arms: Arms must be a non-empty list drawn from"),
         (["--model", "nobody/nothing"], "nobody/nothing"),
         (["--dataset", "missing.jsonl"], "missing.jsonl"),
-        (["--lr", "-1"], "`lr` must be"),
+        (["--lr", "-1"], "--lr: LR must be a number in (0, 10); got -1"),
+        (["--crma-streams", "1"], "--crma-n-streams: CRMA streams must be an integer ≥ 2; got 1"),
+        (["--crma-rank", "100000"], "CRMA rank must be at most the model width (64) of tiny-random; got 100000"),
+        (["--steps", "three"], "--steps: Steps must be a whole number; got 'three'"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(flags, message, tmp_path, capsys) -> None:
@@ -136,16 +140,97 @@ def test_bad_input_is_one_line_and_nonzero(flags, message, tmp_path, capsys) -> 
     assert "Traceback" not in "\n".join(err)
 
 
-def test_module_entry_point_reports_a_bad_file(tmp_path) -> None:
+def test_module_entry_point_reports_a_bad_file(tmp_path, monkeypatch, capsys) -> None:
     bad = tmp_path / "rows.csv"
     bad.write_text("question,answer\nhi,there\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "crma", "ablate", *TINY, "--dataset", str(bad), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+    argv = ["crma", "ablate", *TINY, "--dataset", str(bad), "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("crma", run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "instruction" in last and "Traceback" not in err
+
+
+def test_nested_and_legacy_flags_set_the_same_fields(tmp_path) -> None:
+    from crma.ablation.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    legacy = config_from_args(parser.parse_args(["ablate", "--crma-streams", "4", "--zclip-warmup", "7"]))
+    nested = config_from_args(parser.parse_args(["ablate", "--crma-n-streams", "4", "--zclip-warmup-steps", "7"]))
+    assert legacy == nested and legacy.crma.n_streams == 4 and legacy.zclip.warmup_steps == 7
+    every = config_from_args(
+        parser.parse_args(["ablate", "--crma-sinkhorn-iters", "9", "--zclip-clip-option", "mean"])
     )
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "instruction" in last and "Traceback" not in proc.stderr
+    assert every.crma.sinkhorn_iters == 9 and every.zclip.clip_option == "mean"
+    assert config_from_args(parser.parse_args(["ablate", "--no-save-adapters"])).save_adapters is False
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file", "is a file"),
+        ("below-file", "lies below a file"),
+        ("empty", "the output folder is empty"),
+        ("taken", "already holds files: pass --overwrite"),
+    ],
+)
+def test_unusable_out_folders_are_refused_before_any_work(where, message, tmp_path, capsys) -> None:
+    target = {"file": tmp_path / "f", "below-file": tmp_path / "f" / "run", "empty": Path(""), "taken": tmp_path / "t"}
+    (tmp_path / "f").write_text("not a folder")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "old.txt").write_text("an earlier run")
+    assert run_cli(["ablate", *TINY, "--out", str(target[where])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert (tmp_path / "t" / "old.txt").read_text() == "an earlier run"  # nothing was touched
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_is_complete(tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier run")
+    args = ["ablate", *TINY, "--arms", "lora", "--steps", "1", "--no-save-adapters", "--out", str(out)]
+    assert run_cli([*args, "--overwrite"]) == 0
+    assert not (out / "old.txt").exists() and json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging or old folder left behind
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    nested = tmp_path / "deep.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    loose = tmp_path / "loose.json"
+    loose.write_text(json.dumps({"steps": True}))
+    for config, message in ((folder, "is a folder"), (nested, "nested too deeply"), (loose, "Steps must be a number")):
+        assert run_cli(["ablate", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: config file {config}") and message in err[-1], err
+
+
+def test_default_out_is_a_fresh_folder_linked_as_latest(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["ablate", *TINY, "--arms", "lora", "--steps", "1", "--no-save-adapters"]
+    assert run_cli(args) == 0
+    first = (tmp_path / "runs" / "latest").resolve()
+    assert first.name.endswith("-tiny-random") and (first / "summary.json").is_file()
+
+
+def test_ctrl_c_finishes_the_step_and_writes_every_file(tmp_path, monkeypatch) -> None:
+    original = ArmSet.train_step
+
+    def interrupted(self, arm, batch):
+        if batch.step == 2 and arm.label == "lora":
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C would, mid-run
+        return original(self, arm, batch)
+
+    monkeypatch.setattr(ArmSet, "train_step", interrupted)
+    out = tmp_path / "run"
+    assert run_cli(["ablate", *TINY, "--arms", "lora,lora+crma", "--steps", "6", "--out", str(out)]) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["error"] == "stopped by request"
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
+    assert (out / "report.html").is_file() and (out / "adapters" / "lora+crma" / "crma.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back

@@ -27,6 +27,8 @@ from .config import AblationConfig
 from .receipt import (
     batch_digest,
     build_receipt,
+    group_hyperparameters,
+    hyperparameter_digest,
     lora_facts,
     optimizer_facts,
     tensor_hash,
@@ -77,6 +79,8 @@ class Arm:
     trainable: int = 0
     wall_s: float = 0.0
     batch_digests: list[str] = field(default_factory=list)
+    hyperparameter_digests: list[str] = field(default_factory=list)
+    crma_hyperparameter_digests: list[str] = field(default_factory=list)
 
     def clip(self, max_grad_norm: float) -> crma.ClipResult:
         """Clip this arm's gradients with its clipper: ZClip, or the fixed norm clip."""
@@ -146,6 +150,7 @@ class ArmSet:
         self._tmp = tempfile.TemporaryDirectory(prefix="crma-init-")
         try:
             self.setup()
+            self.setup_facts = self.facts()
         except BaseException:
             self.teardown()
             raise
@@ -197,6 +202,11 @@ class ArmSet:
         missing = [t for t in cfg.lora_targets if not any(n.endswith(t) for n, _ in base.named_modules())]
         if missing:
             raise ValueError(f"LoRA target module(s) {missing} do not exist in {self.loaded.name}")
+        width = base.get_input_embeddings().weight.shape[1]
+        if any(arm.spec.crma for arm in self.arms) and cfg.crma.rank > width:
+            raise ValueError(
+                f"CRMA rank must be at most the model width ({width}) of {self.loaded.name}; got {cfg.crma.rank}"
+            )
         peft_init = self._peft_init()
         first = self.arms[0]
         # Seed *before* get_peft_model: the LoRA init must be a function of the seed (LlamaFactory #5446).
@@ -234,7 +244,6 @@ class ArmSet:
             arm.clipper = ZClip(cfg.zclip) if arm.spec.zclip else None
             arm.rng, arm.cuda_rng = rng.clone(), cuda_rng
         self.model.train()
-        self.setup_facts = self.facts()
 
     def activate(self, arm: Arm) -> None:
         """Make `arm`'s LoRA (and CRMA, or none) the active adapter."""
@@ -254,7 +263,11 @@ class ArmSet:
             torch.cuda.set_rng_state_all(arm.cuda_rng)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        # What this arm really trains with at this step, for the receipt.
         arm.batch_digests.append(batch_digest(batch.tensors, batch.loss_scale))
+        groups = group_hyperparameters(arm.optimizer)
+        arm.hyperparameter_digests.append(hyperparameter_digest(groups, crma_groups=False))
+        arm.crma_hyperparameter_digests.append(hyperparameter_digest(groups, crma_groups=True))
         lr = arm.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         loss = self.model(**batch.tensors).loss
@@ -300,19 +313,22 @@ class ArmSet:
     def facts(self) -> dict[str, dict[str, Any]]:
         """Each arm's live training facts (see `receipt`), read with the arm active."""
         out = {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
         for arm in self.arms:
             self.activate(arm)
             crma_cfg = None
             if crma.active_adapter(self.model) == arm.adapter:
                 crma_cfg = crma.model.crma_blocks(self.model, arm.adapter)[0].config.to_dict()
             out[arm.label] = {
-                "optimizer": optimizer_facts(arm.optimizer),
+                "optimizer": optimizer_facts(arm.optimizer, names, arm.adapter),
                 "lora": lora_facts(self.model.peft_config[arm.adapter]),
                 "lora_init_sha256": arm.init_hash,
                 "crma": crma_cfg,
                 "clipper": arm.clipper_facts(self.cfg.max_grad_norm),
                 "trainable": trainable_facts(self.model, arm.adapter),
                 "batch_digests": list(arm.batch_digests),
+                "hyperparameter_digests": list(arm.hyperparameter_digests),
+                "crma_hyperparameter_digests": list(arm.crma_hyperparameter_digests),
                 "steps": len(arm.batch_digests),
             }
         return out

@@ -35,7 +35,7 @@ class ArmSpec:
         if self.zclip:
             facets.add("clipper")
         if self.crma:
-            facets |= {"crma", "optimizer.crma_groups", "trainable.count"}
+            facets |= {"crma", "optimizer.crma_groups", "optimizer.crma_groups.steps", "trainable.count"}
         if self.matched:
             facets |= {"lora.rank", "lora.init", "trainable.count"}
         return frozenset(facets)

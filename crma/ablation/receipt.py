@@ -54,7 +54,9 @@ _LORA_KEYS = (
 )
 FACETS = (
     "optimizer",
+    "optimizer.steps",
     "optimizer.crma_groups",
+    "optimizer.crma_groups.steps",
     "lora.config",
     "lora.rank",
     "lora.init",
@@ -90,14 +92,38 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def optimizer_facts(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Type and per-group hyperparameters of a live optimizer, read from its own `param_groups`."""
-    groups = {}
-    for i, group in enumerate(optimizer.param_groups):
-        name = group.get("name", f"group{i}")
-        groups[name] = {k: _jsonable(group[k]) for k in _OPTIMIZER_KEYS if k in group}
-        groups[name]["numel"] = sum(p.numel() for p in group["params"])
+def _kind(name: str) -> str:
+    return "lora" if "lora_" in name else "crma" if ".crma." in name else "other"
+
+
+def group_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """`{group name: hyperparameters}` of a live optimizer, read from its own `param_groups` now."""
+    return {
+        group.get("name", f"group{i}"): {k: _jsonable(group[k]) for k in _OPTIMIZER_KEYS if k in group}
+        for i, group in enumerate(optimizer.param_groups)
+    }
+
+
+def optimizer_facts(optimizer: torch.optim.Optimizer, names: dict[int, str], adapter: str) -> dict[str, Any]:
+    """Type, per-group hyperparameters and what each group holds (LoRA / CRMA sizes, names of anything else)."""
+    groups = group_hyperparameters(optimizer)
+    for facts, group in zip(groups.values(), optimizer.param_groups, strict=True):
+        held = {"lora": 0, "crma": 0, "other": []}
+        for param in group["params"]:
+            pname = names.get(id(param), "<not a model parameter>")
+            kind = _kind(pname)
+            if kind == "other":
+                held["other"].append(_normalise(pname, adapter))
+            else:
+                held[kind] += param.numel()
+        facts.update(lora_numel=held["lora"], crma_numel=held["crma"], other=sorted(held["other"]))
     return {"type": type(optimizer).__name__, "groups": groups}
+
+
+def hyperparameter_digest(groups: dict[str, dict[str, Any]], *, crma_groups: bool) -> str:
+    """A short hash of the hyperparameters one step used: the `proj` group's, or (with `crma_groups`) the others'."""
+    chosen = {k: v for k, v in groups.items() if (k != "proj") == crma_groups}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def lora_facts(peft_config: Any) -> dict[str, Any]:
@@ -118,7 +144,7 @@ def trainable_facts(model: torch.nn.Module, adapter: str) -> dict[str, Any]:
         if not param.requires_grad:
             continue
         key = _normalise(name, adapter)
-        bucket = lora if "lora_" in name else crma_ if ".crma." in name else other
+        bucket = {"lora": lora, "crma": crma_, "other": other}[_kind(name)]
         bucket[key] = param.numel()
     return {
         "count": sum(lora.values()) + sum(crma_.values()) + sum(other.values()),
@@ -140,17 +166,26 @@ def sequence_hash(digests: list[str]) -> str:
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
 
+# Sizes depend on the adapter (declared through `trainable.count`); the current lr depends on how many steps an arm
+# took (a diverged arm stops): the lr each step really used is compared through `optimizer.steps`.
+_NOT_STATIC = ("lora_numel", "crma_numel", "lr")
+
+
 def _facets(facts: dict[str, Any]) -> dict[str, Any]:
     """The comparable pieces of one arm's facts (see `FACETS`)."""
     groups = facts["optimizer"]["groups"]
-    proj = {k: v for k, v in groups.get("proj", {}).items() if k != "numel"}
-    crma_groups = {name: {k: v for k, v in g.items() if k != "numel"} for name, g in groups.items() if name != "proj"}
+    proj = {k: v for k, v in groups.get("proj", {}).items() if k not in _NOT_STATIC}
+    crma_groups = {
+        name: {k: v for k, v in g.items() if k not in _NOT_STATIC} for name, g in groups.items() if name != "proj"
+    }
     lora = dict(facts["lora"])
     rank = {"r": lora.pop("r", None), "lora_alpha": lora.pop("lora_alpha", None)}
     lora.pop("init_lora_weights", None)
     return {
         "optimizer": {"type": facts["optimizer"]["type"], "proj": proj},
+        "optimizer.steps": facts.get("hyperparameter_digests", []),
         "optimizer.crma_groups": crma_groups or None,
+        "optimizer.crma_groups.steps": facts.get("crma_hyperparameter_digests", []),
         "lora.config": lora,
         "lora.rank": rank,
         "lora.init": facts["lora_init_sha256"],
@@ -162,8 +197,11 @@ def _facets(facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_PER_STEP = ("batches", "optimizer.steps", "optimizer.crma_groups.steps")
+
+
 def _differs(facet: str, a: Any, b: Any) -> bool:
-    if facet == "batches":  # a diverged arm stops early: compare the steps both consumed
+    if facet in _PER_STEP:  # a diverged arm stops early: compare the steps both took
         n = min(len(a), len(b))
         return a[:n] != b[:n]
     return json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True)
@@ -180,12 +218,38 @@ def _claims(label: str, facts: dict[str, Any]) -> list[str]:
         problems.append(f"{label}: the clipper is {facts['clipper'].get('kind')}, not what the arm's name says")
     if facts["trainable"]["lora"]["count"] == 0:
         problems.append(f"{label}: no LoRA parameter is trainable")
+    extra = facts["trainable"]["other"]["names"] + [
+        n for g in facts["optimizer"]["groups"].values() for n in g.get("other", [])
+    ]
+    if extra:
+        problems.append(f"{label}: trains parameters that are neither LoRA nor CRMA: {sorted(set(extra))[:4]}")
+    trainable = facts["trainable"]["lora"]["count"] + facts["trainable"]["crma"]["count"]
+    optimized = sum(g.get("lora_numel", 0) + g.get("crma_numel", 0) for g in facts["optimizer"]["groups"].values())
+    if trainable != optimized:
+        problems.append(
+            f"{label}: {trainable:,} adapter parameters require grad but the optimizer updates {optimized:,}"
+        )
     return problems
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_leaves(sub, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _what_differs(a: Any, b: Any, limit: int = 3) -> str:
+    """`path: value vs value` for the first few leaves that differ (per-step lists: the first step that differs)."""
+    if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, str) for x in a + b):
+        step = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return f"first at step {step + 1}"
+    left, right = _leaves(a), _leaves(b)
+    keys = [k for k in dict.fromkeys([*left, *right]) if left.get(k) != right.get(k)]
+    parts = [f"{k or 'value'}: {json.dumps(left.get(k))} vs {json.dumps(right.get(k))}" for k in keys[:limit]]
+    return "; ".join(parts) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -213,7 +277,7 @@ def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if facet not in allowed:
                 flagged.add(facet)
                 problems.append(
-                    f"{b} vs {a}: {facet} differs ({_short(facets[b][facet])} vs {_short(facets[a][facet])}), "
+                    f"{b} vs {a}: {facet} differs ({_what_differs(facets[b][facet], facets[a][facet])}), "
                     "which neither arm's name declares"
                 )
     return {
@@ -225,10 +289,14 @@ def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_DIGESTS = ("batch_digests", "hyperparameter_digests", "crma_hyperparameter_digests")
+
+
 def _stored(facts: dict[str, Any]) -> dict[str, Any]:
-    # The per-step digests are compared above; the stored receipt keeps their hash and count.
-    out = {k: v for k, v in facts.items() if k != "batch_digests"}
-    out["batches_sha256"] = sequence_hash(facts.get("batch_digests", []))
+    # The per-step digests are compared above; the stored receipt keeps a hash of each list.
+    out = {k: v for k, v in facts.items() if k not in _DIGESTS}
+    for key in _DIGESTS:
+        out[key.replace("_digests", "_sha256")] = sequence_hash(facts.get(key, []))
     return out
 
 
