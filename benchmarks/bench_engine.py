@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 def engine_worker(arms: list[str], model: str, steps: int) -> dict:
     import resource
 
-    from crma.ablation.config import AblationConfig, StepRecord
+    from crma.ablation.config import AblationConfig
     from crma.ablation.engine import run_ablation
+    from crma.ablation.records import StepRecord
 
     cfg = AblationConfig(
         model=model,
