@@ -139,6 +139,48 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _effect_cell(stats: dict[str, Any]) -> str:
+    if stats.get("mean") is None:
+        return _DASH
+    text = f"{stats['mean']:+.3g}"
+    if stats.get("ci95") is not None:
+        lo, hi = stats["ci95"]
+        text += f" ({lo:+.3g} – {hi:+.3g})"
+    return text
+
+
+def attribution_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows of the attribution table (mean effect and 95 % CI per metric), None without the grid."""
+    block = summary.get("attribution") or {}
+    if not block.get("available"):
+        return None
+    rows = [
+        [m["label"], *(_effect_cell(m[effect]) for effect in ("zclip", "mixing", "interaction"))]
+        for m in block["metrics"].values()
+    ]
+    return ["Metric", "ZClip effect", "Mixing effect", "Interaction"], rows
+
+
+def attribution_sentences(summary: dict[str, Any]) -> list[str]:
+    """One sentence per metric about the mixing, then the ZClip ones whose interval excludes zero (or all, on one
+    seed); or why there is no attribution."""
+    block = summary.get("attribution") or {}
+    arms = list(summary.get("arms", {}))
+    if not block.get("available"):
+        if sorted(arms) == ["lora", "lora+crma"]:
+            return [
+                "lora vs lora+crma changes two things at once (the mixing and the clipper: a fixed norm clip vs "
+                "ZClip): a difference cannot be credited to either; run the 2×2 grid to separate them."
+            ]
+        return [block["reason"]] if block.get("reason") else []
+    out = [m["mixing"]["sentence"] for m in block["metrics"].values()]
+    for m in block["metrics"].values():
+        stats = m["zclip"]
+        if stats["ci95"] is None or not stats["ci95"][0] <= 0 <= stats["ci95"][1]:
+            out.append(stats["sentence"])
+    return out
+
+
 def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA") -> str:
     """Markdown report of `summarize_run(...)`: the metric table with signed % deltas, seed statistics, footnotes.
 
@@ -162,6 +204,14 @@ def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA
     elif n_seeds == 1:
         parts += [f"Seed {summary['seed_list'][0]}; deltas vs {summary['baseline']}.", ""]
     parts += [_md_table(*_main_table(summary)), ""]
+    table, sentences = attribution_table(summary), attribution_sentences(summary)
+    if table is not None or sentences:
+        parts += ["### What the 2×2 grid attributes", ""]
+        if table is not None:
+            n = summary["attribution"]["n_seeds"]
+            parts += [f"Effects on each metric, paired by seed (mean, and 95 % CI over {n} seeds when n ≥ 2):", ""]
+            parts += [_md_table(*table), ""]
+        parts += [f"- {line}" for line in sentences] + [""]
     if "seeds" in summary:
         parts += [f"### Mean ± sample std (n − 1) over {n_seeds} seeds", "", _md_table(*_seed_table(summary)), ""]
     parts += [f"- {note}" for note in _notes(summary)]
@@ -238,6 +288,12 @@ def report_html(
         f"<h1>{html.escape(title)}</h1>",
         _html_table(*_main_table(summary)),
     ]
+    table, sentences = attribution_table(summary), attribution_sentences(summary)
+    if table is not None or sentences:
+        parts.append("<h2>What the 2×2 grid attributes</h2>")
+        if table is not None:
+            parts.append(_html_table(*table))
+        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in sentences) + "</ul>")
     if "seeds" in summary:
         n = len(summary["seed_list"])
         parts += [f"<h2>Mean ± sample std (n − 1) over {n} seeds</h2>", _html_table(*_seed_table(summary))]

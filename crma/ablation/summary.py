@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .arms import baseline_arm
+from .attribution import attribution
 from .records import StepRecord
 
 METRIC_KEYS = (
@@ -328,5 +329,6 @@ def build_summary(
     else:
         summary = {"arms": {}, "deltas": {}, "seed_list": []}
     summary["baseline"] = summary.get("baseline") or baseline
+    summary["attribution"] = attribution(summary)
     summary["receipt"] = receipts[0] if len(receipts) == 1 else {"per_seed": receipts}
     return summary
