@@ -105,6 +105,34 @@ def test_saved_adapters_load_back_on_the_original_base(cli_run) -> None:
     assert not torch.allclose(trained["lora"], trained["lora+crma"], atol=1e-6)
 
 
+def test_a_matched_rank_adapter_loads_back_too(tmp_path) -> None:
+    from peft import PeftModel
+
+    from crma.ablation.models import load_model
+
+    trained: dict[str, torch.Tensor] = {}
+    original = ArmSet.save_adapters
+
+    def recording(self, root):
+        self.model.eval()
+        with torch.no_grad():
+            self.activate(self.arms[0])
+            trained["logits"] = self.model(PROBE).logits.clone()
+        return original(self, root)
+
+    ArmSet.save_adapters = recording
+    try:
+        assert run_cli(["ablate", *TINY, "--arms", "lora-matched", "--steps", "2", "--out", str(tmp_path / "r")]) == 0
+    finally:
+        ArmSet.save_adapters = original
+    folder = tmp_path / "r" / "adapters" / "lora-matched"
+    rank = json.loads((tmp_path / "r" / "summary.json").read_text())["receipt"]["matched_rank"]["rank"]
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * rank
+    model = PeftModel.from_pretrained(load_model("tiny-random").model, folder)
+    with torch.no_grad():
+        assert torch.allclose(model(PROBE).logits, trained["logits"], atol=1e-4)
+
+
 def test_config_file_and_flags_merge(tmp_path) -> None:
     config = tmp_path / "c.json"
     config.write_text(

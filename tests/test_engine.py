@@ -192,3 +192,28 @@ def test_lora_only_grad_norm_is_reported_for_every_arm() -> None:
     assert all(abs(r.grad_norm_lora - r.grad_norm_pre) <= 1e-5 * r.grad_norm_pre for r in lora)
     assert by_arm(records, "lora+crma")[0].grad_norm_lora == pytest.approx(lora[0].grad_norm_lora, rel=1e-6)
     assert result.summary["arms"]["lora+crma"]["grad_norm_lora_peak"] is not None
+
+
+def test_lora_matched_controls_capacity_and_is_unchanged_at_step_0(tmp_path) -> None:
+    from peft import PeftModel
+
+    import crma
+    from crma.ablation.models import load_model
+
+    arms = ["lora", "lora+crma", "lora-matched"]
+    records, result = run(tmp_path / "run", arms=arms, steps=3, save_adapters=True)
+    assert result.status == "finished", result.error
+    info = result.summary["arms"]
+    assert info["lora-matched"]["trainable_params"] >= info["lora+crma"]["trainable_params"]
+    matched = result.summary["receipt"]["matched_rank"]
+    assert info["lora-matched"]["trainable_params"] == matched["params"] and matched["rank"] > 8
+    # the smallest such rank: one less would not reach lora+crma's count
+    assert matched["params"] * (matched["rank"] - 1) // matched["rank"] < matched["lora_crma_params"]
+    receipt = result.summary["receipt"]
+    assert receipt["fair"], receipt["problems"]
+    assert receipt["arms"]["lora-matched"]["end"]["lora"]["r"] == matched["rank"]
+    assert len({r.loss for r in records if r.step == 1}) == 1  # same output at step 0 in all three arms
+    adapter = tmp_path / "run" / "adapters" / "lora-matched"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 2 * matched["rank"]
+    model = PeftModel.from_pretrained(load_model("tiny-random").model, adapter)  # loads on the original base
+    assert isinstance(model, PeftModel) and not (adapter / crma.serialization.WEIGHTS_NAME).exists()

@@ -36,6 +36,8 @@ from .receipt import (
 )
 from .records import StepRecord
 
+_SHARED_INIT = "shared_init"
+
 
 @dataclass
 class Batch:
@@ -78,6 +80,7 @@ class Arm:
     init_hash: str = ""
     trainable: int = 0
     wall_s: float = 0.0
+    init_dir: Path | None = None  # the initial adapter a trained PiSSA one is converted against when saved
     batch_digests: list[str] = field(default_factory=list)
     hyperparameter_digests: list[str] = field(default_factory=list)
     crma_hyperparameter_digests: list[str] = field(default_factory=list)
@@ -140,7 +143,7 @@ class ArmSet:
             for i, (label, name) in enumerate(zip(arm_labels(cfg.arms), cfg.arms, strict=True))
         ]
         self.model: Any = None
-        self.init_dir: Path | None = None
+        self.matched: dict[str, int] = {}
         self.setup_facts: dict[str, dict[str, Any]] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._snapshot: dict[str, torch.Tensor] = {}
@@ -169,13 +172,16 @@ class ArmSet:
         return all(arm.diverged for arm in self.arms)
 
     # -- set-up -----------------------------------------------------------------------------------------------
-    def _lora_config(self, init: Any) -> Any:
+    def _lora_config(self, init: Any, *, rank: int | None = None) -> Any:
         from peft import LoraConfig
 
         cfg = self.cfg
+        r = rank or cfg.lora_r
+        # A raised rank keeps the shared components' scale alpha / r: alpha grows with the rank.
+        alpha = cfg.lora_alpha * r / cfg.lora_r
         return LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
+            r=r,
+            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.lora_targets),
             init_lora_weights=init,
@@ -192,6 +198,49 @@ class ArmSet:
             return "gaussian"
         return True if init == "default" else init
 
+    def matched_rank(self, base: torch.nn.Module) -> dict[str, int]:
+        """The smallest LoRA rank whose trainable parameters are ≥ those of `lora+crma` (LoRA at `lora_r` + CRMA),
+        with the counts behind it."""
+        from crma.model import expected_parameter_count
+
+        cfg = self.cfg
+        per_rank = sum(
+            module.in_features + module.out_features
+            for name, module in base.named_modules()
+            if any(name.endswith(t) for t in cfg.lora_targets) and hasattr(module, "in_features")
+        )
+        layers, width = len(crma.utils.find_decoder_layers(base)), base.get_input_embeddings().weight.shape[1]
+        target = per_rank * cfg.lora_r + expected_parameter_count(layers, width, cfg.crma)
+        rank = math.ceil(target / per_rank)
+        return {"rank": rank, "params": per_rank * rank, "lora_crma_params": target}
+
+    def _save_init(self, adapter: str, name: str, init: Any) -> Path:
+        # The initial PiSSA adapter: saving converts a trained one into a plain LoRA for the original base.
+        self.model.peft_config[adapter].init_lora_weights = True
+        self.model.save_pretrained(self._tmp.name, selected_adapters=[adapter])
+        self.model.peft_config[adapter].init_lora_weights = init
+        target = Path(self._tmp.name) / name
+        (Path(self._tmp.name) / adapter).rename(target)
+        return target
+
+    def _add_matched(self, arm: Arm, initial: dict[str, torch.Tensor], rank: int) -> None:
+        """A rank-`rank` LoRA whose first `lora_r` components are the shared init and whose extra ones start from
+        peft's default (Kaiming-uniform A, zero B): the model is unchanged at step 0 and the base stays shared."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        r = self.cfg.lora_r
+        torch.manual_seed(self.seed + 1)  # the extra components are a function of the seed too
+        self.model.add_adapter(arm.adapter, self._lora_config(True, rank=rank))
+        state = {
+            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=arm.adapter).items()
+        }
+        for key, value in initial.items():
+            if "lora_A" in key:
+                state[key][:r] = value
+            elif "lora_B" in key:
+                state[key][:, :r] = value
+        set_peft_model_state_dict(self.model, state, adapter_name=arm.adapter)
+
     def setup(self) -> None:
         """Wrap the base in peft, give every arm the same initial LoRA, attach CRMA where the arm has it, and build
         each arm's optimizer, schedule, clipper and RNG state."""
@@ -207,25 +256,37 @@ class ArmSet:
             raise ValueError(
                 f"CRMA rank must be at most the model width ({width}) of {self.loaded.name}; got {cfg.crma.rank}"
             )
+        if any(arm.spec.matched for arm in self.arms):
+            self.matched = m = self.matched_rank(base)
+            note = (
+                f"lora-matched: LoRA rank {cfg.lora_r} raised to {m['rank']} so its {m['params']:,} trainable "
+                f"parameters are at least lora+crma's {m['lora_crma_params']:,}; its first {cfg.lora_r} components "
+                "start from the shared init, the others from peft's default (zero B), so the model is unchanged at "
+                "step 0."
+            )
+            if note not in self.notes:
+                self.notes.append(note)
         peft_init = self._peft_init()
-        first = self.arms[0]
-        # Seed *before* get_peft_model: the LoRA init must be a function of the seed (LlamaFactory #5446).
+        pissa = isinstance(peft_init, str) and peft_init.startswith("pissa")
+        # Seed *before* get_peft_model: the LoRA init must be a function of the seed (LlamaFactory #5446). The shared
+        # init lives in its own adapter, decomposed once; every arm copies it, then it is deleted.
         torch.manual_seed(self.seed)
-        self.model = get_peft_model(base, self._lora_config(peft_init), adapter_name=first.adapter)
+        self.model = get_peft_model(base, self._lora_config(peft_init), adapter_name=_SHARED_INIT)
         initial = {
-            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=first.adapter).items()
+            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=_SHARED_INIT).items()
         }
-        if isinstance(peft_init, str) and peft_init.startswith("pissa"):
-            # Keep the initial PiSSA adapter: saving converts the trained one into a plain LoRA for the original base.
-            self.model.peft_config[first.adapter].init_lora_weights = True
-            self.model.save_pretrained(self._tmp.name, selected_adapters=[first.adapter])
-            self.model.peft_config[first.adapter].init_lora_weights = peft_init
-            self.init_dir = Path(self._tmp.name) / "pissa_init"
-            (Path(self._tmp.name) / first.adapter).rename(self.init_dir)
-        for arm in self.arms[1:]:
+        shared_dir = self._save_init(_SHARED_INIT, "pissa_init", peft_init) if pissa else None
+        for arm in self.arms:
             # Every arm starts from the *same* LoRA weights on the *same* (once-mutated) base.
-            self.model.add_adapter(arm.adapter, self._lora_config(False))
-            set_peft_model_state_dict(self.model, initial, adapter_name=arm.adapter)
+            if arm.spec.matched:
+                self._add_matched(arm, initial, self.matched["rank"])
+                arm.init_dir = self._save_init(arm.adapter, f"init_{arm.adapter}", False) if pissa else None
+            else:
+                self.model.add_adapter(arm.adapter, self._lora_config(False))
+                set_peft_model_state_dict(self.model, initial, adapter_name=arm.adapter)
+                arm.init_dir = shared_dir
+        self.model.set_adapter(self.arms[0].adapter)
+        self.model.delete_adapter(_SHARED_INIT)
         for arm in self.arms:
             if arm.spec.crma:
                 crma.attach(self.model, cfg.crma, adapter_name=arm.adapter)
@@ -335,7 +396,10 @@ class ArmSet:
 
     def receipt(self, order_sha256: str) -> dict[str, Any]:
         """The fairness receipt of this seed: facts after set-up and now, and the verdict on both."""
-        return build_receipt(self.seed, self.setup_facts, self.facts(), order_sha256)
+        receipt = build_receipt(self.seed, self.setup_facts, self.facts(), order_sha256)
+        if self.matched:
+            receipt["matched_rank"] = dict(self.matched, lora_r=self.cfg.lora_r)
+        return receipt
 
     # -- results ------------------------------------------------------------------------------------------------
     def save_adapters(self, root: Path) -> list[Path]:
@@ -349,8 +413,8 @@ class ArmSet:
             try:
                 self.model.peft_config[arm.adapter].base_model_name_or_path = hub_id
                 kwargs = {}
-                if self.init_dir is not None:
-                    kwargs["path_initial_model_for_weight_conversion"] = str(self.init_dir)
+                if arm.init_dir is not None:
+                    kwargs["path_initial_model_for_weight_conversion"] = str(arm.init_dir)
                 # save_embedding_layers=False: peft would otherwise look the base config up on the Hub to decide.
                 self.model.save_pretrained(
                     staging, selected_adapters=[arm.adapter], save_embedding_layers=False, **kwargs

@@ -48,11 +48,19 @@ ARM_SPECS: dict[str, ArmSpec] = {
         ArmSpec("lora+zclip", crma=False, zclip=True, description="LoRA with ZClip instead of the fixed clip"),
         ArmSpec("lora+mix", crma=True, zclip=False, description="LoRA + CRMA's mixing, with the fixed clip"),
         ArmSpec("lora+crma", crma=True, zclip=True, description="LoRA + CRMA + ZClip: the author's recipe"),
+        ArmSpec(
+            "lora-matched",
+            crma=False,
+            zclip=True,
+            matched=True,
+            description="capacity control: ZClip LoRA with its rank raised to lora+crma's parameter count",
+        ),
     )
 }
 ARM_NAMES = tuple(ARM_SPECS)
 GRID_ARMS = ("lora", "lora+zclip", "lora+mix", "lora+crma")
 AUTHOR_ARMS = ("lora", "lora+crma")
+STUDY_ARMS = (*GRID_ARMS, "lora-matched")
 
 
 def arm_labels(arms: list[str]) -> list[str]:

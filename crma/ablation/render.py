@@ -376,6 +376,13 @@ def receipt_markdown(summary: dict[str, Any]) -> str:
             f"{_tick(r.get('differs_only_in_adapter'))} | `{str(r.get('batch_order_sha256', ''))[:16]}…` |"
         )
     first = per_seed[0]
+    matched = first.get("matched_rank")
+    if matched:
+        lines += [
+            "",
+            f"lora-matched: LoRA rank {matched['lora_r']} → **{matched['rank']}** ({matched['params']:,} trainable "
+            f"parameters, ≥ lora+crma's {matched['lora_crma_params']:,}).",
+        ]
     inits = first.get("lora_init_sha256") or {}
     if inits:
         lines += ["", "LoRA init sha256 per arm: " + ", ".join(f"{a} `{h[:12]}…`" for a, h in inits.items())]
