@@ -161,9 +161,12 @@ class _TextBuffer:
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.buf, self.pos, self.eof, self.started = "", 0, False, False
         self.line_base, self.col_base = 1, 1  # line and column of buf[0]
+        self.bad_bytes: DataError | None = None  # raised once the text before the bad bytes is used up
 
     def more(self) -> bool:
         """Append the next chunk (at least as long as the unread text, so re-decoding a long value stays linear)."""
+        if self.bad_bytes is not None:
+            raise self.bad_bytes
         if self.eof:
             return False
         if self.pos:  # drop consumed text, keeping track of where buf[0] lies in the file
@@ -173,17 +176,16 @@ class _TextBuffer:
             self.col_base = self.pos - dropped.rfind("\n") if newlines else self.col_base + self.pos
             self.buf, self.pos = self.buf[self.pos :], 0
         data = self.stream.read(max(_CHUNK, len(self.buf)))
-        if not self.started:
-            self.started = True
-            if data.startswith(_BOM):
-                data = data[len(_BOM) :]
-        pending = self.decoder.getstate()[0]
         try:
             text = self.decoder.decode(data, final=not data)
         except UnicodeDecodeError as exc:
-            good = (pending + data)[: exc.start].decode("utf-8", "replace")
-            line = self.line_base + self.buf.count("\n") + good.count("\n")
-            raise DataError(f"{self.name} is not UTF-8 text: line {line} ({exc.reason})") from None
+            # Bad bytes after the slice must not fail it: keep the text before them, complain only if it runs out.
+            text = exc.object[: exc.start].decode("utf-8")  # the object is the held-back bytes plus this chunk
+            line = self.line_base + self.buf.count("\n") + text.count("\n")
+            self.bad_bytes = DataError(f"{self.name} is not UTF-8 text: line {line} ({exc.reason})")
+        if not self.started and text:  # the first character decides whether there is a byte-order mark
+            self.started = True
+            text = text.removeprefix("\ufeff")
         self.buf += text
         self.eof = not data
         return True
@@ -224,11 +226,12 @@ class _TextBuffer:
         column = pos - self.buf.rfind("\n", 0, pos) if before else self.col_base + pos
         return f"line {self.line_base + before} column {column}"
 
-    def invalid(self, msg: str, pos: int, index: int) -> DataError:
-        return DataError(f"{self.name} is not valid JSON: {msg} at {self.where(pos)} (row {index})")
+    def invalid(self, msg: str, pos: int, index: int | None = None) -> DataError:
+        row = "" if index is None else f" (row {index})"
+        return DataError(f"{self.name} is not valid JSON: {msg} at {self.where(pos)}{row}")
 
 
-def _json_records(stream: BinaryIO, name: str, skip: int, _required: tuple[str, ...]) -> Iterator[Any]:
+def _json_records(stream: BinaryIO, name: str, _skip: int, _required: tuple[str, ...]) -> Iterator[Any]:
     # Rows before the slice are decoded too: in JSON only the decoder knows where a value ends.
     text = _TextBuffer(stream, name)
     first = text.peek()
@@ -260,9 +263,9 @@ def _json_records(stream: BinaryIO, name: str, skip: int, _required: tuple[str, 
             if after != ",":
                 raise text.invalid("Expecting ',' delimiter", text.pos, index - 1)
             text.pos += 1
-            text.peek()  # so a value's error names its own line
+            text.peek()  # raw_decode does not skip the whitespace before a value
     if text.peek():
-        raise text.invalid("Extra data", text.pos, index)
+        raise text.invalid("Extra data", text.pos)
 
 
 # --------------------------------------------------------------------------------------------------------------------

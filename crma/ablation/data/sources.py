@@ -75,7 +75,8 @@ def describe_source(source: str, *, display_name: str | None = None) -> SourceIn
                 size += len(chunk)
     except OSError as exc:
         raise DataError(f"cannot read {name}: {exc.strerror or type(exc).__name__}") from None
-    file_name = Path(display_name).name if display_name else path.name
+    # A browser may send "C:\\Users\\me\\data.json" as the file name: keep its last component on any OS.
+    file_name = re.split(r"[\\/]", display_name)[-1] if display_name else path.name
     return SourceInfo(kind=kind, name=file_name, sha256=digest.hexdigest(), size_bytes=size)
 
 
@@ -121,7 +122,7 @@ def load_instruction_rows(
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
             raise DataError(
-                f"{name} is {_megabytes(size)}, over the {_megabytes(max_bytes)} limit for data files; "
+                f"{name} is {_size_text(size)}, over the limit of {_size_text(max_bytes)} for data files; "
                 "keep only the rows you need (a .jsonl file is read fastest)"
             )
         with path.open("rb") as stream:
@@ -165,8 +166,11 @@ def _file_format(path: Path, name: str) -> FileFormat:
     return suffix[1:]  # type: ignore[return-value]
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n % 2**20 else f"{n // 2**20} MB"
+def _size_text(n: int) -> str:
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
 
 
 def _check_slice(n: int, start: int, rows: int, name: str) -> None:
