@@ -237,14 +237,17 @@ def test_error_unparseable_jsonl_names_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"d\.jsonl line 3 is not valid JSON"):
-        load_instruction_rows(str(path), start=0, rows=1)
+        load_instruction_rows(str(path), start=0, rows=2)
+    # The bad line lies after a one-row slice, which is read without it.
+    assert load_instruction_rows(str(path), start=0, rows=1) == [{"instruction": "a", "input": "", "output": "b"}]
 
 
 def test_error_unparseable_json(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": \n]', encoding="utf-8")
-    with pytest.raises(DataError, match=r"d\.json is not valid JSON: .* at line 4"):
-        load_instruction_rows(str(path), start=0, rows=1)
+    with pytest.raises(DataError, match=r"d\.json is not valid JSON: Expecting value at line 4 column 1 \(row 1\)"):
+        load_instruction_rows(str(path), start=0, rows=2)
+    assert load_instruction_rows(str(path), start=0, rows=1) == [{"instruction": "a", "input": "", "output": "b"}]
 
 
 def test_error_json_not_a_list(tmp_path):
@@ -420,7 +423,8 @@ def test_truncation_keeps_prompt_and_cuts_response(tok):
     row = {"instruction": "Count.", "input": "", "output": "one two three four five six seven eight"}
     prompt, _ = format_example(row, tok)
     n_prompt = len(tok(prompt)["input_ids"])
-    (ex,) = build_examples([row], tok, seq_len=n_prompt + 5)
+    # Five tokens fit beside the whole prompt, and one response token is all this row asks to keep.
+    (ex,) = build_examples([row], tok, seq_len=n_prompt + 5, min_response_tokens=1)
     assert len(ex.input_ids) == n_prompt + 5
     assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
@@ -428,20 +432,30 @@ def test_truncation_keeps_prompt_and_cuts_response(tok):
     assert ex.n_loss_tokens == 5
 
 
-def test_error_row_with_no_loss_token_suggests_seq_len(tok):
+def test_error_policy_names_the_row_and_the_seq_len_it_needs(tok):
     rows = [
         {"instruction": "Hi.", "input": "", "output": "Hello."},
         {"instruction": "Summarise this very long passage please.", "input": "x" * 300, "output": "Short."},
     ]
     prompt, _ = format_example(rows[1], tok)
     n_prompt = len(tok(prompt)["input_ids"])
+    # min_response_tokens=1 is the rule before long-prompt policies existed: one response token is enough.
     with pytest.raises(
         DataError,
         match=rf"row 41 .*has a {n_prompt}-token prompt, so seq_len 200 leaves it no "
-        rf"response token.*seq_len >= {n_prompt + 1}",
+        rf"response token.*seq_len >= {n_prompt + 1}, or long_prompt='truncate' or 'drop'$",
     ):
-        build_examples(rows, tok, seq_len=200, row_offset=40)
-    assert len(build_examples(rows, tok, seq_len=n_prompt + 1)[1].labels) == n_prompt + 1
+        build_examples(rows, tok, seq_len=200, row_offset=40, long_prompt="error", min_response_tokens=1)
+    fitted = build_examples(rows, tok, seq_len=n_prompt + 1, long_prompt="error", min_response_tokens=1)
+    assert len(fitted[1].labels) == n_prompt + 1 and fitted[1].n_loss_tokens == 1
+    # By default a row must keep min(its response with eos, seq_len // 4) = 7 response tokens ("Short." + eos).
+    seq_len = n_prompt + 3
+    with pytest.raises(
+        DataError,
+        match=rf"row 1 .*{n_prompt}-token prompt, so seq_len {seq_len} leaves it only 3 of the 7 response tokens "
+        rf"to learn from; use seq_len >= {n_prompt + 7},",
+    ):
+        build_examples(rows, tok, seq_len=seq_len, long_prompt="error")
 
 
 def test_existing_eos_is_not_doubled(chat_tok):
