@@ -78,3 +78,30 @@ def test_missing_charts_are_a_note_not_a_silent_success(tmp_path, monkeypatch) -
     assert result.status == "finished"
     assert any(note.startswith("PNG charts not written") for note in result.notes)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["notes"] == result.notes
+
+
+def test_an_upload_is_recorded_by_name_and_hash_never_by_server_path(tmp_path) -> None:
+    import hashlib
+
+    folder = tmp_path / "server" / "uploads" / "a1b2"
+    folder.mkdir(parents=True)
+    data = folder / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n" for i in range(8)))
+    cfg = parse_config({**CFG, "dataset": str(data)})
+    *_, result = write_run(cfg, tmp_path / "run", charts=False, data_name="mine.jsonl")
+    assert result.status == "finished", result.error
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == "mine.jsonl"
+    source = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["source"]
+    assert source["name"] == "mine.jsonl" and source["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    for name in result.files:
+        assert str(folder) not in (tmp_path / "run" / name).read_text(errors="ignore"), name
+
+
+def test_the_tiny_preset_runs_on_the_bundled_data_out_of_the_box(tmp_path) -> None:
+    cfg = parse_config({"model": "tiny-random", "arms": ["lora"], "steps": 1, "save_adapters": False})
+    assert cfg.seq_len == 128 and cfg.rows == 200  # the defaults; byte tokens make many prompts too long
+    *_, result = write_run(cfg, tmp_path / "run", charts=False)
+    assert result.status == "finished", result.error
+    fit = result.summary["data"]["fit"]
+    assert fit["prompts_truncated"] > 0
+    assert any("prompts were cut to their last" in note for note in result.notes)

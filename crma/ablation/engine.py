@@ -94,6 +94,7 @@ class _Run:
         self.receipts: list[dict[str, Any]] = []
         self.arm_info: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
+        self.data: dict[str, Any] = {}  # the data's path-free identity and what fitting it to seq_len did
         self.status, self.error = "finished", None
 
     def should_stop(self) -> bool:
@@ -115,6 +116,7 @@ class _Run:
             self.records, labels=arm_labels(self.cfg.arms), receipts=self.receipts, arm_info=self.arm_info
         )
         summary["notes"] = list(self.notes)
+        summary["data"] = self.data
         return RunResult(
             status=self.status,
             error=self.error,
@@ -132,6 +134,7 @@ def run_ablation(
     stop: threading.Event | None = None,
     loaded: Any = None,
     adapters_dir: str | Path | None = None,
+    data_name: str | None = None,
 ) -> Iterator[Event]:
     """Run the paired ablation and yield `Phase` messages, one `StepRecord` per arm per step, then a `RunResult`.
 
@@ -141,12 +144,14 @@ def run_ablation(
         loaded (`LoadedModel | None`): an already loaded model to reuse (its weights are restored afterwards).
         adapters_dir (`str | Path | None`): where each arm's adapter is saved (`<arm>/`, or `seed-<s>/<arm>/` with
             several seeds) when `cfg.save_adapters`; nothing is saved when None.
+        data_name (`str | None`): what messages and the summary call a local data file (e.g. an upload's own name,
+            so no server path is shown); the path itself by default.
 
     Returns:
         An iterator of events; the last one is always a `RunResult` (status finished / stopped / failed). Errors
         in the config, the model or the data end the run as `failed` with a one-line message; they are not raised.
     """
-    from .data import build_examples, load_instruction_rows
+    from .data import build_example_set, describe_source, load_instruction_rows
     from .models import load_model
 
     run = _Run(cfg, stop or threading.Event())
@@ -154,9 +159,14 @@ def run_ablation(
         if loaded is None:
             yield Phase(f"loading model {cfg.model}")
             loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        yield Phase(f"reading {cfg.rows} rows of {cfg.dataset} from row {cfg.start}")
-        rows = load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows)
-        examples = build_examples(rows, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=cfg.start)
+        source = describe_source(cfg.dataset, display_name=data_name)
+        run.data["source"] = source.to_dict()
+        yield Phase(f"reading {cfg.rows} rows of {source.name} from row {cfg.start}")
+        rows = load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows, display_name=data_name)
+        fitted = build_example_set(rows, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=cfg.start)
+        run.data["fit"] = fitted.to_dict()
+        run.notes.extend(fitted.notes())
+        examples = fitted.examples
         vocab = loaded.model.get_input_embeddings().weight.shape[0]
         for seed in cfg.seed_list:
             if run.should_stop():

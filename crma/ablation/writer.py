@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from .arms import arm_labels
@@ -68,16 +69,21 @@ class RunWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
+        self.data_name: str | None = None
 
     @property
     def adapters_dir(self) -> Path:
         """Where the engine saves the arms' adapters."""
         return self.staging / "adapters"
 
-    def wrap(self, cfg: AblationConfig, events: Iterator[Event]) -> Iterator[Event]:
+    def wrap(self, cfg: AblationConfig, events: Iterator[Event], *, data_name: str | None = None) -> Iterator[Event]:
         """Pass the engine's events through, writing each one's files on the way; the last event is the
-        `RunResult` with `out_dir` and `files` set (and status `failed` if a file could not be written)."""
-        atomic_write_text(self.staging / "config.json", cfg.to_json())
+        `RunResult` with `out_dir` and `files` set (and status `failed` if a file could not be written).
+
+        `data_name` stands in for a local data file's path in `config.json` (an upload's own name: the server's
+        folders are nobody's business, and the file's hash is in `summary.json`)."""
+        self.data_name = data_name
+        atomic_write_text(self.staging / "config.json", self._public(cfg).to_json())
         metrics = self.staging / "metrics.jsonl"
         metrics.touch()
         for event in events:
@@ -110,8 +116,11 @@ class RunWriter:
         result.out_dir = str(self.out)
         result.files = sorted(str(p.relative_to(self.out)) for p in self.out.rglob("*") if p.is_file())
 
+    def _public(self, cfg: AblationConfig) -> AblationConfig:
+        return replace(cfg, dataset=self.data_name) if self.data_name else cfg
+
     def _write_reports(self, result: RunResult, summary: dict) -> None:
-        cfg = result.config
+        cfg = self._public(result.config)
         title = f"{' vs '.join(arm_labels(cfg.arms))} on {cfg.model}"
         summary = {**summary, "status": result.status, "error": result.error}
         if not result.records:
@@ -148,4 +157,6 @@ def write_run(
     from .engine import run_ablation
 
     writer = RunWriter(out_dir, overwrite=overwrite, charts=charts)
-    yield from writer.wrap(cfg, run_ablation(cfg, adapters_dir=writer.adapters_dir, **engine))
+    data_name = engine.get("data_name")
+    events = run_ablation(cfg, adapters_dir=writer.adapters_dir, **engine)
+    yield from writer.wrap(cfg, events, data_name=data_name)
