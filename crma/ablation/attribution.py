@@ -27,7 +27,7 @@ HEADLINE_METRICS = (
     ("final_loss_ema", "final loss (EMA 0.9)"),
     ("grad_norm_lora_peak", "peak LoRA-only grad norm"),
     ("grad_norm_lora_mean", "mean LoRA-only grad norm"),
-    ("grad_norm_pre_peak", "peak global pre-clip grad norm"),
+    ("grad_norm_pre_peak", "peak global pre-clip grad norm (CRMA's own parameters included)"),
     ("steps_clipped", "number of clipped steps"),
     ("spike_count", "number of grad-norm spikes"),
 )

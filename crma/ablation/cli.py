@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ablate.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    study = sub.add_parser("study", help="the published study: the 2x2 grid + lora-matched, 5 seeds, plain and spike")
+    study.add_argument("--out", type=Path, default=Path("assets/study"), help="published study (default assets/study)")
+    study.add_argument("--work", type=Path, default=Path("runs/study"), help="every run's files (default runs/study)")
+    study.add_argument("--toy", action="store_true", help="the same protocol at toy size (tiny model, 2 seeds)")
+    study.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2,3,4,5)")
+    study.add_argument("--steps", type=int, default=None, help="steps per arm (default 80)")
+    study.add_argument("--spike-at", type=int, default=None, help="the stress condition's spike step (default 50)")
+    study.add_argument("--overwrite", action="store_true", help="replace earlier results in --out and --work")
+    study.add_argument("--no-progress", action="store_true", help="no progress bar")
     for spec in schema():
         text = f"{spec.label}: {spec.help} (default: {spec.default})".replace("%", "%%")
         if spec.hint is bool:
@@ -178,10 +187,56 @@ def _ablate(args: argparse.Namespace) -> int:
     return EXIT_OK if result.status == "finished" else EXIT_STOPPED
 
 
+def _study(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .study import CONDITIONS, StudyProtocol, run_study
+
+    try:
+        protocol = StudyProtocol.toy() if args.toy else StudyProtocol()
+        if args.seeds is not None:
+            protocol.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if args.steps is not None:
+            protocol.steps = args.steps
+        if args.spike_at is not None:
+            protocol.spike_at = args.spike_at
+        for name in CONDITIONS:
+            protocol.condition(name)  # every condition's config is valid before anything runs
+        events = run_study(protocol, args.out, work_dir=args.work, overwrite=args.overwrite)
+        first = next(events)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    total = protocol.steps * len(protocol.arms) * len(protocol.seeds) * len(CONDITIONS)
+    bar = tqdm(total=total, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    statuses = []
+    try:
+        for event in _chain(first, events):
+            if isinstance(event, Phase):
+                bar.set_description(event.message[:40])
+            elif isinstance(event, StepRecord):
+                bar.update(1)
+            elif isinstance(event, RunResult):
+                statuses.append(event.status)
+                if event.status == "failed":
+                    print(f"error: {event.error}", file=sys.stderr)
+    finally:
+        bar.close()
+    print((args.out / "study.md").read_text() if (args.out / "study.md").exists() else "no study written")
+    return EXIT_OK if statuses and all(s == "finished" for s in statuses) else EXIT_STOPPED
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """Parse, run, print the summary table; return the process exit code (0 ok, 1 stopped/failed, 2 bad input,
     130 interrupted — after writing every file of the steps done)."""
     args = build_parser().parse_args(argv)
     if args.command == "ablate":
         return _ablate(args)
+    if args.command == "study":
+        return _study(args)
     return EXIT_BAD_INPUT  # pragma: no cover - argparse requires a known command
