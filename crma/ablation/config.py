@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from crma.config import CRMAConfig, JSONConfig, ZClipConfig, is_int, is_number, require
 
-from .arms import ARM_SPECS, AUTHOR_ARMS
+from .arms import ARM_SPECS, GRID_ARMS
 
 SEED_RANGE = (0, 2**32)  # torch.manual_seed and numpy both take this range
 
@@ -31,8 +31,9 @@ class AblationConfig(JSONConfig):
         steps (`int`): optimizer steps per arm.
         seed (`int`): seed of the run (LoRA init, batch order, dropout); `seeds` overrides it with several.
         seeds (`list[int] | None`): run the whole ablation once per seed; a one-element list just sets `seed`.
-        arms (`list[str]`): arm names (`lora`, `lora+zclip`, `lora+mix`, `lora+crma`); a name listed twice is an A/A
-            control.
+        arms (`list[str]`): arm names; the default is the 2x2 grid `lora`, `lora+zclip`, `lora+mix`, `lora+crma`
+            (`lora` vs `lora+crma` alone is the author's recipe: two changes at once); `lora-matched` is the capacity
+            control; a name listed twice is an A/A control.
         lr (`float`): learning rate of LoRA and the CRMA projections.
         structural_lr (`float`): learning rate of CRMA's `log_mix`, read and write logits.
         gate_lr (`float`): learning rate of CRMA's gate `log_alpha`.
@@ -67,7 +68,7 @@ class AblationConfig(JSONConfig):
     steps: int = 40
     seed: int = 42
     seeds: list[int] | None = None
-    arms: list[str] = field(default_factory=lambda: list(AUTHOR_ARMS))
+    arms: list[str] = field(default_factory=lambda: list(GRID_ARMS))
     lr: float = 2e-4
     structural_lr: float = 5e-3
     gate_lr: float = 1e-3
