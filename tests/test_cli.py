@@ -262,3 +262,39 @@ def test_ctrl_c_finishes_the_step_and_writes_every_file(tmp_path, monkeypatch) -
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
     assert (out / "report.html").is_file() and (out / "adapters" / "lora+crma" / "crma.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
+def test_sigterm_stops_cleanly_and_leaves_no_temp_folder(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the run's temp folders go
+    original = ArmSet.train_step
+
+    def terminated(self, arm, batch):
+        if batch.step == 2 and arm.label == "lora":
+            signal.raise_signal(signal.SIGTERM)  # as `kill <pid>` or a container stop would
+        return original(self, arm, batch)
+
+    monkeypatch.setattr(ArmSet, "train_step", terminated)
+    out = tmp_path / "run"
+    assert run_cli(["ablate", *TINY, "--arms", "lora,lora+crma", "--steps", "6", "--out", str(out)]) == 130
+    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+    leftovers = [p.name for p in scratch.iterdir() if p.name.startswith("crma-")]
+    assert leftovers == []  # PiSSA's init folder and the adapter staging folders are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tmp"]
+
+
+def test_a_read_only_out_folder_is_refused(tmp_path, capsys, monkeypatch) -> None:
+    import os
+
+    from crma.ablation import writer
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Root ignores permission bits, so the check's answer is what a read-only mount gives an ordinary user.
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: os.path.realpath(path) != str(locked))
+    assert run_cli(["ablate", *TINY, "--out", str(locked / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write into {locked}: it is read-only; choose another --out"]

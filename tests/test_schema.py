@@ -80,6 +80,8 @@ def test_values_override_a_base() -> None:
         ({"lora_targets": ["q_proj", "\udc00"]}, "lora_targets", "lone surrogate"),
         ({"setps": 3}, "setps", "unknown setting 'setps' (did you mean 'steps'?)"),
         ({"model": ["a"]}, "model", "Model must be text; got ['a']"),
+        ({"lora_init": "pissa_niter_1000000000"}, "lora_init", "LoRA init must be 'default', 'gaussian', 'pissa' or"),
+        ({"lora_init": "eva"}, "lora_init", "'pissa_niter_N' with N in 1..32; got 'eva'"),
     ],
 )
 def test_errors_name_the_field_by_its_label(values, key, message) -> None:

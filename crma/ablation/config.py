@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,6 +12,8 @@ from crma.config import CRMAConfig, JSONConfig, ZClipConfig, is_int, is_number, 
 from .arms import ARM_SPECS, GRID_ARMS
 
 SEED_RANGE = (0, 2**32)  # torch.manual_seed and numpy both take this range
+# PiSSA's randomized SVD runs niter power iterations over every target matrix: bounded, so no value can stall set-up.
+LORA_INIT = re.compile(r"^(default|gaussian|pissa|pissa_niter_([1-9]|[12][0-9]|3[0-2]))$")
 
 
 def _from_mapping(cls: type, value: Any) -> Any:
@@ -44,8 +47,8 @@ class AblationConfig(JSONConfig):
         lora_alpha (`int`): LoRA alpha (the update is scaled by alpha / r).
         lora_targets (`list[str]`): module names LoRA adapts.
         lora_dropout (`float`): LoRA dropout (0 in the CRMA recipe).
-        lora_init (`str`): peft `init_lora_weights`: `pissa_niter_N` or `pissa` (as the author describes),
-            `gaussian`, or `default` (peft's Kaiming-uniform A, zero B).
+        lora_init (`str`): peft `init_lora_weights`: `pissa_niter_N` (N in 1..32) or `pissa` (as the author
+            describes), `gaussian`, or `default` (peft's Kaiming-uniform A, zero B).
         max_grad_norm (`float`): fixed clip of the arms without ZClip (HF Trainer's default 1.0).
         crma (`CRMAConfig`): the CRMA side channel of the arms that have it (streams, rank, Sinkhorn, init).
         zclip (`ZClipConfig`): ZClip of the arms that have it (published defaults).
@@ -97,9 +100,15 @@ class AblationConfig(JSONConfig):
         self.zclip = _from_mapping(ZClipConfig, self.zclip)
         require(isinstance(self.crma, CRMAConfig), "crma", "a CRMAConfig", self.crma)
         require(isinstance(self.zclip, ZClipConfig), "zclip", "a ZClipConfig", self.zclip)
-        for name in ("model", "dataset", "lora_init"):
+        for name in ("model", "dataset"):
             value = getattr(self, name)
             require(isinstance(value, str) and value.strip() != "", name, "a non-empty string", value)
+        require(
+            isinstance(self.lora_init, str) and LORA_INIT.match(self.lora_init) is not None,
+            "lora_init",
+            "'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N in 1..32",
+            self.lora_init,
+        )
         for name in ("rows", "steps", "batch_size", "seq_len", "lora_r", "lora_alpha", "diag_every"):
             value = getattr(self, name)
             require(is_int(value) and value > 0, name, "an integer ≥ 1", value)
