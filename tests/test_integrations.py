@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,6 +191,28 @@ def test_trainer_trains_three_steps_with_zclip_and_mixing_logs_and_writes_crma_f
     assert all(torch.equal(after[n], v) for n, v in _crma_state(fresh).items())
 
 
+def test_zclip_runs_once_per_optimizer_step_after_gradient_accumulation(tmp_path) -> None:
+    from crma.integrations import prepare_trainer
+
+    trainer = _trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, save_strategy="no")
+    prepare_trainer(trainer, zclip=crma.ZClipConfig(warmup_steps=5))
+    trainer.train()
+    logs = _train_logs(trainer)
+    assert trainer._crma.zclip.step_count == 3 and len(trainer._crma.zclip._warmup) == 3  # 3 steps, not 6 batches
+    # The norm ZClip saw is the accumulated one the Trainer measured, the warm-up values are those norms.
+    assert [e["grad_norm_pre"] for e in logs] == pytest.approx([e["grad_norm"] for e in logs], rel=1e-6)
+    assert trainer._crma.zclip._warmup == pytest.approx([e["grad_norm"] for e in logs], rel=1e-6)
+
+
+def test_the_integration_imports_neither_trl_nor_trackio_nor_gradio() -> None:
+    code = (
+        "import sys, crma.integrations; print(','.join(m for m in ('trl', 'trackio', 'gradio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
 def test_resuming_from_a_checkpoint_restores_crma_and_zclip_and_gives_the_same_next_losses(tmp_path) -> None:
     from crma.integrations import prepare_trainer
 
@@ -270,3 +297,99 @@ def test_trl_example_trains_an_sft_trainer_with_crma(tmp_path, monkeypatch) -> N
     assert any(p.abs().sum() > 0 for n, p in crma_params.items() if n.endswith("crma_B"))  # B left zero: it trained
     for folder in ("smollm2-crma/checkpoint-2", "smollm2-crma"):
         assert all((tmp_path / folder / name).is_file() for name in CRMA_FILES), folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LAUNCHERS = {
+    # --standalone: torchrun picks a free port itself (other test runs may share this machine).
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+    # --multi_gpu selects accelerate's torch.distributed launcher; the script's use_cpu=True makes it gloo on CPU
+    # (accelerate's --cpu with several processes wants mpirun instead).
+    "accelerate launch": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> tuple[dict, Path]:
+    """tests/trainer_dist_script.py in this process (world size 1, batch 4 per step)."""
+    from trainer_dist_script import run
+
+    out = tmp_path_factory.mktemp("one_process")
+    return run(str(out)), out
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_gloo_processes_match_one_process(one_process_run, launcher: str, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    reference, reference_dir = one_process_run
+    command = [sys.executable, *LAUNCHERS[launcher]]
+    if launcher == "accelerate launch":
+        command += ["--main_process_port", str(_free_port())]
+    command += [str(ROOT / "tests" / "trainer_dist_script.py"), "--out", str(tmp_path), "--report-to", "trackio"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRACKIO_DIR": str(tmp_path / "trackio")}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reference["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
+
+    # Each rank did its share: per step, two disjoint halves of the one-process batch (the data loader fetches
+    # one batch ahead, so only the first 3 batches were trained on).
+    for step in range(3):
+        halves = [set(r["indices"][step]) for r in ranks]
+        assert [len(h) for h in halves] == [2, 2] and halves[0].isdisjoint(halves[1])
+        assert halves[0] | halves[1] == set(reference["indices"][step])
+
+    # Same loss, pre- and post-clip norms and clipping decisions as one process, and the same on both ranks.
+    expected = _train_logs_of(reference)
+    assert sum(e["zclip_clipped"] for e in expected) >= 1  # step 1 is clipped by the hard cap
+    for record in ranks:
+        got = _train_logs_of(record)
+        assert [e["step"] for e in got] == [e["step"] for e in expected] == [1, 2, 3]
+        for mine, theirs in zip(got, expected, strict=True):
+            for key in ("loss", "grad_norm_pre", "grad_norm_post"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (mine["step"], key)
+            assert mine["zclip_clipped"] == theirs["zclip_clipped"]
+    assert [[e[k] for k in ZCLIP_KEYS] for e in _train_logs_of(ranks[0])] == [
+        [e[k] for k in ZCLIP_KEYS] for e in _train_logs_of(ranks[1])
+    ]
+
+    # Same CRMA (and LoRA) parameters after 3 steps; only the main process wrote CRMA files.
+    lora = "train/checkpoint-3/adapter_model.safetensors"
+    for name in ("train/crma.safetensors", "train/checkpoint-2/crma.safetensors", lora):
+        ours, theirs = load_file(tmp_path / name), load_file(reference_dir / name)
+        assert set(ours) == set(theirs)
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5, name
+    assert ranks[0]["crma_writes"] == ["train/checkpoint-2", "train/checkpoint-3", "train"]
+    assert ranks[1]["crma_writes"] == []
+
+    # trackio (local SQLite under TRACKIO_DIR): one run, from the main process, with the CRMA keys of every step.
+    with sqlite3.connect(tmp_path / "trackio" / "crma-dist.db") as db:
+        rows = db.execute("SELECT run_id, metrics FROM metrics ORDER BY id").fetchall()
+    assert len({run_id for run_id, _ in rows}) == 1
+    step_rows = [json.loads(metrics) for _, metrics in rows if b'"train/loss"' in metrics]  # not the run summary
+    assert len(step_rows) == 3
+    for logged, entry in zip(step_rows, _train_logs_of(ranks[0]), strict=True):
+        for key in ZCLIP_KEYS + MIXING_KEYS:
+            assert logged[f"train/{key}"] == pytest.approx(entry[key], rel=1e-12), key
+
+
+def _train_logs_of(record: dict) -> list[dict]:
+    return [entry for entry in record["log_history"] if "loss" in entry]
