@@ -204,6 +204,22 @@ def test_zclip_runs_once_per_optimizer_step_after_gradient_accumulation(tmp_path
     assert trainer._crma.zclip._warmup == pytest.approx([e["grad_norm"] for e in logs], rel=1e-6)
 
 
+def test_under_fsdp_the_mixing_diagnostics_are_skipped_with_one_warning(tmp_path, caplog) -> None:
+    # FSDP cannot run through the Trainer on CPU (accelerate falls back to DDP), so only this fallback is tested:
+    # sharded CRMA parameters are not read, the ZClip keys still are logged.
+    from crma.integrations import prepare_trainer
+
+    trainer = prepare_trainer(_trainer(tmp_path))
+    trainer.is_fsdp_enabled = True
+    for _ in range(2):
+        trainer._crma.window.add(crma.ClipResult(3.0, 2.0, True))
+        trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    assert (logged["grad_norm_pre"], logged["grad_norm_post"], logged["zclip_clipped"]) == (3.0, 2.0, 1)
+    assert not any(key.startswith("crma_") for key in logged)
+    assert sum("mixing diagnostics are skipped" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_the_integration_imports_neither_trl_nor_trackio_nor_gradio() -> None:
     code = (
         "import sys, crma.integrations; print(','.join(m for m in ('trl', 'trackio', 'gradio') if m in sys.modules))"
