@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 2 tests/trainer_dist_script.py --out DIR       # two gloo processes, 2 + 2 per step
 
 The global batch is 4 sequences either way. Every rank writes `DIR/rank<k>.json`: the dataset indices it consumed per
-optimizer step, its `log_history`, and every folder its `crma.save` calls wrote (observed by wrapping `crma.save`).
+optimizer step, its `log_history`, every folder its `crma.save` calls wrote (observed by wrapping `crma.save`), and
+which optional packages (trl, trackio, gradio) the imports pulled in.
 The trainer writes its checkpoints and the final CRMA files under `DIR/train`. tests/test_integrations.py compares
 a two-process run with a one-process run.
 """
@@ -60,6 +61,8 @@ def run(out: str, report_to: str = "none") -> dict:
     import crma
     from crma.integrations import prepare_trainer
 
+    # In a fresh process this shows what importing the integration pulled in (trl and trackio are optional).
+    optional_imported = [name for name in ("trl", "trackio", "gradio") if name in sys.modules]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     writes: list[str] = []
     save = crma.save
@@ -102,6 +105,7 @@ def run(out: str, report_to: str = "none") -> dict:
         "indices": collator.batches,
         "log_history": trainer.state.log_history,
         "crma_writes": writes,
+        "optional_imported": optional_imported,
     }
 
 

@@ -16,6 +16,10 @@ Each change goes through an extension point the Trainer documents:
 
 The trainer's class is swapped for a subclass that puts `CRMATrainerMixin` first, so a subclass's own overrides
 (TRL's `log` adds its metrics) still run, after ours.
+
+Tested on CPU: Trainer and SFTTrainer in one process, and the Trainer under `torchrun` / `accelerate launch` with 2
+gloo processes (DDP), against one process. ZClip's FSDP1 / FSDP2 norms are tested on ZClip itself; FSDP through the
+Trainer is not (accelerate runs multi-process CPU training as DDP), nor is AMP fp16 (GPU only).
 """
 
 from __future__ import annotations
