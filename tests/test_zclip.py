@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from crma import ZClip, ZClipConfig, clip_by_norm
+from crma.zclip import global_grad_norm
 
 
 def _param_with_grad(norm: float, dims: int = 4) -> torch.nn.Parameter:
@@ -122,3 +123,70 @@ def test_clip_by_norm_matches_torch() -> None:
     assert clipped and pre == pytest.approx(3.0, rel=1e-6) and post == pytest.approx(1.0, rel=1e-5)
     assert torch.equal(a.grad, b.grad)
     assert clip_by_norm([_param_with_grad(0.5)], 1.0) == pytest.approx((0.5, 0.5, False))
+
+
+def test_global_grad_norm_single_process_equals_torch_and_sharded_is_a_no_op_without_a_group() -> None:
+    params = [_param_with_grad(3.0), _param_with_grad(4.0, dims=3)]
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+    assert global_grad_norm(params).item() == pytest.approx(5.0, rel=1e-6) == expected
+    # One process: the local gradient is the whole gradient, `sharded` has nothing to sum over.
+    assert global_grad_norm(params, sharded=True).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="sharded"):
+        ZClip(sharded="yes")
+
+
+@pytest.fixture(scope="module")
+def two_rank_records(tmp_path_factory) -> list[dict]:
+    """Run tests/zclip_dist_worker.py on 2 gloo processes (CPU) once; every scenario's records per rank."""
+    import json
+
+    import torch.multiprocessing as mp
+    import zclip_dist_worker
+
+    out = tmp_path_factory.mktemp("zclip_dist")
+    mp.spawn(zclip_dist_worker.run, args=(2, str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _assert_same_results(got: list, expected: list, rel: float = 1e-6) -> None:
+    assert len(got) == len(expected)
+    for (pre, post, clipped), (ref_pre, ref_post, ref_clipped) in zip(got, expected, strict=True):
+        assert clipped == ref_clipped
+        assert pre == pytest.approx(ref_pre, rel=rel) and post == pytest.approx(ref_post, rel=rel)
+
+
+def test_two_ranks_holding_disjoint_halves_see_the_full_norm_with_sharded(two_rank_records) -> None:
+    reference = two_rank_records[0]["reference"]
+    assert [r[2] for r in reference["results"]] == [False, False, False, True, False]  # the spike is clipped
+    for record in two_rank_records:
+        _assert_same_results(record["hand_split"]["results"], reference["results"])
+        # Without `sharded` a rank sees only its own part: the reduction is what makes the norm global.
+        for local, (full, _, _) in zip(record["hand_split"]["local_pre_norms"], reference["results"], strict=True):
+            assert local < 0.99 * full
+        # Each rank scaled its own parameters by the factor the one-process run used.
+        for step, grads in enumerate(record["hand_split"]["grads"]):
+            for index, values in grads.items():
+                assert values == pytest.approx(reference["grads"][step][int(index)], rel=1e-5, abs=1e-7)
+    halves = [set(record["hand_split"]["grads"][0]) for record in two_rank_records]
+    assert halves[0].isdisjoint(halves[1]) and halves[0] | halves[1] == {"0", "1", "2", "3"}
+
+
+def test_dtensor_gradients_are_reduced_over_their_mesh(two_rank_records) -> None:
+    reference = two_rank_records[0]["reference"]
+    for record in two_rank_records:
+        _assert_same_results(record["dtensor"]["results"], reference["results"])
+        for step, grads in enumerate(record["dtensor"]["grads"]):
+            for values, expected in zip(grads, reference["grads"][step], strict=True):
+                assert values == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2", "fsdp1"])
+def test_data_parallel_wrappers_match_one_process_on_the_whole_batch(two_rank_records, wrapper: str) -> None:
+    # Each rank backpropagates half of every batch; DDP all-reduces, FSDP2 holds DTensor shards, FSDP1 flat
+    # shards (sharded=True). All must reproduce the one-process norms and clip the same steps on both ranks.
+    reference = two_rank_records[0]["model_reference"]
+    assert [r[2] for r in reference] == [False, False, False, True, False]
+    for record in two_rank_records:
+        # 1e-5: two half-batch means averaged vs one whole-batch mean differ in float32 summation order.
+        _assert_same_results(record[wrapper], reference, rel=1e-5)
+    assert two_rank_records[0][wrapper] == two_rank_records[1][wrapper]  # bit-identical decisions and norms
