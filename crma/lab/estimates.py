@@ -32,7 +32,7 @@ def default_config(has_gpu: bool) -> tuple[AblationConfig, str]:
         note = (
             f"GPU found: the defaults reproduce the author's setting (TinyLlama-1.1B, 200 Alpaca rows, seed 42, "
             f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens), about "
-            f"{_minutes(estimate_run_seconds(cfg, gpu=True))} for two arms."
+            f"{_minutes(estimate_run_seconds(cfg, gpu=True))} for {len(cfg.arms)} arms."
         )
         return cfg, note
     cfg = AblationConfig(

@@ -38,11 +38,17 @@ def cli_command(cfg: AblationConfig, *, out: str | None = None) -> str:
         if isinstance(value, list):
             text = ",".join(str(v) for v in value)
         else:
-            text = f"{value:g}" if isinstance(value, float) else str(value)
+            text = _number(value) if isinstance(value, float) else str(value)
         parts.append(f"{spec.flag} {shlex.quote(text)}")
     if out is not None:
         parts.append(f"--out {shlex.quote(out)}")
     return " \\\n    ".join(parts)
+
+
+def _number(value: float) -> str:
+    # `:g` is the short form of round values (1500.0 -> "1500") but keeps only 6 digits; repr is exact.
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def event_json(event: Phase | StepRecord | RunResult, *, run_id: str) -> dict[str, Any]:

@@ -1,23 +1,31 @@
-"""`crma.hub`: push an ablation folder through the real `huggingface_hub` client to a local Hub stand-in."""
+"""`crma.ablation.publish`: push a run folder through the real `huggingface_hub` client to a local Hub stand-in.
+
+The folder holds the files a run writes: config and metrics from the records module, a PEFT LoRA adapter saved by peft
+and the CRMA files saved by `crma.save`, so the pushed bytes are loaded back the way the model card says."""
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import socket
 import struct
-import time
+import threading
 import zlib
 from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
 import pytest
 import torch
+from conftest import make_tiny_llama
 from hub_standin import HubStandIn, TokenInfo
 from huggingface_hub import ModelCard
-from safetensors.torch import save_file
 
-from crma.hub import PRESET_HUB_IDS, PushError, model_card, push_results
+import crma
+from crma.ablation.config import AblationConfig
+from crma.ablation.jsonio import write_json
+from crma.ablation.models import PRESETS
+from crma.ablation.publish import PushError, hub_model_id, model_card, push_results
+from crma.ablation.records import StepRecord, write_metrics_jsonl
 
 # huggingface_hub's own LFS PUT passes `data=` to httpx2, which warns; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -32,9 +40,12 @@ TOKENS = {
     READ_ONLY: TokenInfo("alice", role="read"),
     DECOY: TokenInfo("owner"),  # a valid token of someone else: if it leaked, the push would succeed as them
 }
+PRESET_HUB_IDS = {name: preset.hub_id for name, preset in PRESETS.items()}
 SUMMARY_MD = (
     "| arm | final loss | mean grad norm |\n|---|---|---|\n| lora | 2.311 | 1.42 |\n| lora+crma | 2.287 | 1.05 |\n"
 )
+BATCH_ORDER = "ab12cd" + "0" * 58
+ARMS = ["lora", "lora+crma"]
 
 
 def _png(width: int = 2, height: int = 2) -> bytes:
@@ -46,47 +57,68 @@ def _png(width: int = 2, height: int = 2) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-def make_out_dir(root: Path, *, model: str = "smollm2-135m", dataset: str = "alpaca") -> Path:
-    """A small but real ablation output folder (JSON, markdown, HTML, PNG charts, safetensors adapters)."""
+def _trained_model(seed: int, *, with_crma: bool):
+    """A tiny LoRA (+ CRMA) model whose adapters are not a no-op (B and the CRMA up-projection moved off zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    if with_crma:
+        crma.attach(model, crma.CRMAConfig(n_streams=3, rank=4))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def _record(arm: str, step: int) -> StepRecord:
+    return StepRecord(arm, 7, step, 2.5 - 0.1 * step, 1.2, 1.0, False, 2e-4, 64 * step, 0.01, 100.0)
+
+
+def make_out_dir(root: Path, models: dict, *, preset: str = "smollm2-135m", dataset: str = "alpaca") -> Path:
+    """A run folder as the writer and the engine leave it: config, metrics, summaries, report, PNG charts, a peft
+    LoRA adapter per arm and `crma.save`'s files beside the CRMA arm's."""
     out = root / "out"
-    config = {
-        "model": model,
-        "dataset": dataset,
-        "start": 0,
-        "rows": 16,
-        "steps": 3,
-        "seed": 7,
-        "arms": ["lora", "lora+crma"],
-    }
-    (out / "adapters" / "lora").mkdir(parents=True)
-    (out / "adapters" / "lora+crma").mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "metrics.jsonl").write_text(
-        "".join(
-            json.dumps({"arm": a, "step": s, "loss": 2.5 - 0.1 * s}) + "\n" for s in (1, 2, 3) for a in config["arms"]
-        )
-    )
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                "arms": {"lora": {"final_loss": 2.311}, "lora+crma": {"final_loss": 2.287}},
-                "receipt": {"batch_hash": "ab12cd", "lora_init_sha256": "ffee00"},
-            }
-        )
+    out.mkdir()
+    cfg = AblationConfig(model=preset, dataset=dataset, rows=16, steps=3, seed=7, arms=list(ARMS))
+    (out / "config.json").write_text(cfg.to_json())
+    write_metrics_jsonl([_record(arm, s) for s in (1, 2, 3) for arm in ARMS], out / "metrics.jsonl")
+    write_json(
+        out / "summary.json",
+        {
+            "arms": {"lora": {"final_loss": 2.311}, "lora+crma": {"final_loss": 2.287}},
+            "receipt": {
+                "seed": 7,
+                "lora_init_sha256": {arm: "f" * 64 for arm in ARMS},
+                "lora_init_equal": True,
+                "batch_order_sha256": BATCH_ORDER,
+                "batches_seen_equal": True,
+                "differs_only_in_adapter": True,
+                "config_diff": {"crma": {"lora": False, "lora+crma": True}},
+            },
+        },
     )
     (out / "summary.md").write_text(SUMMARY_MD)
     (out / "report.html").write_text("<!doctype html><html><body><h1>report</h1></body></html>")
     for i, name in enumerate(("loss.png", "grad_norm.png", "loss_delta.png")):
         (out / name).write_bytes(_png(2 + i, 2))
-    for arm in ("lora", "lora+crma"):
-        (out / "adapters" / arm / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-        save_file(
-            {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(8, 32)},
-            str(out / "adapters" / arm / "adapter_model.safetensors"),
-        )
-    (out / "adapters" / "lora+crma" / "crma_config.json").write_text(json.dumps({"streams": 3, "rank": 4}))
-    save_file({"crma_mix_logits": torch.randn(3, 3)}, str(out / "adapters" / "lora+crma" / "crma.safetensors"))
+    for arm in ARMS:
+        staging = root / f"peft-{arm}"
+        models[arm].save_pretrained(staging, save_embedding_layers=False)
+        shutil.move(str(staging), out / "adapters" / arm)
+    crma.save(models["lora+crma"], out / "adapters" / "lora+crma")
     return out
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {"lora": _trained_model(1, with_crma=False), "lora+crma": _trained_model(2, with_crma=True)}
+
+
+@pytest.fixture(scope="module")
+def template(models, tmp_path_factory) -> Path:
+    return make_out_dir(tmp_path_factory.mktemp("run"), models)
 
 
 def local_files(out: Path) -> dict[str, bytes]:
@@ -116,8 +148,8 @@ def hub(request, hub_env) -> HubStandIn:
 
 
 @pytest.fixture
-def out_dir(tmp_path) -> Path:
-    return make_out_dir(tmp_path)
+def out_dir(template, tmp_path) -> Path:
+    return Path(shutil.copytree(template, tmp_path / "out"))
 
 
 def test_push_uploads_every_file_byte_identical_in_one_commit(hub, out_dir):
@@ -133,7 +165,8 @@ def test_push_uploads_every_file_byte_identical_in_one_commit(hub, out_dir):
         assert repo.files[rel] == data, rel
     # The binary files took the LFS path (batch -> presigned PUT -> verify), not inline base64.
     lfs_paths = [rel for rel in expected if rel.endswith((".png", ".safetensors"))]
-    assert len(lfs_paths) == 6
+    assert len(lfs_paths) == 6  # 3 charts, 2 LoRA adapters, 1 crma.safetensors
+    assert "adapters/lora+crma/crma.safetensors" in lfs_paths and "adapters/lora+crma/crma_config.json" in expected
     assert set(hub.lfs_store.values()) == {expected[rel] for rel in lfs_paths}
     assert sum(r.method == "PUT" for r in hub.requests) == 6
     assert [r.path for r in hub.requests if "/commit/" in r.path] == ["/api/models/alice/crma-ablation/commit/main"]
@@ -168,12 +201,33 @@ def test_model_card_in_readme_has_metadata_table_charts_and_loading(hub, out_dir
     assert 'PeftModel.from_pretrained(base, "alice/crma-ablation", subfolder="adapters/lora+crma")' in readme
     assert 'PeftModel.from_pretrained(base, "alice/crma-ablation", subfolder="adapters/lora")' in readme
     assert readme.count("crma.load(model, ") == 1  # only the arm that carries CRMA files
-    assert "ab12cd" in readme  # the fairness receipt
+    assert "ab12cd" in readme and "Same LoRA init" in readme  # the fairness receipt
     assert hub.validated_yaml == [readme]  # the client validated this exact card before uploading
 
 
-def test_model_card_maps_presets_and_omits_non_hub_sources(tmp_path):
-    out = make_out_dir(tmp_path, model="tiny-random", dataset="bundled")
+def test_pushed_adapters_load_as_the_card_says(hub, out_dir, models, tmp_path):
+    from peft import PeftModel
+
+    push_results(out_dir, "alice/crma-ablation", token=VISITOR, endpoint=hub.url)
+    local = tmp_path / "snapshot"  # what `snapshot_download` would give: the pushed bytes
+    for rel, data in hub.repos["alice/crma-ablation"].files.items():
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(data)
+    ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = make_tiny_llama()(ids).logits
+        for arm in ARMS:
+            # The card's lines: PeftModel.from_pretrained(base, ..., subfolder=arm), then crma.load for CRMA arms.
+            model = PeftModel.from_pretrained(make_tiny_llama(), local / "adapters" / arm).eval()
+            if arm == "lora+crma":
+                crma.load(model, local / "adapters" / arm)
+            logits = model(ids).logits
+            torch.testing.assert_close(logits, models[arm](ids).logits)
+            assert not torch.allclose(logits, base_logits, atol=1e-4)  # the adapters really change the output
+
+
+def test_model_card_maps_presets_and_omits_non_hub_sources(tmp_path, models):
+    out = make_out_dir(tmp_path, models, preset="tiny-random", dataset="bundled")
     card = ModelCard(model_card(out, repo_id="me/x", base_model="tiny-random", dataset="bundled"))
     meta = card.data.to_dict()
     assert "base_model" not in meta and "datasets" not in meta
@@ -188,7 +242,9 @@ def test_model_card_maps_presets_and_omits_non_hub_sources(tmp_path):
     )
     for preset, hub_id in PRESET_HUB_IDS.items():
         text = model_card(out, repo_id="me/x", base_model=preset, dataset="alpaca")
-        assert ModelCard(text).data.base_model == hub_id
+        assert ModelCard(text).data.base_model == hub_id == hub_model_id(preset)
+    assert hub_model_id("org/some-model") == "org/some-model"
+    assert hub_model_id("/srv/models/mine") is None and hub_model_id(None) is None  # never a path in metadata
 
 
 def test_second_push_reuses_the_repo_and_adds_a_commit(hub, out_dir):
@@ -226,14 +282,25 @@ def test_unknown_token_is_rejected(hub, out_dir):
     assert [r.status for r in hub.requests] == [401]
 
 
-def test_foreign_namespace_is_refused_before_any_write(hub, out_dir):
-    with pytest.raises(PushError, match=r"cannot write to someone-else/x: 'someone-else' is neither your account"):
-        push_results(out_dir, "someone-else/x", token=VISITOR, endpoint=hub.url)
-    with pytest.raises(PushError, match=r"cannot write to readers-org/x: your role in 'readers-org' is read-only"):
-        push_results(out_dir, "readers-org/x", token=VISITOR, endpoint=hub.url)
-    with pytest.raises(PushError, match=r"cannot write to alice/x: the token is read-only"):
-        push_results(out_dir, "alice/x", token=READ_ONLY, endpoint=hub.url)
-    assert {r.path for r in hub.requests} == {"/api/whoami-v2"} and not hub.repos
+@pytest.mark.parametrize(
+    ("token", "repo_id"),
+    [(VISITOR, "someone-else/x"), (VISITOR, "readers-org/x"), (READ_ONLY, "alice/x")],
+    ids=["foreign-namespace", "read-only-org-role", "read-only-token"],
+)
+def test_the_hubs_403_says_where_the_token_cannot_write(hub, out_dir, token, repo_id):
+    namespace = repo_id.split("/")[0]
+    with pytest.raises(PushError) as err:
+        push_results(out_dir, repo_id, token=token, endpoint=hub.url)
+    message = str(err.value)
+    assert message.startswith(f"cannot write to {repo_id}: the token has no write access there (403 Forbidden")
+    assert f'namespace "{namespace}"' in message and "\n" not in message  # the Hub's own reason, on one line
+    # Refused when creating the repo: nothing was prepared, uploaded or committed.
+    assert [(r.method, r.path, r.status) for r in hub.requests][:2] == [
+        ("GET", "/api/whoami-v2", 200),
+        ("POST", "/api/repos/create", 403),
+    ]
+    assert not any(p in r.path for r in hub.requests for p in ("/preupload/", "/commit/", ".git/", "_lfs_storage"))
+    assert not hub.repos
 
 
 def test_server_403_becomes_cannot_write(hub, out_dir):
@@ -251,14 +318,58 @@ def test_failed_upload_names_the_step(request, hub_env, out_dir):
     assert hub.repos["alice/x"].files == {}
 
 
-def test_unreachable_endpoint_fails_fast(hub_env, out_dir):
+def test_refused_connection_is_reported(hub_env, out_dir):
     with socket.socket() as sock:  # a port that was free a moment ago and now has no listener
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    start = time.perf_counter()
-    with pytest.raises(PushError, match=rf"cannot reach the Hub at http://127.0.0.1:{port} while checking the token"):
+    with pytest.raises(PushError) as err:
         push_results(out_dir, "alice/x", token=VISITOR, endpoint=f"http://127.0.0.1:{port}")
-    assert time.perf_counter() - start < 3.0  # whoami is not retried: connection refused surfaces at once
+    assert str(err.value).startswith(
+        f"cannot reach the Hub at http://127.0.0.1:{port} while checking the token: network unreachable (ConnectError"
+    )
+
+
+class HangUp:
+    """A listener that accepts each connection, reads the request and closes without an answer; counts them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by stop()
+                return
+            self.connections += 1
+            with conn:
+                conn.recv(65536)
+
+    def stop(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not on Linux)
+        self.sock.close()
+        self.thread.join(timeout=5)
+        assert not self.thread.is_alive()
+
+
+def test_unreachable_hub_fails_on_the_first_request_without_retries(hub_env, out_dir, request):
+    dead = HangUp()
+    request.addfinalizer(dead.stop)
+    with pytest.raises(PushError) as err:
+        push_results(out_dir, "alice/x", token=VISITOR, endpoint=dead.url)
+    message = str(err.value)
+    assert message.startswith(f"cannot reach the Hub at {dead.url} while checking the token: network unreachable")
+    assert VISITOR not in message
+    # whoami is the first request and is not retried: one connection, and nothing after it (no upload_folder
+    # retry loop).
+    assert dead.connections == 1
 
 
 def test_offline_mode_is_reported(monkeypatch, hub, out_dir):

@@ -1,0 +1,176 @@
+"""`crma.lab.live`: the live view's redraw throttle, progress line and charts, and the registry of views by run id."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from crma.ablation import plots
+from crma.ablation.arms import ARM_SPECS
+from crma.ablation.config import AblationConfig
+from crma.ablation.records import Phase, RunResult, StepRecord, write_metrics_jsonl
+from crma.lab.live import LiveView, ViewRegistry
+from crma.lab.runs import new_run
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(
+    arm: str, step: int, *, seed: int = 42, loss: float = 2.0, diverged: bool = False, tokens_per_step: int = 100
+) -> StepRecord:
+    return StepRecord(
+        arm=arm,
+        seed=seed,
+        step=step,
+        loss=loss,
+        grad_norm_pre=1.0 + 0.01 * step,
+        grad_norm_post=1.0,
+        clipped=step % 7 == 0,
+        lr=2e-4,
+        tokens=tokens_per_step * step,
+        step_time_s=0.5,
+        memory_mb=1536.0,
+        diverged=diverged,
+    )
+
+
+def _result(cfg: AblationConfig, records: list[StepRecord], status: str = "finished", error: str | None = None):
+    return RunResult(status=status, error=error, config=cfg, records=records, summary={}, wall_s=12.0)
+
+
+def test_liveview_throttles_redraws_and_always_draws_phases_and_the_end():
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=10, arms=["lora", "lora+crma"])
+    view = LiveView(cfg, clock=clock, min_interval_s=0.35)
+    assert view.update(Phase("loading model tiny-random")) is True
+    clock.now += 0.01
+    assert view.update(_record("lora", 1)) is True  # first step: draw at once
+    draws = []
+    for (step, arm), wait in zip([(1, "lora+crma"), (2, "lora"), (2, "lora+crma")], (0.1, 0.1, 0.2), strict=True):
+        clock.now += wait
+        draws.append(view.update(_record(arm, step)))
+    assert draws == [False, False, True]  # 0.1 and 0.2 s after the last draw: no; 0.4 s: yes
+    clock.now += 0.05
+    assert view.update(Phase("seed 42: saving adapters")) is True
+    assert view.update(_result(cfg, view.records)) is True  # the end is always drawn, even right after a draw
+
+
+def test_liveview_redraw_rate_is_bounded_and_updates_build_no_figures(monkeypatch):
+    def no_figures(*args, **kwargs):
+        raise AssertionError("update() must not build a figure: only the redraw does")
+
+    for name in ("make_loss_figure", "make_grad_norm_figure", "make_delta_figure", "make_mixing_figure"):
+        monkeypatch.setattr(plots, name, no_figures)
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=1000, arms=list(ARM_SPECS))
+    view = LiveView(cfg, clock=clock, min_interval_s=0.35)
+    for step in range(1, 1001):
+        for arm in ARM_SPECS:
+            clock.now += 0.004  # 20 ms per lockstep step of five arms: 20 s of run
+            view.update(_record(arm, step))
+    assert len(view.records) == 5000 and view.done == 1000
+    assert view.redraws <= 20 / 0.35 + 2  # at most ~3 per second
+    # Counters, not re-summing the records: tokens are the newest cumulative count per arm, summed over arms.
+    assert view.tokens == 5 * 100 * 1000 and math.isclose(view.compute_s, 5000 * 0.5)
+
+
+def test_liveview_backs_off_when_drawing_is_slow():
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=50, arms=["lora", "lora+crma"])
+    view = LiveView(cfg, clock=clock, min_interval_s=0.35)
+    view.update(_record("lora", 1))
+
+    class SlowClock(FakeClock):  # each reading advances 0.5 s: figures() measures a 0.5 s drawing cost
+        def __call__(self) -> float:
+            self.now += 0.5
+            return self.now
+
+    slow = SlowClock()
+    view.clock = slow
+    view.figures()
+    view.clock = clock
+    clock.now = slow.now
+    view._last_draw = clock.now
+    clock.now += 1.0
+    assert view.update(_record("lora+crma", 1)) is False  # 1 s < 3 x 0.5 s drawing cost
+    clock.now += 0.6
+    assert view.update(_record("lora", 2)) is True
+
+
+def test_liveview_progress_text_and_figures():
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=10, arms=["lora+crma", "lora"])  # baseline arm yields second
+    view = LiveView(cfg, clock=clock, device="CPU (2 cores)")
+    assert "waiting" in view.progress_text()
+    view.update(_record("lora+crma", 1))
+    loss, grad, delta = view.figures()  # no baseline record yet: the delta chart is empty, not an error
+    assert {t.name for t in loss.data} >= {"lora+crma"}
+    assert not [t for t in delta.data if t.name == "lora+crma"]
+    for step in range(1, 5):
+        clock.now += 1.0
+        if step > 1:
+            view.update(_record("lora+crma", step))
+        view.update(_record("lora", step, loss=2.5))
+    text = view.progress_text()
+    assert "Step 4/10" in text and "elapsed 0:04" in text and "ETA 0:08" in text and "CPU (2 cores)" in text
+    assert "RSS 1.50 GiB" in text and "200 tokens/s" in text
+    assert view.fraction() == pytest.approx(0.4)
+    loss, grad, delta = view.figures(smoothing=0.0, log_scale=True)
+    assert {t.name for t in loss.data} >= {"lora", "lora+crma"}
+    assert grad.layout.yaxis.type == "log"
+    assert [t.name for t in delta.data if t.name == "lora+crma"]
+    view.update(_record("lora+crma", 5, loss=float("nan"), diverged=True))
+    assert "lora+crma diverged at step 5" in view.progress_text() and "other arms continue" in view.progress_text()
+    assert 'role="progressbar"' in view.progress_html()
+    view.update(_result(cfg, view.records, status="stopped", error="stopped by request"))
+    assert view.progress_text().startswith("Stopped at step 5/10")
+    view.update(_result(cfg, view.records, status="failed", error="out of memory: <lower batch_size>"))
+    assert "Failed at step 5/10: out of memory" in view.progress_text()
+    assert "&lt;lower batch_size&gt;" in view.progress_html()  # error text is escaped in the HTML
+    view.update(_result(cfg, view.records))
+    assert view.fraction() == 1.0 and view.progress_text().startswith("Finished 10 steps x 2 arms in 0:12")
+
+
+def test_liveview_multi_seed_progress_counts_all_seeds():
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=5, seeds=[1, 2], arms=["lora", "lora+crma"])
+    view = LiveView(cfg, clock=clock)
+    for seed in (1, 2):
+        for step in range(1, 6 if seed == 1 else 3):
+            for arm in ("lora", "lora+crma"):
+                clock.now += 0.5
+                view.update(_record(arm, step, seed=seed))
+    assert view.done == 7 and view.total_steps == 10
+    assert "Step 7/10 · seed 2 (2/2)" in view.progress_text()
+    loss, _, _ = view.figures()  # live: the current seed only
+    assert "seed 2" in (loss.layout.title.text or "")
+
+
+def test_view_registry_is_bounded_and_rebuilds_from_files(tmp_path):
+    registry = ViewRegistry(max_views=2)
+    cfg = AblationConfig(model="tiny-random", steps=3, arms=["lora", "lora+crma"])
+    views = [LiveView(cfg) for _ in range(3)]
+    for i, view in enumerate(views):
+        registry.add(f"{i:032x}", view)
+    assert registry.get(f"{0:032x}") is None and registry.get(f"{2:032x}") is views[2]
+    assert registry.view_for(f"{2:032x}", tmp_path) is views[2]
+    folder = new_run(tmp_path)
+    assert registry.view_for(folder.run_id, tmp_path) is None  # no metrics yet: nothing to draw
+    folder.out_dir.mkdir()
+    (folder.out_dir / "config.json").write_text(cfg.to_json())
+    written = [_record(arm, s, loss=math.nan if s == 2 else 2.0) for s in (1, 2) for arm in ("lora", "lora+crma")]
+    write_metrics_jsonl(written, folder.out_dir / "metrics.jsonl")  # the writer's format (NaN as null)
+    rebuilt = registry.view_for(folder.run_id, tmp_path)
+    assert rebuilt is not None and len(rebuilt.records) == 4 and rebuilt.done == 2
+    assert math.isnan(rebuilt.records[2].loss)
+    loss, grad, _ = rebuilt.figures(smoothing=0.0, log_scale=True)
+    assert grad.layout.yaxis.type == "log" and {t.name for t in loss.data} >= {"lora", "lora+crma"}
+    for bad in ("../../etc", None, 42):
+        assert registry.view_for(bad, tmp_path) is None
