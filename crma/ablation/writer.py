@@ -71,6 +71,13 @@ class RunWriter:
         self.staging.mkdir()
         self.data_name: str | None = None
 
+    @classmethod
+    def resume(cls, staging: Path, out_dir: str | Path) -> RunWriter:
+        """A writer that finishes the staging folder another process started (whose process is gone)."""
+        writer = cls.__new__(cls)
+        writer.out, writer.staging, writer.charts, writer.data_name = Path(out_dir), Path(staging), True, None
+        return writer
+
     @property
     def adapters_dir(self) -> Path:
         """Where the engine saves the arms' adapters."""
@@ -100,6 +107,8 @@ class RunWriter:
         """Write the summary files of `result`, then move the folder into place (`result.files` lists them)."""
         summary = dict(result.summary)
         try:
+            if not (self.staging / "config.json").is_file():
+                atomic_write_text(self.staging / "config.json", self._public(result.config).to_json())
             self._write_reports(result, summary)
         except OSError as exc:
             result.status = "failed"
