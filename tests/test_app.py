@@ -1,9 +1,12 @@
 """The Gradio Space: the page builds, and the running app serves `/ablate`, `/stop`, `/push` and `/preview` through
-gradio_client (one server for the module, on 127.0.0.1 and a free port); the UI handlers are also driven directly."""
+gradio_client (one server for the module, on 127.0.0.1 and a free port); the UI handlers are also driven directly
+through `app.build_page()`.
+
+No test here checks the PNG charts (the writer's tests do), so the module replaces the PNG export with one that fails
+as it does without a browser: no Chromium starts, and the run says why its PNGs are missing."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import socket
 import time
 import zipfile
@@ -11,15 +14,24 @@ from pathlib import Path
 
 import pytest
 
+from crma.ablation.arms import ARM_SPECS, GRID_ARMS
+
 TINY = {"model": "tiny-random", "dataset": "bundled", "rows": 8, "seq_len": 512}  # byte tokenizer: long prompts
 TIMEOUT_S = 150
+NO_PNG_NOTE = "PNG charts not written: no browser"
 
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
+    from crma.ablation import writer
+
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("no browser")
+
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("runs")
     mp.setenv("CRMA_RUNS_DIR", str(root))
+    mp.setattr(writer, "write_png_charts", no_browser)
     yield root
     mp.undo()
 
@@ -29,6 +41,11 @@ def app_module(runs_dir):
     import app
 
     return app
+
+
+@pytest.fixture(scope="module")
+def page(app_module):
+    return app_module.build_page()
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +64,14 @@ def client(app_module, request, tmp_path_factory):
 
 
 def _wait_for(job, predicate, timeout: float = TIMEOUT_S):
-    """The first output of `job` that satisfies `predicate`, waiting on the job (not sleeping) up to `timeout`."""
+    """The first output of `job` that satisfies `predicate`; each output is taken as it arrives (the job's own
+    iterator), and a run that streams on past `timeout` fails the test."""
     deadline = time.monotonic() + timeout
-    seen = 0
-    while time.monotonic() < deadline:
-        outputs = job.outputs()
-        for output in outputs[seen:]:
-            if predicate(output):
-                return output
-        seen = len(outputs)
-        if job.done() and len(job.outputs()) == seen:
+    for output in job:
+        if predicate(output):
+            return output
+        if time.monotonic() > deadline:
             break
-        concurrent.futures.wait([job], timeout=0.05)  # returns as soon as the job ends
     raise AssertionError(f"no matching output within {timeout} s; got {len(job.outputs())} outputs")
 
 
@@ -72,18 +85,19 @@ def test_build_demo_builds_without_launching(app_module):
     demo = app_module.build_demo()
     assert isinstance(demo, gr.Blocks)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    for elem_id in ("loss-plot", "grad-plot", "delta-plot"):
+    for elem_id in ("loss-plot", "grad-plot", "delta-plot", "mixing-plot"):
         assert isinstance(by_id[elem_id], gr.Plot)
     assert isinstance(by_id["run-btn"], gr.Button) and isinstance(by_id["stop-btn"], gr.Button)
     endpoints = demo.get_api_info()["named_endpoints"]
     assert {"/ablate", "/stop", "/push", "/preview"} <= set(endpoints)
     assert [p["parameter_name"] for p in endpoints["/ablate"]["parameters"]] == ["config", "data_file"]
     assert [p["parameter_name"] for p in endpoints["/push"]["parameters"]] == ["repo_id", "private"]  # token injected
+    assert [p["parameter_name"] for p in endpoints["/preview"]["parameters"]] == ["dataset", "upload", "start", "rows"]
     # Defaults on this CPU machine: the CPU setting, and the page says so.
-    markdown = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and b.elem_id == "default-note"]
-    assert markdown and "No GPU" in markdown[0]
+    note = by_id["default-note"].value
+    assert "No GPU" in note
     arms = [b for b in demo.blocks.values() if isinstance(b, gr.CheckboxGroup)][0]
-    assert arms.value == ["lora", "lora+crma"]
+    assert arms.value == list(GRID_ARMS) and [c[1] for c in arms.choices] == list(ARM_SPECS)
     # The GPU queue: one run at a time, UI and API share it; stop never waits behind it.
     deps = {d.api_name: d for d in demo.fns.values()}
     assert deps["ablate"].concurrency_id == deps["run"].concurrency_id == "gpu"
@@ -91,25 +105,41 @@ def test_build_demo_builds_without_launching(app_module):
     assert deps["stop"].concurrency_id != "gpu" and deps["stop"].concurrency_limit is None
 
 
+def test_page_sections_and_form_wiring(app_module, page):
+    import gradio as gr
+
+    from crma.ablation.schema import label
+
+    assert isinstance(page, app_module.Page) and isinstance(page.demo, gr.Blocks)
+    assert isinstance(page.form, app_module.Form) and isinstance(page.charts, app_module.Charts)
+    assert isinstance(page.results, app_module.Results)
+    settings = page.form.settings()
+    assert len(settings) == len(app_module.FORM_KEYS) == len(set(map(id, settings)))
+    # Each setting reaches the run handler from the box that carries its label (a swapped pair would not).
+    for key, component in zip(app_module.FORM_KEYS, settings, strict=True):
+        assert component.label.startswith(label(key)), (key, component.label)
+    assert page.charts.progress in page.run_outputs() and page.results.repro in page.run_outputs()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # /ablate through gradio_client
 
 
 def test_ablate_streams_every_arm_and_the_summary(client):
-    from crma.ablation.config import ARM_SPECS
-
     job = client.submit({**TINY, "steps": 2, "arms": list(ARM_SPECS)}, None, api_name="/ablate")
     job.result(timeout=TIMEOUT_S)
     events = [event for event, _ in job.outputs()]
     assert events[0]["type"] == "started" and events[0]["config"]["arms"] == list(ARM_SPECS)
+    assert events[0]["config"]["crma"]["rank"] == 4  # the started event carries the nested config
     records = [e for e in events if e["type"] == "record"]
     assert {(e["arm"], e["step"]) for e in records} == {(arm, s) for arm in ARM_SPECS for s in (1, 2)}
     assert all(e["run_id"] == events[0]["run_id"] for e in events[1:])
     final, archive = job.outputs()[-1]
     assert final["type"] == "result" and final["status"] == "finished" and final["error"] is None
-    assert final["records"] == len(records) == 8
+    assert final["records"] == len(records) == 2 * len(ARM_SPECS)
     assert set(final["summary"]["arms"]) == set(ARM_SPECS)
     assert final["summary"]["receipt"]["lora_init_equal"] is True
+    assert NO_PNG_NOTE in final["notes"]  # the run says why its archive has no PNGs
     required = {
         "config.json",
         "metrics.jsonl",
@@ -128,12 +158,13 @@ def test_ablate_streams_every_arm_and_the_summary(client):
 def test_stop_ends_the_run_with_partial_results(client):
     job = client.submit({**TINY, "steps": 1000}, None, api_name="/ablate")
     started, _ = _wait_for(job, lambda out: out[0]["type"] == "started")
+    assert started["config"]["arms"] == list(GRID_ARMS)
     _wait_for(job, lambda out: out[0]["type"] == "record")
     message = client.predict(started["run_id"], api_name="/stop")
     assert message.startswith("stopping run")
     final, archive = _wait_for(job, lambda out: out[0]["type"] == "result")
     assert final["status"] == "stopped" and final["error"] == "stopped by request"
-    assert 2 <= final["records"] < 2 * 1000  # partial, but kept
+    assert 1 <= final["records"] < len(GRID_ARMS) * 1000  # partial, but kept
     assert {"metrics.jsonl", "summary.json", "adapters/lora/adapter_model.safetensors"} <= set(final["files"])
     assert Path(archive).is_file()
     assert "no running run" in client.predict(started["run_id"], api_name="/stop")  # it has ended
@@ -143,15 +174,17 @@ def test_stop_ends_the_run_with_partial_results(client):
     ("config", "upload", "message"),
     [
         ({"model": "no-such-model", "steps": 2}, None, "unknown model 'no-such-model'"),
-        ({"lr": "fast"}, None, "`lr` must be a number"),
-        ({"steps": 100000}, None, "`steps` must be at most 1000"),
-        ({"batch_size": 0}, None, "`batch_size` must be a positive integer"),
+        ({"lr": "fast"}, None, "LR must be a number; got 'fast'"),
+        ({"steps": 100000}, None, "Steps must be at most 1000 on this Space"),
+        ({"batch_size": 0}, None, "Batch size must be an integer ≥ 1; got 0"),
+        ({"crma": {"rank": 65}}, None, "CRMA rank must be at most 64 on this Space"),
         ({"start": 390, "rows": 20}, None, "do not fit"),
+        ({"dataset": "/etc/passwd"}, None, "Data must be one of"),
         ({"dataset": "upload", "rows": 1}, ("notes.txt", "instruction: hi\n"), "unsupported data file extension"),
         ({"dataset": "upload", "rows": 1}, ("table.csv", "instruction,input\nhi,\n"), "missing column(s) ['output']"),
         ({"dataset": "upload", "rows": 5}, ("three.jsonl", '{"instruction": "a", "output": "b"}\n' * 3), "do not fit"),
-        ({"rows": 1}, ("rows.jsonl", '{"instruction": "a", "output": "b"}\n'), "set it to 'upload'"),
-        ({"optimizer": "sgd"}, None, "unknown config field(s) ['optimizer']"),
+        ({"rows": 1}, ("rows.jsonl", '{"instruction": "a", "output": "b"}\n'), "set `dataset` to 'upload'"),
+        ({"optimizer": "sgd"}, None, "unknown setting 'optimizer'"),
     ],
 )
 def test_bad_input_returns_its_message(client, tmp_path, config, upload, message):
@@ -189,81 +222,91 @@ def test_preview_endpoint_and_the_app_keeps_serving(client):
 # The UI handlers, driven directly (the same code the buttons call)
 
 
-def _form(**overrides):
-    from app import FORM_FIELDS
-
-    values = dict(
-        model="tiny-random",
-        dataset="bundled",
-        start=0,
-        rows=8,
-        arms=["lora", "lora+crma"],
-        seeds="42",
-        steps=3,
-        lr="2e-4",
-        structural_lr="5e-3",
-        gate_lr="1e-3",
-        batch_size=2,
-        seq_len=512,
-        lora_r=8,
-        lora_targets="q_proj,v_proj",
-        crma_streams=3,
-        crma_rank=4,
-        spike_at=0,
-    )
+def _form(app_module, **overrides):
+    values = {
+        "model": "tiny-random",
+        "dataset": "bundled",
+        "start": 0,
+        "rows": 8,
+        "arms": ["lora", "lora+crma"],
+        "seeds": "42",
+        "steps": 3,
+        "lr": "2e-4",
+        "structural_lr": "5e-3",
+        "gate_lr": "1e-3",
+        "batch_size": 2,
+        "seq_len": 512,
+        "lora_r": 8,
+        "lora_targets": "q_proj,v_proj",
+        "crma.n_streams": 3,
+        "crma.rank": 4,
+        "spike_at": 0,
+    }
+    assert set(values) == set(app_module.FORM_KEYS)
     values.update(overrides)
-    return [values[name] for name in FORM_FIELDS]
+    return [values[key] for key in app_module.FORM_KEYS]
 
 
-def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, runs_dir):
+def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, page, runs_dir):
     import gradio as gr
     import plotly.graph_objects as go
 
-    out = {name: i for i, name in enumerate(app_module.RUN_OUTPUTS)}
-    run = app_module.run_ui(None, 0.6, False, *_form(steps=500))
+    from crma.lab import runs
+
+    charts, results, form = page.charts, page.results, page.form
+    run = page.run(None, 0.6, False, *_form(app_module, steps=500))
     first = next(run)
-    run_id = first[out["run_state"]]
+    run_id = first[page.run_state]
     assert (Path(runs_dir) / run_id).is_dir()
-    charts = None
+    assert first[form.stop_btn]["interactive"] is True and first[form.run_btn]["interactive"] is False
+    assert "python -m crma ablate" in first[results.repro] and "--steps 500" in first[results.repro]
+    assert "client.submit(settings" in first[results.repro]
+    update = None
     for update in run:
-        if isinstance(update[out["loss_plot"]], go.Figure) and "Step " in update[out["progress"]]:
-            charts = update
+        if isinstance(update.get(charts.loss), go.Figure) and "Step " in update[charts.progress]:
             break
-    assert charts is not None and isinstance(charts[out["delta_plot"]], go.Figure)
-    assert {t.name for t in charts[out["loss_plot"]].data} >= {"lora"}
-    assert "/500" in charts[out["progress"]] and "tokens/s" in charts[out["progress"]]
+    assert update is not None and isinstance(update[charts.delta], go.Figure)
+    assert {t.name for t in update[charts.loss].data} >= {"lora"}
+    assert "/500" in update[charts.progress] and "tokens/s" in update[charts.progress]
     # Another visitor's stop (another run id) does nothing to this run.
-    app_module.stop_ui("0" * 32)
-    app_module.stop_ui(run_id)
+    folder = runs.get_run(run_id)
+    assert page.stop_button("0" * 32)["interactive"] is False and not folder.stop_file.exists()
+    assert page.stop_button(run_id)["interactive"] is False and folder.stop_file.exists()
     *_, final = run
-    assert "Stopped at step" in final[out["progress"]]
-    assert final[out["results"]]["visible"] is True
-    assert "| Final loss |" in final[out["summary_md"]]
-    assert "Same LoRA init" in final[out["receipt_md"]]
-    archive = Path(final[out["archive_file"]])
+    assert "Stopped at step" in final[charts.progress]
+    assert final[results.panel]["visible"] is True
+    assert final[form.stop_btn]["interactive"] is False and final[form.run_btn]["interactive"] is True
+    assert "Final loss" in final[results.summary]
+    assert "Same LoRA init" in final[results.receipt]
+    assert "Status: **stopped** (stopped by request)" in final[results.notes]
+    assert NO_PNG_NOTE in final[results.notes]
+    assert isinstance(final[results.mixing], go.Figure)
+    archive = Path(final[results.archive])
     assert archive.is_file() and archive.parent == Path(runs_dir) / run_id
-    assert final[out["report_file"]].endswith("report.html")
-    assert "<iframe" in final[out["embed_code"]]
+    assert final[results.report].endswith("report.html")
+    assert "<iframe" in final[results.embed]
     # The smoothing slider and log-scale toggle redraw from the stored records, without a re-run.
-    loss, grad, _ = app_module.rerender(run_id, 0.0, True)
+    loss, grad, _ = page.rerender(run_id, 0.0, True)
     assert grad.layout.yaxis.type == "log" and len(loss.data) >= 2
-    assert all(isinstance(x, type(gr.skip())) for x in app_module.rerender(None, 0.5, False))
+    assert all(isinstance(x, type(gr.skip())) for x in page.rerender(None, 0.5, False))
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"lr": "abc"}, "`lr` must be a number"),
-        ({"seeds": "1,2,3,4,5,6"}, "`seeds` must be at most 5"),
-        ({"steps": 0}, "`steps` must be a positive integer"),
+        ({"lr": "abc"}, "LR must be a number; got 'abc'"),
+        ({"seeds": "1,2,3,4,5,6"}, "Seeds must be at most 5 on this Space; got 6 of them"),
+        ({"steps": 0}, "Steps must be an integer ≥ 1; got 0"),
+        ({"crma.rank": 0}, "CRMA rank must be a positive integer; got 0"),
         ({"dataset": "upload"}, "no file was uploaded"),
     ],
 )
-def test_run_ui_bad_input_is_a_gradio_error(app_module, overrides, message):
+def test_run_ui_bad_input_is_a_gradio_error(app_module, page, overrides, message):
     import gradio as gr
 
+    handler = app_module._guard(page.run)  # as the Run button calls it
     with pytest.raises(gr.Error) as info:
-        next(app_module.run_ui(None, 0.6, False, *_form(**overrides)))
+        next(handler(None, 0.6, False, *_form(app_module, **overrides)))
     assert message in str(info.value)
 
 
@@ -272,6 +315,8 @@ def test_preview_handler_shows_the_problem_instead_of_failing(app_module, tmp_pa
     assert table == [] and "do not fit" in message
     table, message = app_module.preview("upload", None, 0, 5)
     assert table == [] and "no file was uploaded" in message
+    table, message = app_module.preview("bundled", None, 0, "many")
+    assert table == [] and "Rows must be a whole number" in message
     table, message = app_module.preview("bundled", None, 0, 3)
     assert len(table) == 3 and "reads fine" in message
 
@@ -279,28 +324,30 @@ def test_preview_handler_shows_the_problem_instead_of_failing(app_module, tmp_pa
 def test_push_handler_failures_say_why_and_keep_the_results(app_module, runs_dir, monkeypatch):
     import gradio as gr
 
-    from crma.ablation import service
+    from crma.lab import runs
 
     token = gr.OAuthToken(token="hf_visitorsecret123", scope="write-repos manage-repos", expires_at=2**31)
+    with pytest.raises(gr.Error, match="Sign in with Hugging Face first"):
+        app_module.push(None, "someone/crma-results", True, None)
     with pytest.raises(gr.Error, match="no finished results to push"):
         app_module.push(None, "someone/crma-results", True, token)
-    space = service.new_run()
-    space.out_dir.mkdir()
+    folder = runs.new_run()
+    folder.out_dir.mkdir()
     for name in ("config.json", "summary.json"):
-        (space.out_dir / name).write_text("{}")
-    archive = service.make_archive(space.out_dir)
+        (folder.out_dir / name).write_text("{}")
+    archive = runs.make_archive(folder.out_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub cannot be reached here: the push must fail, and say so
     with pytest.raises(gr.Error) as info:
-        app_module.push(space.run_id, "someone/crma-results", True, token)
+        app_module.push(folder.run_id, "someone/crma-results", True, token)
     message = str(info.value)
     assert "offline" in message.lower() and "still available to download" in message
     assert token.token not in message
-    assert archive.is_file() and space.finished()  # nothing was removed
+    assert archive.is_file() and folder.finished()  # nothing was removed
 
 
 def _fake_engine(records_before_failure: int):
     """A stand-in for the engine: some steps (the second arm diverges), then a failed RunResult, as after an OOM."""
-    from crma.ablation.config import Phase, RunResult, StepRecord
+    from crma.ablation.records import Phase, RunResult, StepRecord
 
     def events(cfg, out_dir, stop_file):
         yield Phase("loading model tiny-random")
@@ -341,29 +388,51 @@ def _fake_engine(records_before_failure: int):
     return events
 
 
-def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, monkeypatch):
+def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, page, monkeypatch):
     monkeypatch.setattr(app_module, "train_on_gpu", _fake_engine(records_before_failure=4))
-    out = {name: i for i, name in enumerate(app_module.RUN_OUTPUTS)}
     with pytest.warns(UserWarning) as warned:  # gr.Warning outside a request is a Python warning
-        *_, final = app_module.run_ui(None, 0.6, False, *_form())
+        *_, final = page.run(None, 0.6, False, *_form(app_module))
     messages = " ".join(str(w.message) for w in warned)
     assert "lora+crma diverged at step 2" in messages and "The run failed: out of memory" in messages
-    assert "Failed at step 2/3: out of memory" in final[out["progress"]]
-    assert "lora+crma diverged at step 2" in final[out["progress"]]
-    assert final[out["results"]]["visible"] is True and "Final loss" in final[out["summary_md"]]
-    assert "**failed** (out of memory" in final[out["notes_md"]]
-    assert Path(final[out["archive_file"]]).is_file()
+    charts, results = page.charts, page.results
+    assert "Failed at step 2/3: out of memory" in final[charts.progress]
+    assert "lora+crma diverged at step 2" in final[charts.progress]
+    assert final[results.panel]["visible"] is True and "Final loss" in final[results.summary]
+    assert "**failed** (out of memory" in final[results.notes]
+    assert Path(final[results.archive]).is_file()
 
 
-def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, monkeypatch):
+def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, page, monkeypatch):
     import gradio as gr
 
     monkeypatch.setattr(app_module, "train_on_gpu", _fake_engine(records_before_failure=0))
-    out = {name: i for i, name in enumerate(app_module.RUN_OUTPUTS)}
-    run = app_module.run_ui(None, 0.6, False, *_form())
     updates = []
     with pytest.raises(gr.Error, match="out of memory"):
-        for update in run:
+        for update in page.run(None, 0.6, False, *_form(app_module)):
             updates.append(update)
-    assert "Failed at step 0/3" in updates[-1][out["progress"]]
-    assert updates[-1][out["run_btn"]]["interactive"] is True
+    assert "Failed at step 0/3" in updates[-1][page.charts.progress]
+    assert updates[-1][page.form.run_btn]["interactive"] is True
+    assert page.results.panel not in updates[-1]  # no results to show
+
+
+def test_receipt_markdown_of_the_results_panel():
+    from crma.ablation.render import receipt_markdown
+
+    summary = {
+        "receipt": {
+            "seed": 42,
+            "lora_init_sha256": {"lora": "a" * 64, "lora+crma": "a" * 64},
+            "lora_init_equal": True,
+            "batch_order_sha256": "b" * 64,
+            "batches_seen_equal": True,
+            "differs_only_in_adapter": True,
+            "config_diff": {
+                "crma": {"lora": False, "lora+crma": True},
+                "clipper": {"lora": "clip_grad_norm(1.0)", "lora+crma": "zclip"},
+            },
+        }
+    }
+    text = receipt_markdown(summary)
+    assert "| 42 | ✅ yes | ✅ yes | ✅ yes |" in text
+    assert "| crma | False | True |" in text and "| clipper | clip_grad_norm(1.0) | zclip |" in text
+    assert "No fairness receipt" in receipt_markdown({})

@@ -1,5 +1,7 @@
-"""End to end in a real browser: the page loads, a run streams both arms into the charts, Stop ends it mid-run with
-its partial results shown. Headless Debian Chromium driven by Playwright; skipped where either is missing."""
+"""End to end in a real browser: the page loads, a run streams every default arm into the charts, Stop ends it
+mid-run with its partial results shown. Headless Debian Chromium driven by Playwright; skipped where either is
+missing. The run's PNG export is replaced by one that fails as without a browser: the page is what is checked here,
+and a second Chromium (kaleido's) would only cost time."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from crma.ablation.arms import GRID_ARMS
+
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ["lora", "lora+crma"]
+ARMS = list(GRID_ARMS)  # the form's default arms
 STEPS = 1000  # the most the form allows: far more than the few steps that pass before Stop arrives
 
 
@@ -36,6 +40,12 @@ pytestmark = [
 @pytest.fixture
 def app_url(tmp_path, monkeypatch):
     """The app served in this process on a free 127.0.0.1 port; its run folders go to tmp_path."""
+    from crma.ablation import writer
+
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("no browser")
+
+    monkeypatch.setattr(writer, "write_png_charts", no_browser)
     monkeypatch.setenv("CRMA_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -43,12 +53,22 @@ def app_url(tmp_path, monkeypatch):
         yield url
 
 
-def test_run_streams_both_arms_and_stop_keeps_partial_results(app_url, tmp_path):
+def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path):
     errors: list[str] = []
     with driver.open_page(app_url, chromium=CHROMIUM, errors=errors) as page:
         driver.choose_model(page, "tiny-random")
         # tiny-random's byte tokenizer makes long prompts: 256 tokens keep every bundled row's answer in the window.
         driver.fill_numbers(page, {"Rows": 32, "Steps": STEPS, "Batch size": 2, "Seq len": 256})
+        # The grid button fills the arms in the browser (a JS handler, no round trip).
+        page.get_by_label("lora+zclip", exact=True).uncheck()
+        assert not page.get_by_label("lora+zclip", exact=True).is_checked()
+        page.get_by_role("button", name="2×2 attribution grid").click()
+        page.wait_for_function(
+            "(arms) => arms.every(a => [...document.querySelectorAll('input[type=checkbox]')]"
+            ".some(box => box.checked && box.closest('label')?.innerText.trim() === a))",
+            arg=ARMS,
+            timeout=5_000,
+        )
         driver.start_run(page)
 
         driver.wait_for_arms(page, ARMS, timeout_s=60)
@@ -63,15 +83,16 @@ def test_run_streams_both_arms_and_stop_keeps_partial_results(app_url, tmp_path)
         assert match, ended
         done, total = int(match[1]), int(match[2])
         assert total == STEPS and 1 <= done < STEPS
-        # The results section shows what was kept: the status line, and a summary naming both arms and the model.
+        # The results section shows what was kept: the status line, and a summary naming every arm and the model.
         page.get_by_text("Status: stopped").wait_for(state="visible", timeout=5_000)
+        page.get_by_text("PNG charts not written: no browser").wait_for(state="visible", timeout=5_000)
         summary = page.locator("#summary").inner_text()
-        assert "lora vs lora+crma on tiny-random" in summary
+        assert f"{' vs '.join(ARMS)} on tiny-random" in summary
         assert "Final loss" in summary
-        # The last redraw still shows both arms in every chart; the delta chart plots lora+crma against lora.
+        # The last redraw still shows every arm in every chart; the delta chart plots each arm against lora.
         for plot in ("#loss-plot", "#grad-plot"):
             driver.wait_for_arms(page, ARMS, plot=plot, timeout_s=5)
-        driver.wait_for_arms(page, ["lora+crma"], plot="#delta-plot", timeout_s=5)
+        driver.wait_for_arms(page, ARMS[1:], plot="#delta-plot", timeout_s=5)
         # The form's values reached the server: the reproduce command names them.
         page.get_by_text("Reproduce: CLI and Python client").click()
         repro = page.locator(".cm-content").filter(has_text="python -m crma ablate").first.inner_text()
