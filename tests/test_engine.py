@@ -123,7 +123,7 @@ def test_diverging_arm_stops_alone(monkeypatch) -> None:
 
 def test_stop_keeps_partial_results(tmp_path) -> None:
     stop = threading.Event()
-    cfg = parse_config({**FAST, "steps": 20, "save_adapters": True})
+    cfg = parse_config({**FAST, "steps": 20, "save_adapters": True, "arms": ["lora", "lora+crma"]})
     seen = []
     for event in write_run(cfg, tmp_path, stop=stop, charts=False):
         if isinstance(event, StepRecord):

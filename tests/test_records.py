@@ -28,7 +28,7 @@ def test_metrics_jsonl_round_trip(records, tmp_path):
             x, y = da.pop(key), db.pop(key)
             assert (not math.isfinite(x) and math.isnan(y)) or x == y
         assert da == db
-    # The one JSON convention: a non-finite value is written as null and read back as NaN; `diverged` keeps the meaning.
+    # One JSON convention: a non-finite value is written as null and read back as NaN; `diverged` keeps the meaning.
     diverged = [r.diverged for r in records].index(True)
     assert json.loads(lines[diverged])["grad_norm_pre"] is None and math.isinf(records[diverged].grad_norm_pre)
     assert back[diverged].diverged and math.isnan(back[diverged].grad_norm_pre)
