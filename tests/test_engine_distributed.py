@@ -221,8 +221,9 @@ def _metrics(folder: Path) -> list[dict]:
 
 
 def _max_difference(a: object, b: object, path: str = "") -> float:
-    """Largest difference between two JSON values of the same shape, relative to max(1, |b|) (so a percentage
-    such as `rel_pct` 3177.36 is held to the same 1e-5 as a loss); machine figures skipped, anything else equal."""
+    """Largest difference between two JSON values of the same shape, relative to max(1, |b|); a `rel_pct` (a
+    percentage: 100 x a ratio of two such figures) is compared as the fraction it is. Machine figures are skipped;
+    anything that is not a float must be equal."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), (path, sorted(set(a) ^ set(b)))
         return max([_max_difference(a[k], b[k], f"{path}.{k}") for k in a if k not in MACHINE_KEYS], default=0.0)
@@ -231,7 +232,8 @@ def _max_difference(a: object, b: object, path: str = "") -> float:
         pairs = enumerate(zip(a, b, strict=True))
         return max([_max_difference(x, y, f"{path}[{i}]") for i, (x, y) in pairs], default=0.0)
     if isinstance(a, float) and not isinstance(b, bool) and isinstance(b, (int, float)):
-        return abs(a - b) / max(1.0, abs(b))
+        scale = 100.0 if path.endswith(".rel_pct") else 1.0
+        return abs(a - b) / max(1.0, abs(b)) / scale
     assert a == b, (path, a, b)
     return 0.0
 
