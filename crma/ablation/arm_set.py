@@ -4,6 +4,10 @@ tear-down.
 Fair by construction, and checked from live state: one seed, one LoRA initialisation (PiSSA decomposed once) copied
 into every arm, the same batch handed to every arm, one RNG stream per arm started from the same state. What an arm
 adds (CRMA, ZClip) is set up from its `ArmSpec`; nothing in `train_step` asks which arm it is.
+
+In a data-parallel launch (`distributed.DataParallel`) every process holds every arm (rank 0's initial weights are
+broadcast, as DDP does), trains each on its rows of the batch, and sums the arm's gradients over the processes before
+clipping (see `distributed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from crma import ZClip, clip_by_norm
 
 from .arms import ARM_SPECS, ArmSpec, arm_labels
 from .config import AblationConfig
+from .distributed import DataParallel, Shard
 from .receipt import (
     batch_digest,
     build_receipt,
@@ -48,17 +53,24 @@ class Batch:
         tensors (`dict[str, Tensor]`): `input_ids`, `attention_mask`, `labels` on the model's device.
         indices (`list[int]`): the examples it holds.
         loss_scale (`float`): multiplier of the loss for backward (the spike stress step; 1 otherwise).
+        shard (`Shard | None`): this process's rows in a data-parallel run (None: it trains on the whole batch).
     """
 
     step: int
     tensors: dict[str, torch.Tensor]
     indices: list[int]
     loss_scale: float = 1.0
+    shard: Shard | None = None
 
     @property
     def tokens(self) -> int:
-        """Real (non-padding) tokens, prompt and response."""
+        """Real (non-padding) tokens of the whole batch, prompt and response."""
         return int(self.tensors["attention_mask"].sum())
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """What this process feeds the model: its shard's rows, or the whole batch."""
+        return self.shard.tensors if self.shard is not None else self.tensors
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Arm:
     rng: torch.Tensor | None = None
     cuda_rng: list[torch.Tensor] | None = None
     tokens: int = 0
+    rows: int = 0  # batch rows this process fed this arm (a data-parallel process: its shards only)
     diverged: bool = False
     init_hash: str = ""
     trainable: int = 0
@@ -133,10 +146,14 @@ class ArmSet:
         loaded (`LoadedModel`): the shared base model and tokenizer.
         seed (`int`): this seed.
         notes (`list[str]`): the run's notes; set-up appends fallbacks it takes.
+        parallel (`DataParallel | None`): this process's place in a data-parallel launch; None in one process.
     """
 
-    def __init__(self, cfg: AblationConfig, loaded: Any, seed: int, *, notes: list[str]):
+    def __init__(
+        self, cfg: AblationConfig, loaded: Any, seed: int, *, notes: list[str], parallel: DataParallel | None = None
+    ):
         self.cfg, self.loaded, self.seed, self.notes = cfg, loaded, seed, notes
+        self.parallel = parallel
         self.device = loaded.device
         self.arms = [
             Arm(label, ARM_SPECS[name], f"arm{i}")
@@ -290,6 +307,8 @@ class ArmSet:
         for arm in self.arms:
             if arm.spec.crma:
                 crma.attach(self.model, cfg.crma, adapter_name=arm.adapter)
+        if self.parallel is not None:
+            self._replicate(pissa)
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -305,6 +324,21 @@ class ArmSet:
             arm.clipper = ZClip(cfg.zclip) if arm.spec.zclip else None
             arm.rng, arm.cuda_rng = rng.clone(), cuda_rng
         self.model.train()
+
+    def _replicate(self, pissa: bool) -> None:
+        """Give every process rank 0's adapters (and PiSSA's rewritten base weights), as DDP does at construction,
+        and a dropout stream of its own."""
+        parallel = self.parallel
+        tensors = [
+            p
+            for n, p in self.model.named_parameters()
+            if "lora_" in n or n.rsplit(".", 1)[-1].startswith("crma_") or (pissa and n.endswith("base_layer.weight"))
+        ]
+        parallel.broadcast_([t for t in tensors if t.is_floating_point()])
+        if parallel.rank > 0:
+            # The arms of one process share an RNG start (same dropout masks: fair); the processes must not, or
+            # row 0 of every shard would get the same mask. Rank 0 keeps the one-process stream.
+            torch.manual_seed(self.seed * 65_537 + parallel.rank)
 
     def activate(self, arm: Arm) -> None:
         """Make `arm`'s LoRA (and CRMA, or none) the active adapter."""
@@ -331,12 +365,19 @@ class ArmSet:
         arm.crma_hyperparameter_digests.append(hyperparameter_digest(groups, crma_groups=True))
         lr = arm.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        loss = self.model(**batch.tensors).loss
+        inputs = batch.inputs
+        out = self.model(**inputs)
+        loss = out.loss
+        if batch.shard is not None:
+            loss = self._shard_loss(out, batch.shard)
         (loss * batch.loss_scale if batch.loss_scale != 1.0 else loss).backward()
+        if self.parallel is not None:
+            self.parallel.sum_gradients(arm.params)  # now every process holds the whole batch's gradient
         lora_grads = [p.grad for p in arm.lora_params if p.grad is not None]
         lora_norm = torch.nn.utils.get_total_norm(lora_grads, 2.0).item() if lora_grads else None
         clip = arm.clip(cfg.max_grad_norm)
-        loss_value = loss.item()  # a host sync; the figure is logged anyway
+        # A host sync; the figure is logged anyway. Data parallel: the shards' weighted losses sum to the batch's.
+        loss_value = self.parallel.sum(loss) if self.parallel is not None else loss.item()
         finite = math.isfinite(loss_value) and math.isfinite(clip.pre_norm)
         if finite:
             arm.optimizer.step()
@@ -349,6 +390,7 @@ class ArmSet:
         arm.rng = torch.get_rng_state()
         arm.cuda_rng = torch.cuda.get_rng_state_all() if arm.cuda_rng is not None else None
         arm.tokens += batch.tokens
+        arm.rows += int(inputs["input_ids"].shape[0])
         arm.diverged = not finite
         diag = None
         if arm.spec.crma and (batch.step % cfg.diag_every == 0 or batch.step in (1, cfg.steps)):
@@ -369,6 +411,15 @@ class ArmSet:
             crma=diag,
             grad_norm_lora=lora_norm,
         )
+
+    @staticmethod
+    def _shard_loss(out: Any, shard: Shard) -> torch.Tensor:
+        """This shard's part of the batch's mean token loss: its own mean times its share of the loss tokens."""
+        if shard.loss_tokens == 0 and shard.batch_loss_tokens > 0:
+            # No loss token in these rows (the model's mean is NaN): add nothing, but keep the graph, so this process
+            # has the same gradients to sum (zeros) as the others.
+            return out.logits.sum() * 0.0
+        return out.loss * shard.loss_share
 
     # -- what the arms really are ---------------------------------------------------------------------------------
     def facts(self) -> dict[str, dict[str, Any]]:
@@ -393,6 +444,14 @@ class ArmSet:
                 "steps": len(arm.batch_digests),
             }
         return out
+
+    def setup_receipt(self, order_sha256: str) -> dict[str, Any]:
+        """The receipt as it stands right after set-up (before any step): what each arm starts from and trains with."""
+        return build_receipt(self.seed, self.setup_facts, self.setup_facts, order_sha256)
+
+    def state_hashes(self) -> dict[str, str]:
+        """sha256 of each arm's trainable tensors now (equal on every process while the replicas are in sync)."""
+        return {arm.label: tensor_hash({str(i): p.reshape(-1) for i, p in enumerate(arm.params)}) for arm in self.arms}
 
     def receipt(self, order_sha256: str) -> dict[str, Any]:
         """The fairness receipt of this seed: facts after set-up and now, and the verdict on both."""

@@ -1,5 +1,10 @@
 """`python -m crma ablate ...`: the headless entry point of the paired ablation. Every flag comes from the config
-schema (`schema.py`), so the CLI, `--config` files, the app's form and the `/ablate` API read values the same way."""
+schema (`schema.py`), so the CLI, `--config` files, the app's form and the `/ablate` API read values the same way.
+
+`accelerate launch -m crma ablate ...` (or `torchrun -m crma ablate ...`) with several processes runs the same
+ablation data-parallel (see `distributed`): one set of files, written by the main process, which alone shows
+progress. `--report-to` hands the step metrics to trackio / W&B / TensorBoard (see `trackers`); like `--out`, it is a
+flag of this command, not a config field."""
 
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import AblationConfig
+from .config import LAUNCH_KEYS, AblationConfig
 from .records import Phase, RunResult, StepRecord
 from .schema import ConfigError, field_spec, parse_config, schema
+from .trackers import REPORT_TO, TrackerConfig, require_tracker
 
 EXIT_OK, EXIT_STOPPED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -36,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ablate.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ablate.add_argument("--no-charts", action="store_true", help="no PNG charts (report.html still has every chart)")
+    ablate.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default="none",
+        help="also log every arm's step metrics to this tracker, one run per arm and seed (default: none)",
+    )
+    ablate.add_argument(
+        "--report-project",
+        default="crma-ablation",
+        metavar="NAME",
+        help="trackio / W&B project of --report-to (default: crma-ablation); the runs are grouped by --out's name",
+    )
     study = sub.add_parser("study", help="the published study: the 2x2 grid + lora-matched, 5 seeds, plain and spike")
     study.add_argument("--out", type=Path, default=Path("assets/study"), help="published study (default assets/study)")
     study.add_argument("--work", type=Path, default=Path("runs/study"), help="every run's files (default runs/study)")
@@ -71,7 +90,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a JSON object of settings")
-    return data
+    # A run's config.json can be given back as --config: what it records about the launch is not a setting.
+    return {k: v for k, v in data.items() if k not in LAUNCH_KEYS}
 
 
 def config_from_args(args: argparse.Namespace) -> AblationConfig:
@@ -131,15 +151,62 @@ def _graceful_stop(stop: threading.Event) -> Iterator[list[str]]:
 
 
 def _ablate(args: argparse.Namespace) -> int:
+    from .distributed import data_parallel
     from .writer import RunWriter
 
     try:
         cfg = config_from_args(args)
-        out = args.out if args.out is not None else default_out_dir(cfg)
-        writer = RunWriter(out, overwrite=args.overwrite)
+        require_tracker(args.report_to)
+        parallel = data_parallel(cfg.device)  # joins the launch's process group; None in one process
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    writer, error = None, None
+    if parallel is None or parallel.is_main:
+        try:
+            out = args.out if args.out is not None else default_out_dir(cfg)
+            writer = RunWriter(out, overwrite=args.overwrite, charts=not args.no_charts)
+        except ValueError as exc:
+            error = exc
+            print(f"error: {exc}", file=sys.stderr)
+    # Every process learns whether the main one can write before any of them trains (or the others would wait).
+    failed = error is not None
+    if parallel is not None:
+        failed = parallel.any(failed)
+    if failed:
+        if parallel is not None:
+            parallel.close()
+        return EXIT_BAD_INPUT
+    try:
+        if writer is None:
+            return _follow(cfg, parallel)
+        tracker = TrackerConfig(
+            args.report_to, args.report_project, group=writer.out.name, log_dir=writer.staging / "tensorboard"
+        )
+        return _lead(args, cfg, writer, tracker)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _follow(cfg: AblationConfig, parallel: Any) -> int:
+    """A data-parallel process other than the main one: train every step, write and print nothing."""
+    from .engine import run_ablation
+
+    stop = threading.Event()
+    result = None
+    with _graceful_stop(stop):
+        for event in run_ablation(cfg, stop=stop):
+            result = event
+    if isinstance(result, RunResult) and result.status != "failed":
+        return EXIT_OK
+    # A failure here must end the launch (non-zero exit): the main process would otherwise wait for this one.
+    print(f"error (process {parallel.rank}): {getattr(result, 'error', None)}", file=sys.stderr)
+    return EXIT_STOPPED
+
+
+def _lead(args: argparse.Namespace, cfg: AblationConfig, writer: Any, tracker: TrackerConfig) -> int:
+    """The only process (or the main one of a launch): train, show progress, write the files, print the summary."""
     from tqdm import tqdm
 
     from .arms import arm_labels
@@ -151,7 +218,7 @@ def _ablate(args: argparse.Namespace) -> int:
     result: RunResult | None = None
     try:
         with _graceful_stop(stop) as caught:
-            events = run_ablation(cfg, stop=stop, adapters_dir=writer.adapters_dir)
+            events = run_ablation(cfg, stop=stop, adapters_dir=writer.adapters_dir, tracker=tracker)
             for event in writer.wrap(cfg, events):
                 if isinstance(event, Phase):
                     bar.set_description(event.message[:40])

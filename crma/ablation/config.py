@@ -11,6 +11,8 @@ from crma.config import CRMAConfig, JSONConfig, ZClipConfig, is_int, is_number, 
 
 from .arms import ARM_SPECS, GRID_ARMS
 
+# What `config.json` records about the launch beside the fields: read back, not a setting anyone chooses.
+LAUNCH_KEYS = ("world_size",)
 SEED_RANGE = (0, 2**32)  # torch.manual_seed and numpy both take this range
 # PiSSA's randomized SVD runs niter power iterations over every target matrix: bounded, so no value can stall set-up.
 LORA_INIT = re.compile(r"^(default|gaussian|pissa|pissa_niter_([1-9]|[12][0-9]|3[0-2]))$")
@@ -179,6 +181,12 @@ class AblationConfig(JSONConfig):
         require(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'", self.device)
         require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "'auto', 'float32' or 'bfloat16'", self.dtype)
         require(isinstance(self.save_adapters, bool), "save_adapters", "true or false", self.save_adapters)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AblationConfig:
+        """Build from a dict (a run's `config.json` included); unknown keys are an error naming them, except the
+        launch facts `config.json` records beside the fields (`LAUNCH_KEYS`), which are skipped."""
+        return super().from_dict({k: v for k, v in data.items() if k not in LAUNCH_KEYS})
 
     @property
     def seed_list(self) -> list[int]:

@@ -8,7 +8,12 @@
                     yield arms.train_step(arm, batch)  # a StepRecord
 
 Events go to whoever iterates: the CLI's progress bar, the app's live charts, and `RunWriter` (which writes the
-files). Failures end the run as a `RunResult` with status `failed` and a one-line error; they are not raised.
+files), and, with a `TrackerConfig`, to trackio / W&B / TensorBoard. Failures end the run as a `RunResult` with status
+`failed` and a one-line error; they are not raised.
+
+Under `accelerate launch` / `torchrun` with several processes the same loop runs data-parallel (see `distributed`):
+each process trains every arm on its rows of each step's batch; only the main process yields records, saves adapters
+and reports to trackers; the others yield only their final `RunResult`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import torch
 from .arm_set import ArmSet, Batch
 from .arms import arm_labels
 from .config import AblationConfig
+from .distributed import DataParallel, data_parallel
 from .records import Event, Phase, RunResult, StepRecord
 from .summary import build_summary
+from .trackers import TrackerConfig, open_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +48,31 @@ class StepBatches:
         pad_id (`int`): padding token id.
         vocab_size (`int`): the spike batch's random ids are drawn below this.
         device (`torch.device`): where the tensors go.
+        parallel (`DataParallel | None`): in a data-parallel run, each batch carries this process's shard.
     """
 
     def __init__(
-        self, examples: list[Any], cfg: AblationConfig, seed: int, *, pad_id: int, vocab_size: int, device: Any
+        self,
+        examples: list[Any],
+        cfg: AblationConfig,
+        seed: int,
+        *,
+        pad_id: int,
+        vocab_size: int,
+        device: Any,
+        parallel: DataParallel | None = None,
     ):
         from .data import batch_order, order_hash
 
         self.examples, self.cfg, self.seed = examples, cfg, seed
-        self.pad_id, self.vocab_size, self.device = pad_id, vocab_size, device
+        self.pad_id, self.vocab_size, self.device, self.parallel = pad_id, vocab_size, device, parallel
         self.order = batch_order(len(examples), batch_size=cfg.batch_size, steps=cfg.steps, seed=seed)
         self.order_sha256 = order_hash(self.order)
 
     def at(self, step: int) -> Batch:
-        """The batch of 1-based `step` (the corrupted one, with its loss scale, at the spike stress step)."""
-        from .data import collate, corrupt_batch
+        """The batch of 1-based `step` (the corrupted one, with its loss scale, at the spike stress step); in a
+        data-parallel run with this process's shard of it."""
+        from .data import IGNORE_INDEX, collate, corrupt_batch
 
         indices = self.order[step - 1]
         tensors = collate(self.examples, indices, pad_id=self.pad_id)
@@ -63,7 +80,12 @@ class StepBatches:
         if self.cfg.spike_at == step:
             tensors = corrupt_batch(tensors, vocab_size=self.vocab_size, seed=self.seed)
             scale = self.cfg.spike_scale
-        return Batch(step, {k: v.to(self.device) for k, v in tensors.items()}, list(indices), scale)
+        batch = Batch(step, {k: v.to(self.device) for k, v in tensors.items()}, list(indices), scale)
+        if self.parallel is not None:
+            # The whole batch is collated first, so the shards keep its padded width and every process's receipt
+            # digests the same (whole) batch as one process does.
+            batch.shard = self.parallel.shard(batch.tensors, batch.indices, ignore_index=IGNORE_INDEX)
+        return batch
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -89,6 +111,8 @@ class _Run:
 
     def __init__(self, cfg: AblationConfig, stop: threading.Event):
         self.cfg, self.stop = cfg, stop
+        self.parallel: DataParallel | None = None
+        self.shards: dict[int, dict[str, Any]] = {}  # per seed: what each process trained on (data parallel)
         self.started = time.perf_counter()
         self.records: list[StepRecord] = []
         self.receipts: list[dict[str, Any]] = []
@@ -97,19 +121,40 @@ class _Run:
         self.data: dict[str, Any] = {}  # the data's path-free identity and what fitting it to seq_len did
         self.status, self.error = "finished", None
 
+    @property
+    def is_main(self) -> bool:
+        """This process yields records, saves adapters and reports (always, without a launcher)."""
+        return self.parallel is None or self.parallel.is_main
+
     def should_stop(self) -> bool:
-        """Stop requested or the wall cap reached: mark the run stopped and say so."""
+        """Stop requested or the wall cap reached: mark the run stopped and say so. Data parallel: a collective (every
+        process calls it at the same points), so all stop at the same step when any one has to."""
         if self.stop.is_set():
             self.status, self.error = "stopped", "stopped by request"
         elif self.cfg.max_wall_s is not None and time.perf_counter() - self.started > self.cfg.max_wall_s:
             self.status, self.error = "stopped", f"time cap of {self.cfg.max_wall_s:.0f} s reached"
+        if self.parallel is not None and self.parallel.any(self.status != "finished") and self.status == "finished":
+            self.status, self.error = "stopped", "stopped by another process of the launch"
         return self.status != "finished"
 
-    def end_seed(self, arms: ArmSet, order_sha256: str) -> None:
-        self.receipts.append(arms.receipt(order_sha256))
+    def end_seed(self, arms: ArmSet, batches: StepBatches, consumed: list[list[int]]) -> None:
+        self.receipts.append(arms.receipt(batches.order_sha256))
         for arm in arms.arms:
             info = self.arm_info.setdefault(arm.label, {"trainable_params": arm.trainable, "wall_s": 0.0})
             info["wall_s"] += arm.wall_s
+        if self.parallel is not None:
+            # What each process really fed each arm, and whether the replicas still agree bit for bit.
+            mine = {"examples": consumed, "rows": {a.label: a.rows for a in arms.arms}, "state": arms.state_hashes()}
+            ranks = self.parallel.gather(mine)
+            steps = len(consumed)
+            self.shards[arms.seed] = {
+                "batches": [list(batches.order[s]) for s in range(steps)],
+                "examples": [[r["examples"][s] for r in ranks] for s in range(steps)],
+                "rows": [r["rows"] for r in ranks],
+                "replicas_in_sync": all(r["state"] == ranks[0]["state"] for r in ranks),
+            }
+            if not self.shards[arms.seed]["replicas_in_sync"]:
+                self.notes.append(f"seed {arms.seed}: the processes' adapters differ at the end (replicas diverged)")
 
     def result(self) -> RunResult:
         summary = build_summary(
@@ -117,6 +162,9 @@ class _Run:
         )
         summary["notes"] = list(self.notes)
         summary["data"] = self.data
+        summary["world_size"] = self.parallel.world_size if self.parallel is not None else 1
+        if self.parallel is not None:
+            summary["distributed"] = {**self.parallel.describe(), "seeds": dict(self.shards)}
         return RunResult(
             status=self.status,
             error=self.error,
@@ -135,8 +183,12 @@ def run_ablation(
     loaded: Any = None,
     adapters_dir: str | Path | None = None,
     data_name: str | None = None,
+    tracker: TrackerConfig | None = None,
 ) -> Iterator[Event]:
     """Run the paired ablation and yield `Phase` messages, one `StepRecord` per arm per step, then a `RunResult`.
+
+    Started by `accelerate launch` / `torchrun` with several processes, it runs data-parallel (see `distributed`):
+    the main process yields every event and saves the adapters; the others yield only their `RunResult`.
 
     Args:
         cfg (`AblationConfig`): what to run.
@@ -146,19 +198,41 @@ def run_ablation(
             several seeds) when `cfg.save_adapters`; nothing is saved when None.
         data_name (`str | None`): what messages and the summary call a local data file (e.g. an upload's own name,
             so no server path is shown); the path itself by default.
+        tracker (`TrackerConfig | None`): also hand every step's metrics to trackio, W&B or TensorBoard (one run per
+            arm and seed; main process only).
 
     Returns:
         An iterator of events; the last one is always a `RunResult` (status finished / stopped / failed). Errors
         in the config, the model or the data end the run as `failed` with a one-line message; they are not raised.
     """
+    run = _Run(cfg, stop or threading.Event())
+    for event in _train(run, loaded, adapters_dir, data_name, tracker):
+        if run.is_main or isinstance(event, RunResult):
+            yield event
+
+
+def _train(
+    run: _Run, loaded: Any, adapters_dir: str | Path | None, data_name: str | None, tracker: TrackerConfig | None
+) -> Iterator[Event]:
     from .data import build_example_set, describe_source, load_instruction_rows
     from .models import load_model
 
-    run = _Run(cfg, stop or threading.Event())
+    cfg, reporter = run.cfg, None
     try:
+        run.parallel = parallel = data_parallel(cfg.device)
+        if parallel is not None and cfg.batch_size < parallel.world_size:
+            raise ValueError(
+                f"Batch size ({cfg.batch_size}) is smaller than the number of processes ({parallel.world_size}): "
+                "every process needs at least one row of each step's batch"
+            )
+        if run.is_main:
+            reporter = open_reporter(tracker, cfg, world_size=parallel.world_size if parallel else 1)
         if loaded is None:
             yield Phase(f"loading model {cfg.model}")
-            loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            device = cfg.device
+            if parallel is not None:  # each process on its own GPU (cuda:<local rank>), or the CPU
+                device = "cpu" if parallel.device.type == "cpu" else str(parallel.device)
+            loaded = load_model(cfg.model, device=device, dtype=cfg.dtype)
         source = describe_source(cfg.dataset, display_name=data_name)
         run.data["source"] = source.to_dict()
         yield Phase(f"reading {cfg.rows} rows of {source.name} from row {cfg.start}")
@@ -173,22 +247,36 @@ def run_ablation(
                 break
             yield Phase(f"seed {seed}: setting up {len(cfg.arms)} arms", seed=seed)
             batches = StepBatches(
-                examples, cfg, seed, pad_id=loaded.tokenizer.pad_token_id, vocab_size=vocab, device=loaded.device
+                examples,
+                cfg,
+                seed,
+                pad_id=loaded.tokenizer.pad_token_id,
+                vocab_size=vocab,
+                device=loaded.device,
+                parallel=parallel,
             )
-            with ArmSet(cfg, loaded, seed, notes=run.notes) as arms:
+            consumed: list[list[int]] = []  # the examples this process trained on, per step
+            with ArmSet(cfg, loaded, seed, notes=run.notes, parallel=parallel) as arms:
+                if reporter is not None:
+                    reporter.start_seed(seed, [a.label for a in arms.arms], arms.setup_receipt(batches.order_sha256))
                 for step in range(1, cfg.steps + 1):
                     if run.should_stop():
                         break
                     batch = batches.at(step)
+                    consumed.append(batch.shard.indices if batch.shard is not None else list(batch.indices))
                     for arm in arms:
                         record = arms.train_step(arm, batch)
                         run.records.append(record)
+                        if reporter is not None:
+                            reporter.log(record)
                         yield record
                     if arms.all_diverged:
                         run.notes.append(f"seed {seed}: every arm diverged by step {step}")
                         break
-                run.end_seed(arms, batches.order_sha256)
-                if adapters_dir is not None and cfg.save_adapters:
+                run.end_seed(arms, batches, consumed)
+                if reporter is not None:
+                    reporter.end_seed(run.receipts[-1])
+                if adapters_dir is not None and cfg.save_adapters and run.is_main:
                     yield Phase(f"seed {seed}: saving adapters", seed=seed)
                     root = Path(adapters_dir)
                     arms.save_adapters(root if len(cfg.seed_list) == 1 else root / f"seed-{seed}")
@@ -197,6 +285,8 @@ def run_ablation(
     except Exception as exc:  # anything still ends as a failed run whose finished steps are kept
         run.status, run.error = "failed", _failure_message(exc)
     finally:
+        if reporter is not None:
+            reporter.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     yield run.result()

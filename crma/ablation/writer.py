@@ -4,10 +4,14 @@ A run folder is either complete, a marked partial run, or absent: everything is 
 beside the target (`.<name>.partial-<id>`) and moved into place in one rename when the run ends — finished, stopped or
 failed, its status in `summary.json`. A crash or `kill -9` leaves only the staging folder, never a target folder that
 mixes two runs; an existing target is replaced only with `overwrite=True`, and only once the new run is complete.
+
+In a data-parallel launch only the main process writes (`write_run` makes no writer on the others); `config.json`
+and `summary.json` record the launch's `world_size`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from .arms import arm_labels
 from .config import AblationConfig
+from .distributed import data_parallel, world_size
 from .jsonio import dumps
 from .records import Event, Phase, RunResult, StepRecord, record_line, write_metrics_csv
 from .render import report_html, summary_markdown, write_png_charts
@@ -50,6 +55,12 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
     existing = next((p for p in [out, *out.parents] if p.exists()), Path.cwd())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunFolderError(f"cannot write into {existing}: it is read-only; choose another --out")
+
+
+def config_json(cfg: AblationConfig, *, world_size: int = 1) -> str:
+    """`config.json`'s text: the config's fields and `world_size`, the number of processes the run was launched
+    with (a fact of the launch, not a setting: `AblationConfig.from_dict` skips it when the file is read back)."""
+    return json.dumps({**cfg.to_dict(), "world_size": world_size}, indent=2, sort_keys=True)
 
 
 class RunWriter:
@@ -90,7 +101,7 @@ class RunWriter:
         `data_name` stands in for a local data file's path in `config.json` (an upload's own name: the server's
         folders are nobody's business, and the file's hash is in `summary.json`)."""
         self.data_name = data_name
-        atomic_write_text(self.staging / "config.json", self._public(cfg).to_json())
+        atomic_write_text(self.staging / "config.json", config_json(self._public(cfg), world_size=world_size()))
         metrics = self.staging / "metrics.jsonl"
         metrics.touch()
         for event in events:
@@ -162,10 +173,25 @@ class RunWriter:
 def write_run(
     cfg: AblationConfig, out_dir: str | Path, *, overwrite: bool = False, charts: bool = True, **engine: object
 ) -> Iterator[Event]:
-    """`run_ablation(cfg, **engine)` with every file written to `out_dir` (see `RunWriter`)."""
+    """`run_ablation(cfg, **engine)` with every file written to `out_dir` (see `RunWriter`). In a data-parallel
+    launch only the main process writes; the others train and yield their `RunResult`."""
     from .engine import run_ablation
 
-    writer = RunWriter(out_dir, overwrite=overwrite, charts=charts)
+    parallel = data_parallel(cfg.device)
+    writer, error = None, None
+    if parallel is None or parallel.is_main:
+        try:
+            writer = RunWriter(out_dir, overwrite=overwrite, charts=charts)
+        except RunFolderError as exc:
+            error = exc
+    # Every process learns whether the main one can write before any of them trains (or they would wait forever).
+    if parallel is not None and parallel.any(error is not None) and error is None:
+        raise RunFolderError(f"the main process cannot write to {out_dir}")
+    if error is not None:
+        raise error
+    if writer is None:
+        yield from run_ablation(cfg, **engine)
+        return
     data_name = engine.get("data_name")
     events = run_ablation(cfg, adapters_dir=writer.adapters_dir, **engine)
     yield from writer.wrap(cfg, events, data_name=data_name)
