@@ -119,7 +119,7 @@ class RunWriter:
         summary = dict(result.summary)
         try:
             if not (self.staging / "config.json").is_file():
-                atomic_write_text(self.staging / "config.json", self._public(result.config).to_json())
+                atomic_write_text(self.staging / "config.json", config_json(self._public(result.config)))
             self._write_reports(result, summary)
         except OSError as exc:
             result.status = "failed"
