@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,8 +65,9 @@ def resolve_name(name: str, *, allow_local: bool = True) -> ModelRef:
             valid = name.count("/") == 1
         except HFValidationError:
             valid = False
-        # transformers reads any existing path as a local model before it looks at the Hub: refuse such names.
-        if not valid or os.path.exists(name):
+        # A valid id is only ever downloaded by huggingface_hub (`hub.download_*`), never looked up as a path, so a
+        # folder of the same name here is not read.
+        if not valid:
             raise ModelLoadError(
                 f"model {name!r} cannot be used here: pick a preset ({presets}) or type a Hub id like 'owner/name' "
                 "(local folders are not loaded)"

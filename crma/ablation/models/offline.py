@@ -3,7 +3,7 @@
 The converted folder is trusted only when it holds the marker file, which is written last, and it appears under
 its final name by one `rename`. The conversion runs under a file lock: two processes that need it at once convert
 once (the second waits, then reuses the folder), and a killed conversion leaves only a temp folder, which the next
-conversion removes. The lock is an OS lock (`flock`), released by the kernel when its holder dies.
+conversion removes. On Linux and macOS the lock is `flock`, which the kernel releases when its holder dies.
 """
 
 from __future__ import annotations
