@@ -14,6 +14,19 @@ on 401/403 with `exist_ok=True`) and `create_commit`:
 - `POST /{repo_id}.git/info/lfs/objects/verify`
 - `POST /api/models/{repo_id}/commit/{rev}`       (NDJSON: header, `file` base64, `lfsFile` by sha256 oid)
 
+and, for downloads (`hf_hub_download`, `snapshot_download`), the read routes:
+
+- `GET  /api/models/{repo_id}[/revision/{rev}]`   -> `{"id", "private", "sha"}` (also read by `create_repo`)
+- `GET  /api/models/{repo_id}/tree/{rev}[/{path}]` -> the files (`?recursive=true` for the whole tree)
+- `GET  /api/models/{repo_id}/auth-check`         -> 200 when the request may read the repo's files
+- `HEAD|GET /{repo_id}/resolve/{rev}/{path}`      -> the file with `ETag` and `X-Repo-Commit`; 404
+  `X-Error-Code: EntryNotFound` for a missing file
+
+Reads of a private repo need a token of its namespace (its user, or a member of its org); anonymous requests
+read public repos, and a repo they may not read answers 401 `RepoNotFound`, as on the Hub. A gated repo's files
+(and its auth-check) answer 401/403 `GatedRepo` to users who have not accepted its conditions. `add_repo()` puts a repo
+with files in place.
+
 Xet: with `hf_xet` installed the client uploads "lfs" files through the Xet protocol (a CAS service
 this stand-in does not implement). Tests make the client take the plain LFS path with the supported
 switch `HF_HUB_DISABLE_XET` — read into `huggingface_hub.constants.HF_HUB_DISABLE_XET` at import, so a
@@ -61,6 +74,9 @@ class TokenInfo:
     role: str = "write"
     writable: set[str] | None = None
 
+    def can_read(self, namespace: str) -> bool:
+        return namespace == self.user or namespace in self.orgs
+
     def can_write(self, namespace: str) -> bool:
         if self.role == "read":
             return False
@@ -81,12 +97,17 @@ class Recorded:
 
 @dataclass
 class Repo:
-    """A repo held in memory: its files after the last commit, and every commit's header."""
+    """A repo held in memory: its files after the last commit, and every commit's header.
+
+    `gated` is None for an ungated repo, else the users who accepted its conditions: its metadata is public, its
+    files are served to them only (403 `GatedRepo` to everyone else).
+    """
 
     repo_id: str
     private: bool
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)
+    gated: set[str] | None = None
 
 
 class _Reply(Exception):
@@ -152,6 +173,15 @@ class HubStandIn:
             self._thread.join(timeout=5)
             self._thread = None
 
+    def add_repo(
+        self, repo_id: str, files: dict[str, bytes], *, private: bool = False, gated: set[str] | None = None
+    ) -> Repo:
+        """Put a repo holding `files` (path -> bytes) in place, as if it had been pushed (`gated`: see `Repo`)."""
+        repo = Repo(repo_id, private=private, files=dict(files), gated=None if gated is None else set(gated))
+        with self._lock:
+            self.repos[repo_id] = repo
+        return repo
+
     def __enter__(self) -> HubStandIn:
         return self.start()
 
@@ -190,8 +220,8 @@ class HubStandIn:
         with self._lock:
             self.requests.append(record)
         try:
-            status, payload, content_type = self._route(method, path, query, auth, body)
-            out_headers = {"Content-Type": content_type}
+            status, payload, content_type, *extra = self._route(method, path, query, auth, body)
+            out_headers = {"Content-Type": content_type, **(extra[0] if extra else {})}
         except _Reply as reply:
             status, payload = reply.status, {"error": reply.message, **reply.extra}
             out_headers = {"Content-Type": "application/json", **reply.headers}
@@ -214,6 +244,19 @@ class HubStandIn:
             with self._lock:
                 self.lfs_store[oid] = body
             return 200, b"", "text/plain"
+
+        if method in ("GET", "HEAD") and (m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
+            return self._resolve(m.group(1), m.group(3), auth)
+        if method == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/auth-check", path)):
+            self._readable(m.group(1), auth, files=True)
+            return 200, {}, "application/json"
+        if method == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.+))?", path)):
+            repo = self._readable(m.group(1), auth)
+            recursive = query.get("recursive", ["false"])[0].lower() == "true"
+            return 200, self._tree(repo, m.group(3) or "", recursive), "application/json"
+        if method == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)):
+            repo = self._readable(m.group(1), auth)
+            return 200, {"id": repo.repo_id, "private": repo.private, "sha": self._sha(repo)}, "application/json"
 
         who = self._token(auth)
         if method == "GET" and path == "/api/whoami-v2":
@@ -242,12 +285,6 @@ class HubStandIn:
                     raise _Reply(409, "You already created this model repo", extra={"url": f"{base}/{repo_id}"})
                 self.repos[repo_id] = Repo(repo_id, private=req.get("visibility") == "private")
             return 200, {"url": f"{base}/{repo_id}", "name": repo_id}, "application/json"
-
-        if method == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)):
-            repo = self.repos.get(m.group(1))
-            if repo is None or not who.can_write(repo.repo_id.split("/")[0]):
-                raise _Reply(404, "Repository not found", {"X-Error-Code": "RepoNotFound"})
-            return 200, {"id": repo.repo_id, "private": repo.private, "sha": "0" * 40}, "application/json"
 
         if method == "POST" and path == "/api/validate-yaml":
             with self._lock:
@@ -303,6 +340,51 @@ class HubStandIn:
             return 200, self._commit(repo, body), "application/json"
 
         raise _Reply(404, f"the stand-in does not implement {method} {path}")
+
+    def _readable(self, repo_id: str, auth: str | None, *, files: bool = False) -> Repo:
+        # Anonymous requests read public repos; a repo the request may not read answers as missing. A gated repo's
+        # files (`files=True`) need a user who accepted its conditions.
+        who = self._token(auth) if auth else None
+        repo = self.repos.get(repo_id)
+        namespace = repo_id.split("/")[0]
+        if repo is None or (
+            repo.private and (who is None or not (who.can_read(namespace) or who.can_write(namespace)))
+        ):
+            raise _Reply(401 if who is None else 404, "Repository not found", {"X-Error-Code": "RepoNotFound"})
+        if files and repo.gated is not None and (who is None or who.user not in repo.gated):
+            msg = f"Access to model {repo_id} is restricted. You must have access to it and be authenticated."
+            raise _Reply(401 if who is None else 403, msg, {"X-Error-Code": "GatedRepo", "X-Error-Message": msg})
+        return repo
+
+    @staticmethod
+    def _sha(repo: Repo) -> str:
+        return hashlib.sha1(f"{repo.repo_id}@{len(repo.commits)}".encode()).hexdigest()
+
+    @staticmethod
+    def _tree(repo: Repo, folder: str, recursive: bool) -> list[dict[str, Any]]:
+        prefix = f"{folder.rstrip('/')}/" if folder else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for name, data in sorted(repo.files.items()):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if not recursive and "/" in rest:
+                sub = prefix + rest.split("/")[0]
+                entries.setdefault(
+                    sub, {"type": "directory", "path": sub, "oid": hashlib.sha1(sub.encode()).hexdigest()}
+                )
+                continue
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob id
+            entries[name] = {"type": "file", "path": name, "size": len(data), "oid": blob}
+        return list(entries.values())
+
+    def _resolve(self, repo_id: str, filename: str, auth: str | None):
+        repo = self._readable(repo_id, auth, files=True)
+        data = repo.files.get(filename)
+        if data is None:
+            raise _Reply(404, "Entry not found", {"X-Error-Code": "EntryNotFound"})
+        headers = {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": self._sha(repo)}
+        return 200, data, "application/octet-stream", headers
 
     def _upload_mode(self, f: dict[str, Any]) -> str:
         if not self.lfs:
@@ -370,6 +452,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = _serve
+
+    def do_HEAD(self) -> None:
+        status, headers, data = self.hub.handle(self.command, self.path, self.headers, b"")
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))  # the size of what GET would send, and no body
+        self.end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # quiet: the recorded requests are the log
