@@ -72,7 +72,7 @@ def _peft_adapters_disabled(layers: nn.ModuleList) -> bool:
     # Duck-typed so that the core never imports peft; a forward scans one block's ~20 modules.
     for layer in layers:
         for module in layer.modules():
-            flag = getattr(module, "_disable_adapters", None)
+            flag = module.__dict__.get("_disable_adapters")  # not getattr: nn.Module's miss path raises
             if isinstance(flag, bool):
                 return flag
     return False
