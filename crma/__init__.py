@@ -6,14 +6,28 @@ The core imports only torch (peft lazily, to dequantise 4-bit weights). The abla
 
 from __future__ import annotations
 
+from .basis import BasisCache, principal_bases
 from .config import CRMAConfig, ZClipConfig
 from .diagnostics import MixingReport, mixing_report
-from .model import active_adapter, attach, detach, disable, enable, param_groups, set_active
+from .layer import CRMAAdapter
+from .model import (
+    active_adapter,
+    attach,
+    detach,
+    disable,
+    disabled,
+    enable,
+    get_adapter,
+    param_groups,
+    set_active,
+)
 from .serialization import load, save
 from .sinkhorn import sinkhorn
 from .zclip import ClipResult, ZClip, clip_by_norm
 
 __all__ = [
+    "BasisCache",
+    "CRMAAdapter",
     "CRMAConfig",
     "ClipResult",
     "MixingReport",
@@ -24,10 +38,13 @@ __all__ = [
     "clip_by_norm",
     "detach",
     "disable",
+    "disabled",
     "enable",
+    "get_adapter",
     "load",
     "mixing_report",
     "param_groups",
+    "principal_bases",
     "save",
     "set_active",
     "sinkhorn",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import crma_blocks
+from .model import get_adapter
 from .sinkhorn import sinkhorn
 
 
@@ -60,19 +60,21 @@ def mixing_report(model: nn.Module, adapter_name: str | None = None) -> MixingRe
     mix (1: none or a permutation, 0: full averaging). The composite gain is max(max abs row sum, max abs column
     sum) of M_L ... M_1: at most 1 (+ Sinkhorn error) whatever the depth.
     """
+    adapter = get_adapter(model, adapter_name)
+    mixes = sinkhorn(adapter.crma_log_mix.double().cpu(), adapter.config.sinkhorn_iters)
+    gates = adapter.gate().double().cpu()
     rows, product = [], None
-    for block in crma_blocks(model, adapter_name):
-        m = sinkhorn(block.crma_log_mix.double().cpu(), block.config.sinkhorn_iters)
+    for index, m in enumerate(mixes.unbind(0)):
         sv = torch.linalg.svdvals(m)
         rows.append(
             LayerMixing(
-                index=block.index,
+                index=index,
                 sigma1=sv[0].item(),
                 sigma2=sv[1].item(),
                 max_row_err=(m.sum(-1) - 1).abs().max().item(),
                 max_col_err=(m.sum(-2) - 1).abs().max().item(),
                 dist_from_identity=torch.linalg.matrix_norm(m - torch.eye(m.shape[0], dtype=m.dtype)).item(),
-                alpha=block.gate().item(),
+                alpha=gates[index].item(),
             )
         )
         product = m if product is None else m @ product

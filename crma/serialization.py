@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .config import CRMAConfig
-from .model import _attach, _channel, _require, crma_blocks, set_active
-from .utils import find_decoder_layers, hidden_size_of
+from .layer import CRMAAdapter
+from .model import _channel, _install, _require, get_adapter, set_active
+from .utils import find_decoder_layers, hidden_size_of, module_device
 
 CONFIG_NAME = "crma_config.json"
 WEIGHTS_NAME = "crma.safetensors"
@@ -30,17 +31,18 @@ def save(model: nn.Module, path: str | Path, adapter_name: str | None = None) ->
     """Write `crma_config.json` and `crma.safetensors` of one adapter (the active one by default) into `path`."""
     from safetensors.torch import save_file
 
-    layers, channel = _require(model)
-    name = adapter_name or channel.active or next(iter(channel.configs))
-    blocks = crma_blocks(model, name)
+    _, channel = _require(model)
+    name = adapter_name or channel.active or next(iter(channel.adapters))
+    adapter = get_adapter(model, name)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": 1, "crma": channel.configs[name].to_dict(), **_fingerprint(model)}
+    meta = {"format_version": 1, "crma": adapter.config.to_dict(), **_fingerprint(model)}
     (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    # One entry per block and parameter (`layers.{l}.crma_A`, ...): the file does not depend on the stacked layout.
     tensors = {
-        f"layers.{i}.{key}": value.detach().to("cpu", torch.float32).contiguous()
-        for i, block in enumerate(blocks)
-        for key, value in block.state_dict().items()
+        f"layers.{i}.{key}": value[i].detach().to("cpu", torch.float32).contiguous()
+        for key, value in adapter.named_parameters()
+        for i in range(adapter.num_layers)
     }
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "crma"})
     return path
@@ -68,22 +70,24 @@ def load(model: nn.Module, path: str | Path, adapter_name: str = "default") -> n
                 f"this CRMA adapter was saved from a model with {key}={meta.get(key)} "
                 f"({meta.get('model_type')}); the model it is loaded into has {key}={here[key]} ({here['model_type']})"
             )
-    _, channel = _channel(model)
-    if channel is None or adapter_name not in channel.configs:
-        _attach(model, config, adapter_name=adapter_name, init_A=False)
+    layers, channel = _channel(model)
+    if channel is None or adapter_name not in channel.adapters:
+        adapter = CRMAAdapter(config, len(layers), here["hidden_size"], device=module_device(layers[0]))
+        adapter.bind(layers)
+        _install(model, layers, channel, adapter_name, adapter)
+    adapter = get_adapter(model, adapter_name)
     tensors = load_file(str(path / WEIGHTS_NAME))
-    blocks = crma_blocks(model, adapter_name)
-    expected = {f"layers.{i}.{k}" for i, b in enumerate(blocks) for k in b.state_dict()}
+    expected = {f"layers.{i}.{key}" for key, _ in adapter.named_parameters() for i in range(adapter.num_layers)}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(
             f"{path / WEIGHTS_NAME} does not match the attached adapter: missing {missing[:4]}, unexpected {extra[:4]}"
         )
-    for i, block in enumerate(blocks):
-        for key, param in block.named_parameters():
+    for key, param in adapter.named_parameters():
+        for i in range(adapter.num_layers):
             value = tensors[f"layers.{i}.{key}"]
-            if value.shape != param.shape:
-                raise ValueError(f"layers.{i}.{key}: saved shape {tuple(value.shape)} != {tuple(param.shape)}")
-            param.copy_(value.to(param.device))
+            if value.shape != param.shape[1:]:
+                raise ValueError(f"layers.{i}.{key}: saved shape {tuple(value.shape)} != {tuple(param.shape[1:])}")
+        param.copy_(torch.stack([tensors[f"layers.{i}.{key}"] for i in range(adapter.num_layers)]).to(param))
     set_active(model, adapter_name)
     return model

@@ -58,6 +58,36 @@ def test_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20), (logits,))
 
 
+def _unrolled(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """The reference: the same passes, differentiated by autograd."""
+    for _ in range(iters):
+        logits = logits - torch.logsumexp(logits, dim=-2, keepdim=True)
+        logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return logits.exp()
+
+
+@pytest.mark.parametrize("iters", [1, 2, 20])
+def test_hand_written_backward_equals_autograd_of_the_unrolled_passes(iters: int) -> None:
+    # Not an implicit (fixed-point) gradient: the exact gradient of the computed iterations, also where the
+    # iteration has not converged (logits of std 3, 1-2 iterations).
+    gen = torch.Generator().manual_seed(iters)
+    logits = (torch.randn(5, 4, 4, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    weight = torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
+    ours = sinkhorn(logits, iters)
+    reference = _unrolled(logits, iters)
+    assert torch.equal(ours, reference)  # the same function, bit for bit
+    (g_ours,) = torch.autograd.grad((ours * weight).sum(), logits)
+    (g_ref,) = torch.autograd.grad((reference * weight).sum(), logits)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_second_derivatives_are_refused() -> None:
+    logits = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sinkhorn(logits).square().sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        grad.sum().backward()
+
+
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="must be"):
         sinkhorn(torch.randn(3, 4))
