@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+import crma
 from crma.ablation.arm_set import ArmSet
 from crma.ablation.arms import arm_labels
 from crma.ablation.engine import run_ablation
@@ -109,7 +110,7 @@ def test_diverging_arm_stops_alone(monkeypatch) -> None:
         original(self)
         arm = next(a for a in self.arms if a.label == "lora+crma")
         with torch.no_grad():
-            block = self.model.base_model.model.model.layers[0].crma[arm.adapter]
+            block = crma.get_adapter(self.model, arm.adapter)
             block.crma_B.fill_(float("nan"))
 
     monkeypatch.setattr(ArmSet, "setup", poisoned)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import crma
 from crma.ablation.arm_set import ArmSet
 from crma.ablation.engine import run_ablation
 from crma.ablation.render import receipt_markdown
@@ -125,7 +126,7 @@ def test_a_diverged_arm_is_compared_on_the_steps_it_took(monkeypatch) -> None:
     def poisoned(self):
         original(self)
         with torch.no_grad():
-            block = self.model.base_model.model.model.layers[0].crma[arm(self, "lora+crma").adapter]
+            block = crma.get_adapter(self.model, arm(self, "lora+crma").adapter)
             block.crma_B.fill_(float("nan"))
 
     monkeypatch.setattr(ArmSet, "setup", poisoned)

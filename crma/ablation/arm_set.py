@@ -430,7 +430,7 @@ class ArmSet:
             self.activate(arm)
             crma_cfg = None
             if crma.active_adapter(self.model) == arm.adapter:
-                crma_cfg = crma.model.crma_blocks(self.model, arm.adapter)[0].config.to_dict()
+                crma_cfg = crma.model.adapter_config(self.model, arm.adapter).to_dict()
             out[arm.label] = {
                 "optimizer": optimizer_facts(arm.optimizer, names, arm.adapter),
                 "lora": lora_facts(self.model.peft_config[arm.adapter]),
