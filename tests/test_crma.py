@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -279,6 +280,32 @@ def test_load_onto_another_architecture_size_is_a_clear_error(tmp_path) -> None:
         crma.load(make_tiny_llama(layers=2, hidden=64), tmp_path)
     with pytest.raises(FileNotFoundError, match="not a CRMA adapter"):
         crma.load(model, tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_rank", "bad_json"])
+def test_a_damaged_adapter_folder_names_the_file_and_leaves_the_model_alone(tmp_path, damage) -> None:
+    from crma.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+    source = make_tiny_llama(layers=2, hidden=32)
+    crma.attach(source, CRMAConfig(rank=2 if damage == "other_rank" else 4))
+    crma.save(source, tmp_path)
+    if damage == "truncated":
+        data = (tmp_path / WEIGHTS_NAME).read_bytes()
+        (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+        expected = f"{WEIGHTS_NAME} in {tmp_path} cannot be read"
+    elif damage == "other_rank":
+        meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+        meta["crma"]["rank"] = 4  # the config says rank 4, the tensors are rank 2
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+        expected = f"{WEIGHTS_NAME} in {tmp_path}: layers.0.crma_A has shape (32, 2), this adapter needs (32, 4)"
+    else:
+        (tmp_path / CONFIG_NAME).write_text('{"crma": ')
+        expected = f"{CONFIG_NAME} in {tmp_path} is not valid JSON"
+    target = make_tiny_llama(layers=2, hidden=32)
+    with pytest.raises(ValueError) as info:
+        crma.load(target, tmp_path)
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+    assert crma.active_adapter(target) is None and not any(".crma." in n for n, _ in target.named_parameters())
 
 
 def test_unsupported_model_is_a_clear_error() -> None:
