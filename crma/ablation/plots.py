@@ -248,7 +248,9 @@ def _layout(fig: go.Figure, *, title: str, lines: Sequence[str] = (), y_title: s
         yaxis_title=y_title,
         hovermode="x unified",
         template="plotly_white",
-        legend=dict(orientation="h", yref="container", y=0.0, yanchor="bottom", x=0.0, xanchor="left"),
+        legend=dict(
+            orientation="h", yref="container", y=0.0, yanchor="bottom", xref="container", x=0.01, xanchor="left"
+        ),
         margin=dict(t=40, l=60, r=20, b=40),
         # A constant uirevision lets Plotly.react keep the user's zoom/pan and legend toggles on the same element;
         # the page re-creates the element on every update, so it also restores them by this key (see app.py).

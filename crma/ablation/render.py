@@ -346,11 +346,11 @@ def report_html(
     Returns:
         `str`: the page. It opens offline: no script or style is loaded from the network.
     """
-    figs = [fig for _, fig in _figures(records, smoothing, summary.get("baseline"))]
+    figs = _figures(records, smoothing, summary.get("baseline"))
     if any(r.crma for r in records):
-        figs.append(make_mixing_figure(records))
+        figs.append(("mixing", make_mixing_figure(records)))
     divs = []
-    for i, fig in enumerate(figs):
+    for i, (stem, fig) in enumerate(figs):
         # plotly.js (~4.8 MB) goes in once, with the first figure; the later ones reuse the global `Plotly`.
         div = fig.to_html(
             full_html=False,
@@ -360,7 +360,7 @@ def report_html(
             default_height=f"{int(fig.layout.height or 480)}px",
             config={"displaylogo": False, "responsive": True},
         )
-        divs.append(f'<div class="figure">{div}</div>')
+        divs.append(f'<div class="figure" id="chart-{stem}">{div}</div>')
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
