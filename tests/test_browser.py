@@ -57,6 +57,11 @@ def app_url(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with driver.serve_app() as url:
         yield url
+        # A test that failed before pressing Stop leaves a 1000-step run going, which the server would wait for.
+        from crma.lab import runs
+
+        for folder in (tmp_path / "runs").glob("*"):
+            runs.request_stop(folder.name, tmp_path / "runs")
 
 
 PHONE = {"width": 390, "height": 844}
@@ -226,15 +231,24 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         )
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
 
-        # The run's report.html on a phone.
+        # The run's report.html in a phone's browser (mobile emulation: without a viewport tag a phone lays a page
+        # out 980 px wide and shrinks it).
         (report,) = (tmp_path / "runs").glob("*/*/report.html")
-        page.goto(report.as_uri())
-        page.wait_for_selector(".js-plotly-plot .legend", timeout=30_000)
-        assert "This run stopped before it finished" in page.locator(".status").inner_text()
-        assert page.get_by_text("Fairness receipt: what is identical between the arms").is_visible()
-        _check_readable_at_phone_width(
-            page, "table:not(.wrap) th, table:not(.wrap) td", ["#chart-loss", "#chart-grad_norm", "#chart-loss_delta"]
-        )
+        phone = page.context.browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+        try:
+            mobile = phone.new_page()
+            mobile.goto(report.as_uri())
+            mobile.wait_for_selector(".js-plotly-plot .legend", timeout=30_000)
+            assert mobile.evaluate("() => window.innerWidth") == PHONE["width"]
+            assert "This run stopped before it finished" in mobile.locator(".status").inner_text()
+            assert mobile.get_by_text("Fairness receipt: what is identical between the arms").is_visible()
+            _check_readable_at_phone_width(
+                mobile,
+                "table:not(.wrap) th, table:not(.wrap) td",
+                ["#chart-loss", "#chart-grad_norm", "#chart-loss_delta"],
+            )
+        finally:
+            phone.close()
     data = shot.read_bytes()
     assert data[:8] == driver.PNG_MAGIC
     assert len(data) > 50_000  # a page of charts and tables, not a blank or spinner-only capture
