@@ -52,7 +52,7 @@ CSS = (
     'src: url("static/fonts/SourceSansPro/SourceSansPro-Bold.woff2") format("woff2"); }\n'
     # Result tables: on a narrow screen a table scrolls sideways inside its box; a header or a number never breaks
     # mid-word (Gradio's prose style lets table cells break anywhere, one letter per line on a phone).
-    ".crma-tables table { display: block; overflow-x: auto; max-width: 100%; }\n"
+    ".crma-tables table { display: block; width: max-content; max-width: 100%; overflow-x: auto; }\n"
     ".crma-tables th, .crma-tables td { white-space: nowrap; word-break: normal; overflow-wrap: normal; }\n"
     # The receipt's config diff holds long JSON: those cells wrap at spaces, at a readable width.
     "#receipt td { white-space: normal; min-width: 12em; }\n"
