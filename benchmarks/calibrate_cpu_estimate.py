@@ -6,6 +6,10 @@ throughput, the median step time (steps 2+), and the efficiency `4 * params * to
 median over rounds, which is `estimates.CPU_STEP_EFFICIENCY`.
 
     python benchmarks/calibrate_cpu_estimate.py [--rounds 3] [--steps 5]
+
+Measured on the 2-core development machine (two runs of 3 rounds): efficiency 1.13, 2.1 and 1.35 in rounds where it
+was idle (step 0.74-0.83 s at 111-160 GFLOP/s), 0.07-0.17 in rounds where other processes shared the cores (step
+26-29 s at 28 GFLOP/s). `CPU_STEP_EFFICIENCY` is 1.0: the idle figure, rounded down.
 """
 
 from __future__ import annotations

@@ -71,8 +71,9 @@ def default_note(cfg: AblationConfig, *, has_gpu: bool, cpu_flops: float | None 
     return (
         f"No GPU here, so the defaults are a CPU setting: SmolLM2-135M, {cfg.rows} bundled rows (offline), "
         f"{setting}. **Estimated time: about {minutes}**, from this machine's speed measured just now "
-        f"({flops / 1e9:.0f} GFLOP/s on {cores} {'core' if cores == 1 else 'cores'}); a busy machine takes longer, "
-        f"and the progress line shows the measured time left once steps run.{zclip} The author's setting "
+        f"({flops / 1e9:.0f} GFLOP/s on {cores} {'core' if cores == 1 else 'cores'}); other work on these cores can "
+        f"make it several times longer. The progress line shows the measured time left once steps run.{zclip} The "
+        "author's setting "
         "(TinyLlama-1.1B, 200 Alpaca rows, 100 steps, batch 4 × 256) needs a GPU."
     )
 
@@ -123,9 +124,13 @@ def _model_size(model: str) -> tuple[float, bool]:
     return (max(sizes) if sizes else 1.5e9), False
 
 
-# Share of `measure_cpu_flops()` a LoRA training step reaches on CPU (its matmuls are of the same shape, but a step
-# also runs attention, norms, the optimizer and Python). Calibrated with `python benchmarks/calibrate_cpu_estimate.py`
-# (SmolLM2-135M, batch 2 x 128, LoRA r=8 on q/v): see that script's docstring for the figures.
+# Share of `measure_cpu_flops()` a LoRA training step reaches on CPU (~4 flops per parameter and token; the LM head and
+# the MLPs are larger matmuls than the probe's, attention, norms, the optimizer and Python are extra). Calibrated with
+# `python benchmarks/calibrate_cpu_estimate.py` (SmolLM2-135M, batch 2 x 128, LoRA r=8 on q/v) on the 2-core
+# development machine: 1.13, 2.1 and 1.35 in rounds where it was idle (0.74-0.83 s per step at 111-160 GFLOP/s),
+# 0.07-0.17 while other processes shared the cores (26-29 s per step at 28 GFLOP/s: contention slows the many small
+# ops of a step far more than one matmul). So the estimate holds for an idle machine and is a lower bound otherwise;
+# the page says so, and its ETA is measured once steps run.
 CPU_STEP_EFFICIENCY = 1.0
 # What `measure_cpu_flops()` gave on the 2-core development machine when idle; used when nothing was measured.
 REFERENCE_CPU_FLOPS = 1.5e11
