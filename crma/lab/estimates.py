@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import statistics
 import time
 from dataclasses import replace
 
@@ -22,7 +21,7 @@ def default_config(has_gpu: bool, *, cpu_flops: float | None = None) -> tuple[Ab
     Args:
         has_gpu (`bool`): a CUDA GPU (or ZeroGPU) is available to the runs.
         cpu_flops (`float | None`): this machine's measured matmul throughput (`measure_cpu_flops()`) for the CPU
-            estimate; None measures it now (about 50 ms).
+            estimate; None measures it now (about 60 ms).
 
     Returns:
         `(AblationConfig, str)`: on a GPU the author's setting (TinyLlama-1.1B on 200 Alpaca rows, seed 42, 100
@@ -137,10 +136,12 @@ REFERENCE_CPU_FLOPS = 1.5e11
 
 
 def measure_cpu_flops(*, repeats: int = 9) -> float:
-    """Float32 matmul throughput of this machine right now, in FLOP/s (about 50 ms).
+    """Float32 matmul throughput of this machine right now, in FLOP/s (about 60 ms).
 
     The product has the shape of a small model's MLP on one batch (256 tokens x 576 -> 1536), so it sees the same
-    cores, threads and current load a CPU run will; the median of `repeats` timed products after one untimed.
+    cores, threads and current load a CPU run will; the fastest of `repeats` timed products after 30 ms of untimed ones (as
+    `timeit` advises: a momentary blip, such as a browser drawing the page on the same machine, does not count,
+    while load that lasts slows every product).
 
     Args:
         repeats (`int`): timed products.
@@ -151,13 +152,15 @@ def measure_cpu_flops(*, repeats: int = 9) -> float:
     import torch
 
     a, b = torch.randn(256, 576), torch.randn(576, 1536)
-    torch.mm(a, b)
+    warm_until = time.perf_counter() + 0.03
+    while time.perf_counter() < warm_until:  # untimed: the thread pool wakes up, the clock speed ramps up
+        torch.mm(a, b)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
-    return 2 * 256 * 576 * 1536 / max(statistics.median(times), 1e-9)
+    return 2 * 256 * 576 * 1536 / max(min(times), 1e-9)
 
 
 def estimate_step_seconds(cfg: AblationConfig, *, gpu: bool, cpu_flops: float | None = None) -> float:
