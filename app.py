@@ -28,14 +28,14 @@ except ImportError:  # pragma: no cover - spaces is in requirements.txt
 
 import gradio as gr
 
-from crma.ablation.arms import ARM_SPECS, GRID_ARMS
+from crma.ablation.arms import ARM_SPECS, AUTHOR_ARMS, GRID_ARMS
 from crma.ablation.config import AblationConfig
 from crma.ablation.models import describe_presets
 from crma.ablation.publish import PushError, push_results
 from crma.ablation.records import RunResult
-from crma.ablation.render import receipt_markdown
+from crma.ablation.render import attribution_markdown, receipt_markdown
 from crma.ablation.schema import label
-from crma.lab import estimates, form, runs, snippets
+from crma.lab import estimates, form, published, runs, snippets
 from crma.lab.live import LiveView, ViewRegistry
 
 logger = logging.getLogger("crma.app")
@@ -49,8 +49,115 @@ ON_SPACE = os.environ.get("SYSTEM") == "spaces"
 # glyph by glyph ("CRMᴀ Lab"). Serve the Bold face for weight 600 instead.
 CSS = (
     '@font-face { font-family: "Source Sans Pro"; font-weight: 600; font-style: normal; '
-    'src: url("static/fonts/SourceSansPro/SourceSansPro-Bold.woff2") format("woff2"); }'
+    'src: url("static/fonts/SourceSansPro/SourceSansPro-Bold.woff2") format("woff2"); }\n'
+    # Result tables: on a narrow screen a table scrolls sideways inside its box; a header or a number never breaks
+    # mid-word (Gradio's prose style lets table cells break anywhere, one letter per line on a phone).
+    ".crma-tables table { display: block; width: max-content; max-width: 100%; overflow-x: auto; }\n"
+    ".crma-tables th, .crma-tables td { white-space: nowrap; word-break: normal; overflow-wrap: normal; }\n"
+    # The receipt's config diff holds long JSON: those cells wrap at spaces, at a readable width.
+    "#receipt td { white-space: normal; min-width: 12em; }\n"
+    "#receipt td:first-child { min-width: 0; white-space: nowrap; }\n"
 )
+# Runs once per page load, in the browser.
+# 1. The progress line's clocks (`<span class="crma-tick">`, see LiveView.progress_html) advance every second, so
+#    the elapsed time keeps moving through a long set-up or step, between two server updates.
+# 2. Zoom, pan and legend clicks survive live updates. Gradio 6.31's Plot re-creates the chart element whenever its
+#    figure changes (a `{#key}` block in Plot.svelte around PlotlyPlot), so Plotly's `uirevision` memory, which lives
+#    on the element, is lost each time. The visitor's axis ranges and hidden traces are recorded per chart from
+#    Plotly's own `plotly_relayout` / `plotly_restyle` events and applied to the next figure inside `Plotly.react`,
+#    as long as its `uirevision` is the same (one run); a new run, or an axis changing type (log scale), starts
+#    afresh, as in Plotly. Gradio's Plotly chunk sets `window.Plotly` when it loads: the wrapper goes on then.
+PAGE_JS = """() => {
+  if (window.__crmaPage) return;
+  window.__crmaPage = true;
+  const clock = (s) => {
+    s = Math.max(0, Math.round(s));
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), two = (x) => String(x).padStart(2, "0");
+    return h ? `${h}:${two(m)}:${two(s % 60)}` : `${m}:${two(s % 60)}`;
+  };
+  setInterval(() => {
+    for (const el of document.querySelectorAll(".crma-tick")) {
+      if (!el.dataset.seen) el.dataset.seen = String(performance.now());
+      const dt = (performance.now() - Number(el.dataset.seen)) / 1000;
+      el.textContent = clock(Number(el.dataset.s) + (el.dataset.dir === "down" ? -dt : dt));
+    }
+  }, 1000);
+  const views = {};
+  const keyOf = (gd) => gd && gd.closest && gd.closest(".block[id]")?.id;
+  const record = (gd) => {
+    const key = keyOf(gd), full = gd._fullLayout;
+    if (!key || !gd.layout || !full) return;
+    const axes = {}, hidden = {};
+    for (const name of Object.keys(gd.layout)) {
+      const ax = gd.layout[name];
+      if (/^[xy]axis[0-9]*$/.test(name) && ax && ax.autorange === false && Array.isArray(ax.range))
+        axes[name] = { range: ax.range.slice(), type: full[name] && full[name].type };
+    }
+    for (const t of gd.data || [])
+      if (t.name && t.visible !== undefined && t.visible !== true) hidden[t.name] = t.visible;
+    views[key] = { rev: gd.layout.uirevision, axes, hidden };
+  };
+  const wrap = (P) => {
+    if (!P || P.__crmaKeepsView) return;
+    P.__crmaKeepsView = true;
+    const react = P.react;
+    P.react = function (gd, data, layout, config) {
+      const key = keyOf(gd), view = key && views[key];
+      if (view && layout && Array.isArray(data) && view.rev === layout.uirevision) {
+        for (const [name, ax] of Object.entries(view.axes)) {
+          const type = (layout[name] && layout[name].type) || "linear";
+          if (type === ax.type || (ax.type === "linear" && type === "-"))
+            layout[name] = Object.assign({}, layout[name], { range: ax.range.slice(), autorange: false });
+        }
+        for (const t of data) if (t.name in view.hidden) t.visible = view.hidden[t.name];
+      }
+      const drawn = react.apply(this, arguments);
+      if (key && !gd.__crmaWatched) {
+        gd.__crmaWatched = true;
+        Promise.resolve(drawn).then(() => {
+          gd.on("plotly_relayout", () => record(gd));
+          gd.on("plotly_restyle", () => record(gd));
+        });
+      }
+      return drawn;
+    };
+  };
+  if (window.Plotly) wrap(window.Plotly);
+  else {
+    let plotly;
+    Object.defineProperty(window, "Plotly", {
+      configurable: true, enumerable: true, get: () => plotly, set: (v) => { plotly = v; wrap(v); },
+    });
+  }
+}"""
+METHOD = """## How CRMA works
+
+CRMA (Constrained Residual Mixing Adapter) is a low-rank side channel that trains beside LoRA. At every decoder block
+l, with h the block's input and y its output:
+
+    u  = rmsnorm(y − h) @ A        A: d × r  (r = CRMA rank)
+    M  = sinkhorn(log_mix)         n × n, doubly stochastic (n = CRMA streams)
+    S' = M · (S + post ⊗ u)        write into the n streams, then mix; S flows from block to block
+    y' = y + α · (ρᵀ S') @ B       B = 0 at the start, so the model is unchanged at step 0
+
+- **CRMA streams** (n) and **CRMA rank** (r) size the side channel: L · (2·d·r + n² + 2n + 1) parameters.
+- **Structural LR** trains the mixing logits `log_mix` and the read and write weights ρ and post; **gate LR** trains
+  the gate α = exp(log_alpha). Neither has weight decay (it would pull M toward full averaging). LoRA and CRMA's A
+  and B use **LR**.
+- Every doubly stochastic M has spectral norm ‖M‖₂ = 1, the identity and full averaging alike, so that figure only
+  says Sinkhorn converged. What says how much the streams mix: **σ₂**, M's second singular value (1 = no mixing,
+  0 = full averaging); **‖M − I‖_F**, the distance from the identity (0 = no mixing); and the **composite gain**, the
+  largest row or column sum of the product of every block's M (at most 1 up to Sinkhorn's error: the mixing cannot
+  amplify over depth; the bound does not cover B or α).
+- The author's recipe adds **ZClip** (adaptive gradient clipping: a step whose gradient norm is a z-score outlier is
+  scaled down; the first 25 steps only collect statistics). lora+zclip and lora+mix take one change each, so the
+  2×2 grid can tell which of the two does what.
+- **Spike stress at step k** gives every arm the same corrupted batch at step k (its loss ×20 for the backward pass):
+  a controlled gradient spike, to see how each arm's clipping contains it.
+
+What is here is a reconstruction from the author's published description and the papers it cites (mHC, PiSSA,
+ZClip), not the author's code.
+"""
 VIEWS = ViewRegistry()  # live views by unguessable run id: each visitor only ever holds their own ids
 # The form's settings, in the order the run handler receives them after (upload, smoothing, log_scale).
 FORM_KEYS = (
@@ -165,6 +272,7 @@ class Form:
     spike_at: gr.Number
     run_btn: gr.Button
     stop_btn: gr.Button
+    recipe_btn: gr.Button
 
     def settings(self) -> list[gr.components.Component]:
         """The components of `FORM_KEYS`, in that order."""
@@ -172,14 +280,23 @@ class Form:
         return [by_key.get(key) or getattr(self, key) for key in FORM_KEYS]
 
 
+def _short_description(description: str) -> str:
+    # "SmolLM2-135M-Instruct: real pretrained chat model, ..." -> "SmolLM2-135M-Instruct": the box stays one line.
+    return description.split(":")[0].split("(")[0].strip()
+
+
 def build_form(cfg: AblationConfig) -> Form:
-    """The settings column, filled with `cfg`."""
+    """The settings column, filled with `cfg`; Run and Stop on top, where the first screen shows them."""
+    with gr.Row():
+        run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False)
     model = gr.Dropdown(
-        choices=[(f"{name}: {desc}", name) for name, desc in describe_presets()],
+        choices=[(f"{name}: {_short_description(desc)}", name) for name, desc in describe_presets()],
         value=cfg.model,
         allow_custom_value=True,
         label=label("model"),
-        info="a preset, or type any Hub id such as org/name",
+        info="tiny-random: an instant smoke test; smollm2-135m: a real model, on CPU, offline; the others download "
+        "from the Hub (GPU recommended). Or type any Hub id such as org/name.",
     )
     dataset = gr.Radio(
         choices=[
@@ -208,17 +325,26 @@ def build_form(cfg: AblationConfig) -> Form:
         choices=list(ARM_SPECS),
         value=cfg.arms,
         label=label("arms"),
-        info="lora+zclip and lora+mix separate CRMA's mixing from its ZClip",
+        info="lora+zclip and lora+mix take one of lora+crma's two changes each, so the 2×2 grid separates CRMA's "
+        "mixing from its ZClip; lora-matched is LoRA with as many trainable parameters as lora+crma (capacity "
+        "control).",
     )
-    grid_btn = gr.Button("2×2 attribution grid", size="sm")
+    with gr.Row():
+        grid_btn = gr.Button("2×2 attribution grid", size="sm")
+        recipe_btn = gr.Button("Author's recipe: two changes at once", size="sm")
     with gr.Row():
         seeds = gr.Textbox(value=str(cfg.seed), label=label("seeds"), info="one, or several: 1,2,3")
         steps = gr.Number(value=cfg.steps, precision=0, label=label("steps"), minimum=1)
     with gr.Accordion("Hyperparameters", open=False):
+        gr.Markdown("CRMA's settings are explained under [How CRMA works](#method) at the bottom of the page.")
         with gr.Row():
             lr = gr.Textbox(value=f"{cfg.lr:g}", label=f"{label('lr')} (LoRA, CRMA projections)")
-            structural_lr = gr.Textbox(value=f"{cfg.structural_lr:g}", label=label("structural_lr"))
-            gate_lr = gr.Textbox(value=f"{cfg.gate_lr:g}", label=label("gate_lr"))
+            structural_lr = gr.Textbox(
+                value=f"{cfg.structural_lr:g}",
+                label=label("structural_lr"),
+                info="CRMA's mixing logits and read/write weights",
+            )
+            gate_lr = gr.Textbox(value=f"{cfg.gate_lr:g}", label=label("gate_lr"), info="CRMA's output gate α")
         with gr.Row():
             batch_size = gr.Number(value=cfg.batch_size, precision=0, label=label("batch_size"), minimum=1)
             seq_len = gr.Number(value=cfg.seq_len, precision=0, label=label("seq_len"), minimum=8)
@@ -226,22 +352,32 @@ def build_form(cfg: AblationConfig) -> Form:
             lora_r = gr.Number(value=cfg.lora_r, precision=0, label=label("lora_r"), minimum=1)
             lora_targets = gr.Textbox(value=",".join(cfg.lora_targets), label=label("lora_targets"))
         with gr.Row():
-            crma_streams = gr.Number(value=cfg.crma.n_streams, precision=0, label=label("crma.n_streams"), minimum=2)
-            crma_rank = gr.Number(value=cfg.crma.rank, precision=0, label=label("crma.rank"), minimum=1)
+            crma_streams = gr.Number(
+                value=cfg.crma.n_streams,
+                precision=0,
+                label=label("crma.n_streams"),
+                minimum=2,
+                info="n parallel streams, mixed by an n × n doubly stochastic matrix",
+            )
+            crma_rank = gr.Number(
+                value=cfg.crma.rank,
+                precision=0,
+                label=label("crma.rank"),
+                minimum=1,
+                info="r: each block's update is projected to r dimensions",
+            )
         spike_at = gr.Number(
             value=0,
             precision=0,
             label=f"{label('spike_at')} (0 = off)",
             minimum=0,
-            info="every arm gets the same corrupted batch at this step",
+            info="every arm gets the same corrupted batch at this step (loss ×20 for the backward pass): how does "
+            "each arm's clipping contain the spike?",
         )
-    with gr.Row():
-        run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False)
     return Form(
         model, dataset, upload, start, rows, preview_msg, preview_table, arms, grid_btn, seeds, steps, lr,
         structural_lr, gate_lr, batch_size, seq_len, lora_r, lora_targets, crma_streams, crma_rank, spike_at,
-        run_btn, stop_btn,
+        run_btn, stop_btn, recipe_btn,
     )  # fmt: skip
 
 
@@ -255,18 +391,33 @@ class Charts:
     loss: gr.Plot
     grad: gr.Plot
     delta: gr.Plot
+    attribution: gr.Markdown
 
 
 def build_charts() -> Charts:
-    """Progress, smoothing and log-scale controls, and the loss, gradient-norm and loss-difference charts."""
+    """Progress, smoothing and log-scale controls, the loss, gradient-norm and loss-difference charts, and under them
+    the run's attribution (hidden until a run ends)."""
     progress = gr.HTML("Ready: press Run to train the arms side by side.", elem_id="run-progress")
     with gr.Row():
-        smoothing = gr.Slider(0, 0.99, value=0.6, step=0.01, label="Smoothing (EMA; raw line faint)")
+        smoothing = gr.Slider(
+            0, 0.99, value=0.6, step=0.01, label="Smoothing (EMA weight; the raw line stays faint behind)"
+        )
         log_scale = gr.Checkbox(value=False, label="Log-scale grad norm")
-    loss = gr.Plot(label="Loss", elem_id="loss-plot")
-    grad = gr.Plot(label="Gradient norm before clipping", elem_id="grad-plot")
-    delta = gr.Plot(label="Loss difference", elem_id="delta-plot")
-    return Charts(progress, smoothing, log_scale, loss, grad, delta)
+    # Each figure carries its own title: a label above it would only repeat it (and push the title down).
+    loss = gr.Plot(label="Loss", elem_id="loss-plot", show_label=False)
+    grad = gr.Plot(label="Gradient norm", elem_id="grad-plot", show_label=False)
+    delta = gr.Plot(label="Loss difference", elem_id="delta-plot", show_label=False)
+    attribution = gr.Markdown(visible=False, elem_id="attribution", elem_classes=["crma-tables"])
+    return Charts(progress, smoothing, log_scale, loss, grad, delta, attribution)
+
+
+def attribution_update(summary: dict) -> dict:
+    """The attribution box under the charts for a run's summary: the effects table and one sentence per metric (or
+    why nothing can be credited), and where the published study is."""
+    text = attribution_markdown(summary, level=3)
+    if text:
+        text += "\nCompare with [what a well-powered run found](#study), below: the same effects over several seeds."
+    return gr.update(value=text, visible=bool(text))
 
 
 @dataclass
@@ -293,11 +444,17 @@ def build_results() -> Results:
     with gr.Column(visible=False) as panel:
         gr.Markdown("## Results")
         notes = gr.Markdown()
-        summary = gr.Markdown(elem_id="summary")
+        summary = gr.Markdown(elem_id="summary", elem_classes=["crma-tables"])
         with gr.Accordion("Fairness receipt: what is identical between the arms", open=True):
-            receipt = gr.Markdown()
+            receipt = gr.Markdown(elem_id="receipt", elem_classes=["crma-tables"])
         with gr.Accordion("CRMA mixing diagnostics", open=True):
-            mixing = gr.Plot(elem_id="mixing-plot")
+            gr.Markdown(
+                "**σ₂**: the mixing matrix's second singular value (1 = the streams do not mix, 0 = full averaging). "
+                "**‖M − I‖_F**: how far the mixing moved from the identity (0 = no mixing). **Composite gain**: the "
+                "largest row or column sum of the product of every block's mixing matrix; at most 1, so the mixing "
+                "cannot amplify over depth. More under [How CRMA works](#method)."
+            )
+            mixing = gr.Plot(elem_id="mixing-plot", show_label=False)
         with gr.Row():
             archive = gr.File(label="Everything (.zip: adapters, metrics, summary, report, charts, config)")
             report = gr.File(label="report.html (self-contained, for blogs)")
@@ -325,6 +482,33 @@ def build_results() -> Results:
     )
 
 
+@dataclass
+class Study:
+    """The "What a well-powered run found" panel: the committed study, shown without training."""
+
+    panel: gr.Accordion
+    text: gr.Markdown
+    charts: gr.Gallery
+
+
+def build_study(folder: str | os.PathLike[str] | None = None) -> Study:
+    """The published study in `folder` (default `published.study_dir()`: `$CRMA_STUDY_DIR` or `assets/study/`), or
+    a plain message that there is none yet."""
+    study = published.load_published_study(folder)
+    with gr.Accordion("What a well-powered run found", open=True, elem_id="study") as panel:
+        text = gr.Markdown(study.markdown, elem_id="study-text", elem_classes=["crma-tables"])
+        charts = gr.Gallery(
+            value=study.charts or None,
+            visible=bool(study.charts),
+            label="The study's charts (click to enlarge)",
+            columns=2,
+            height="auto",
+            object_fit="contain",
+            elem_id="study-charts",
+        )
+    return Study(panel, text, charts)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The page and its handlers
 
@@ -338,13 +522,14 @@ class Page:
     charts: Charts
     results: Results
     run_state: gr.State
+    study: Study | None = None
 
     def run_outputs(self) -> list[gr.components.Component]:
         """Every component the run handler may update."""
         r, c = self.results, self.charts
         return [
             self.run_state, c.progress, r.panel, self.form.run_btn, self.form.stop_btn, r.repro, c.loss, c.grad,
-            c.delta, r.summary, r.receipt, r.mixing, r.notes, r.archive, r.report, r.embed,
+            c.delta, r.summary, r.receipt, r.mixing, r.notes, r.archive, r.report, r.embed, c.attribution,
         ]  # fmt: skip
 
     def run(self, upload: str | None, smoothing: float, log_scale: bool, *values: Any) -> Iterator[dict]:
@@ -361,6 +546,7 @@ class Page:
             self.run_state: folder.run_id,
             charts.progress: view.progress_html(),
             results.panel: gr.update(visible=False),
+            charts.attribution: gr.update(visible=False),
             self.form.run_btn: gr.update(interactive=False),
             self.form.stop_btn: gr.update(interactive=True),
             results.repro: snippets.cli_command(cfg)
@@ -414,6 +600,7 @@ class Page:
             r.archive: str(runs.make_archive(out)) if out.is_dir() else None,
             r.report: str(report) if report.is_file() else None,
             r.embed: snippets.embed_snippet(os.environ.get("SPACE_ID")),
+            self.charts.attribution: attribution_update(result.summary),
         }
 
     @staticmethod
@@ -554,6 +741,8 @@ def _wire(page: Page) -> None:
     )
     # In the browser, no round trip; a JS function's returned array is spread over the outputs, hence [[...]].
     f.grid_btn.click(None, None, f.arms, js=f"() => [{json.dumps(list(GRID_ARMS))}]")
+    f.recipe_btn.click(None, None, f.arms, js=f"() => [{json.dumps(list(AUTHOR_ARMS))}]")
+    page.demo.load(None, None, None, js=PAGE_JS)  # live clocks, and zoom / hidden traces kept through updates
     f.dataset.change(
         lambda d: gr.update(visible=d == "upload"), f.dataset, f.upload, queue=False, api_visibility="private"
     )
@@ -602,16 +791,23 @@ def _wire(page: Page) -> None:
     api_stop.click(stop, api_stop_id, api_stop_msg, api_name="stop", concurrency_id="control", concurrency_limit=None)
 
 
-def build_page() -> Page:
-    """The CRMA Lab page: settings on the left, live charts on the right, results, downloads and push below."""
-    cfg, note = estimates.default_config(estimates.gpu_available())
+def build_page(study_dir: str | os.PathLike[str] | None = None) -> Page:
+    """The CRMA Lab page: Run and the settings on the left, live charts and the run's attribution on the right, then
+    the results, the published study and how CRMA works.
+
+    Args:
+        study_dir (`str | PathLike | None`): the published study's folder (default `$CRMA_STUDY_DIR` or
+            `assets/study/`).
+    """
+    has_gpu = estimates.gpu_available()
+    cfg, note = estimates.default_config(has_gpu)
     # Gradio keeps its own copy of every file it serves (archives, reports): clear copies older than 6 h, hourly.
     with gr.Blocks(title="CRMA Lab: LoRA vs LoRA+CRMA", delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown(
             "# CRMA Lab\nTrain plain LoRA and LoRA + CRMA (a Sinkhorn-constrained residual mixing adapter) side by "
             "side: same seed, same batches, same LoRA init, one chart. Stop any time; the results so far are kept."
         )
-        gr.Markdown(f"ℹ️ {note}", elem_id="default-note")
+        default_note = gr.Markdown(f"ℹ️ {note}", elem_id="default-note")
         run_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=2, min_width=340):
@@ -619,8 +815,20 @@ def build_page() -> Page:
             with gr.Column(scale=3):
                 charts = build_charts()
         results = build_results()
-        page = Page(demo, settings, charts, results, run_state)
+        study = build_study(study_dir)
+        gr.Markdown(METHOD, elem_id="method")
+        page = Page(demo, settings, charts, results, run_state, study)
         _wire(page)
+        if not has_gpu:  # the CPU estimate is measured: measure it again for each visitor, at the machine's load now
+            demo.load(
+                lambda: f"ℹ️ {estimates.default_note(cfg, has_gpu=False)}",
+                None,
+                default_note,
+                api_visibility="private",
+                show_progress="hidden",
+                concurrency_id="light",
+                concurrency_limit=4,
+            )
     return page
 
 

@@ -436,3 +436,85 @@ def test_receipt_markdown_of_the_results_panel():
     assert "| 42 | ✅ yes | ✅ yes | ✅ yes |" in text
     assert "| crma | False | True |" in text and "| clipper | clip_grad_norm(1.0) | zclip |" in text
     assert "No fairness receipt" in receipt_markdown({})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page's layout
+
+
+@pytest.fixture(scope="module")
+def toy_study(tmp_path_factory):
+    """A toy study as `python -m crma study --toy` writes it (charts stood in by a PNG: only the files are read)."""
+    import shutil
+
+    from crma.ablation.study import StudyProtocol, run_study
+
+    root = tmp_path_factory.mktemp("study")
+    for _ in run_study(StudyProtocol.toy(), root / "study", work_dir=root / "work", charts=False):
+        pass
+    for name in ("plain_loss.png", "spike_grad_norm.png"):
+        shutil.copyfile(Path(__file__).resolve().parents[1] / "assets" / "screenshot.png", root / "study" / name)
+    return root / "study"
+
+
+def _blocks_in_order(page):
+    return list(page.demo.blocks.values())
+
+
+def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
+    import gradio as gr
+
+    from crma.ablation.arms import AUTHOR_ARMS
+
+    f, c = page.form, page.charts
+    order = [b._id for b in _blocks_in_order(page)]
+    # Run and Stop come before every setting, so the first screen shows them.
+    assert order.index(f.run_btn._id) < order.index(f.model._id) < order.index(f.arms._id)
+    # The model box shows short names ("name: description" no longer than one line of it).
+    assert all(len(label) <= 40 for label, _ in f.model.choices), f.model.choices
+    assert "lora-matched" in f.arms.info and "lora-matched" in [value for _, value in f.arms.choices]
+    assert f.recipe_btn.value == "Author's recipe: two changes at once"
+    js = {d.js for d in page.demo.fns.values() if d.js}
+    assert f"() => [{app_module.json.dumps(list(AUTHOR_ARMS))}]" in js
+    assert app_module.PAGE_JS in js  # the page script (clocks, zoom kept) runs on load
+    for component in (f.structural_lr, f.gate_lr, f.crma_streams, f.crma_rank, f.spike_at):
+        assert component.info, component.label
+    markdown = [b.value for b in _blocks_in_order(page) if isinstance(b, gr.Markdown) and isinstance(b.value, str)]
+    assert any("[How CRMA works](#method)" in text and "σ₂" in text and "Composite gain" in text for text in markdown)
+    method = next(b for b in _blocks_in_order(page) if getattr(b, "elem_id", None) == "method")
+    for term in ("Structural LR", "gate LR", "CRMA streams", "CRMA rank", "σ₂", "‖M − I‖_F", "composite gain"):
+        assert term in method.value, term
+    # The attribution box sits in the charts column, hidden until a run ends; the run handler can fill it.
+    assert isinstance(c.attribution, gr.Markdown) and c.attribution.visible is False
+    assert page.run_outputs()[-1] is c.attribution
+    assert c.loss.show_label is False  # the figure's own title names it
+
+
+def test_attribution_box_text(app_module):
+    two = {"arms": {"lora": {}, "lora+crma": {}}, "attribution": {"available": False, "reason": "needs the grid"}}
+    update = app_module.attribution_update(two)
+    assert update["visible"] is True and "two things at once" in update["value"] and "(#study)" in update["value"]
+    assert app_module.attribution_update({"arms": {"lora": {}}, "attribution": {}})["visible"] is False
+
+
+def test_study_panel_without_a_study(app_module, tmp_path):
+    page = app_module.build_page(study_dir=tmp_path / "no-study")
+    assert page.study.text.value.startswith("**No published study yet.**")
+    assert "python -m crma study" in page.study.text.value
+    assert page.study.charts.visible is False
+
+
+def test_study_panel_shows_the_committed_study(app_module, toy_study, monkeypatch):
+    import json
+
+    study = json.loads((toy_study / "summary.json").read_text())
+    monkeypatch.setenv("CRMA_STUDY_DIR", str(toy_study))  # the variable the Space reads, as the parameter would
+    page = app_module.build_page()
+    text = page.study.text.value
+    assert "**2 seeds** (1, 2), **4 steps**" in text and "corrupted batch at step 3" in text
+    assert "#### Plain training" in text and "#### With a spike at step 3" in text
+    # Each condition's attribution, with its intervals, straight from summary.json.
+    plain = study["conditions"]["plain"]["attribution"]["metrics"]["final_loss_ema"]["mixing"]
+    assert plain["sentence"] in text and "95 % CI over 2 seeds" in text
+    captions = [item["caption"] for item in page.study.charts.value]
+    assert captions == ["Plain training: loss", "With a spike: gradient norm"] and page.study.charts.visible

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ def _cfg(values, caps=form.SPACE_CAPS):
 
 
 def test_default_config_cpu_and_gpu():
-    cpu, cpu_note = estimates.default_config(False)
+    cpu, cpu_note = estimates.default_config(False, cpu_flops=estimates.REFERENCE_CPU_FLOPS)
     gpu, gpu_note = estimates.default_config(True)
     assert (cpu.model, cpu.rows, cpu.seed, cpu.dataset) == ("smollm2-135m", 200, 42, "bundled")
     assert cpu.steps <= 40 and cpu.batch_size == 2 and cpu.seq_len == 128
@@ -29,10 +32,50 @@ def test_default_config_cpu_and_gpu():
     assert cpu.arms == gpu.arms == list(GRID_ARMS)  # the 2x2 grid is the default arm set
     assert "No GPU" in cpu_note and "CPU" in cpu_note and "author" in cpu_note
     assert "GPU found" in gpu_note and "author" in gpu_note
-    assert f"for {len(gpu.arms)} arms" in gpu_note  # the estimate names the arms it covers
+    assert f"{len(gpu.arms)} arms" in gpu_note and f"{len(cpu.arms)} arms" in cpu_note  # the estimate's arms
     for cfg in (cpu, gpu):
         form.check_caps(cfg)
-    assert estimates.estimate_run_seconds(cpu, gpu=False) < 5 * 60  # "finishes in a few minutes"
+    # "Finishes in a few minutes" on the idle 2-core machine the CPU default was sized on.
+    assert estimates.estimate_run_seconds(cpu, gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS) < 4 * 60
+
+
+def test_cpu_note_is_an_estimate_from_the_measured_machine():
+    cfg, _ = estimates.default_config(False, cpu_flops=1.0)
+    fast = estimates.default_note(cfg, has_gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS)
+    slow = estimates.default_note(cfg, has_gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS / 4)
+    minutes = [int(re.search(r"Estimated time: about (\d+) min", note)[1]) for note in (fast, slow)]
+    assert minutes[1] > 2 * minutes[0]  # a machine measured 4x slower gets a longer estimate
+    seconds = estimates.estimate_run_seconds(cfg, gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS)
+    assert minutes[0] == max(1, round(seconds / 60))
+    cores = estimates.cpu_cores()
+    assert f"{estimates.REFERENCE_CPU_FLOPS / 1e9:.0f} GFLOP/s on {cores} core" in fast  # what it was measured from
+    assert "measured just now" in fast and "can make it several times longer" in fast
+    # ZClip's warm-up covers most of a 30-step run: the note says how many steps its arms actually clip.
+    assert (
+        f"first {cfg.zclip.warmup_steps} steps" in fast and f"in the last {cfg.steps - cfg.zclip.warmup_steps}" in fast
+    )
+    assert "(from the model's size; not measured here)" in estimates.default_note(cfg, has_gpu=True)
+
+
+def test_step_estimate_scales_with_the_measured_speed_and_the_tokens():
+    cfg = _cfg({"model": "smollm2-135m", "batch_size": 2, "seq_len": 128}, None)
+    base = estimates.estimate_step_seconds(cfg, gpu=False, cpu_flops=1e11)
+    assert estimates.estimate_step_seconds(cfg, gpu=False) == estimates.estimate_step_seconds(
+        cfg, gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS
+    )
+    half = estimates.estimate_step_seconds(cfg, gpu=False, cpu_flops=2e11)
+    assert (half - 0.02) == pytest.approx((base - 0.02) / 2)
+    double = estimates.estimate_step_seconds(replace(cfg, batch_size=4), gpu=False, cpu_flops=1e11)
+    assert (double - 0.02) == pytest.approx(2 * (base - 0.02))
+    # ~4 flops per parameter and token at the calibrated share of the measured throughput.
+    expected = 4 * 134_515_008 * 256 / (estimates.CPU_STEP_EFFICIENCY * 1e11)
+    assert base - 0.02 == pytest.approx(expected)
+
+
+def test_measure_cpu_flops_measures_something():
+    flops = estimates.measure_cpu_flops(repeats=3)
+    assert 1e8 < flops < 1e14  # a plausible float32 matmul rate for any CPU this runs on
+    assert estimates.cpu_cores() >= 1
 
 
 def test_estimate_gpu_seconds_is_monotone_and_clamped():

@@ -174,3 +174,79 @@ def test_view_registry_is_bounded_and_rebuilds_from_files(tmp_path):
     assert grad.layout.yaxis.type == "log" and {t.name for t in loss.data} >= {"lora", "lora+crma"}
     for bad in ("../../etc", None, 42):
         assert registry.view_for(bad, tmp_path) is None
+
+
+def test_eta_is_the_smoothed_step_time_and_counts_the_seeds_set_up():
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=10, seeds=[1, 2], arms=["lora", "lora+crma"])
+    view = LiveView(cfg, clock=clock)
+    view.update(Phase("seed 1: setting up 2 arms", seed=1))
+    clock.now += 30.0  # a 30 s set-up (PiSSA, optimizer) before the first step
+    view.update(_record("lora", 1, seed=1))
+    assert view.setup_s == pytest.approx(30.0) and view.eta_s() is None  # one step: no pace yet
+    gaps = [2.0, 2.0, 2.0, 8.0, 2.0]  # one slow step (another process took the cores) among steady ones
+    etas = []
+    for step, gap in enumerate(gaps, start=2):
+        clock.now += gap
+        view.update(_record("lora", step, seed=1))
+        clock.now += 0.01
+        view.update(_record("lora+crma", step, seed=1))  # the second arm of a step does not advance the pace
+        etas.append(view.eta_s())
+    per_step = view.step_seconds()
+    ema, weight = 0.0, LiveView.ETA_WEIGHT
+    for i, gap in enumerate(gaps):
+        ema = weight * ema + (1 - weight) * (gap + (0.01 if i else 0.0))  # lora to lora, across the other arm
+    assert per_step == pytest.approx(ema / (1 - weight ** len(gaps)))  # debiased EMA of the gaps
+    # Steps left in seed 1 and all of seed 2, plus seed 2's set-up as long as seed 1's.
+    assert etas[-1] == pytest.approx(per_step * (20 - 6) + 30.0)
+    assert etas[0] == pytest.approx(2.0 * 18 + 30.0)
+    # Waiting inside a step does not move the ETA (it used to grow with the wall clock until the step ended, then
+    # drop: a sawtooth); the browser counts it down between updates.
+    clock.now += 1.5
+    assert view.eta_s() == etas[-1]
+    # A phase between two steps (seed 2's set-up) is not a step time.
+    for step in range(7, 11):
+        clock.now += 2.0
+        view.update(_record("lora", step, seed=1))
+    before = view.step_seconds()
+    view.update(Phase("seed 2: setting up 2 arms", seed=2))
+    clock.now += 40.0
+    view.update(_record("lora", 1, seed=2))
+    assert view.step_seconds() == pytest.approx(before) and view.setup_s == pytest.approx(40.0)
+    assert view.eta_s() == pytest.approx(before * 9)  # the last seed: no set-up left
+
+
+def test_progress_html_clocks_tick_in_the_browser_during_set_up():
+    clock = FakeClock()
+    cfg = AblationConfig(model="tiny-random", steps=10, arms=["lora", "lora+crma"])
+    view = LiveView(cfg, clock=clock)
+    view.update(Phase("seed 42: setting up 2 arms", seed=42))
+    clock.now += 75.0
+    html = view.progress_html()  # no step yet: the elapsed clock must still move between two server updates
+    assert '<span class="crma-tick" data-s="75.0" data-dir="up">1:15</span>' in html
+    assert view.progress_text() == "seed 42: setting up 2 arms (1:15) · CPU"
+    for step in (1, 2, 3):
+        clock.now += 2.0
+        view.update(_record("lora", step))
+    html = view.progress_html()
+    assert (
+        'data-dir="up">1:21</span>' in html
+        and '<span class="crma-tick" data-s="14.0" data-dir="down">0:14</span>' in (html)
+    )
+    assert "elapsed 1:21 · ETA 0:14" in view.progress_text()
+    view.update(_result(cfg, view.records, status="stopped", error="stopped by request"))
+    assert "crma-tick" not in view.progress_html()  # an ended run's line is still
+
+
+def test_charts_keep_one_uirevision_per_run():
+    cfg = AblationConfig(model="tiny-random", steps=3, arms=["lora", "lora+crma"])
+    first, second = LiveView(cfg), LiveView(cfg)
+    for view in (first, second):
+        view.update(_record("lora", 1))
+        view.update(_record("lora+crma", 1))
+    revisions = [fig.layout.uirevision for fig in first.figures()]
+    assert revisions == [f"{name}:{first.revision}" for name in ("loss", "grad_norm", "loss_delta")]
+    # The same run redrawn (a live update, a smoothing change) keeps them: the page keeps the visitor's zoom.
+    assert [fig.layout.uirevision for fig in first.figures(smoothing=0.0, log_scale=True)] == revisions
+    # Another run starts afresh.
+    assert not set(revisions) & {fig.layout.uirevision for fig in second.figures()}

@@ -210,6 +210,11 @@ def test_embed_snippet():
     assert "gradio.js" in snippet and "YOUR-NAME" not in snippet
     placeholder = snippets.embed_snippet(None)
     assert "YOUR-NAME" in placeholder and "<iframe" in placeholder and "<gradio-app" in placeholder
+    # Whenever the snippet holds the placeholder, its comment says to replace it (and only then).
+    for space_id in (None, "", "no-slash"):
+        text = snippets.embed_snippet(space_id)
+        assert "YOUR-NAME/crma-lab" in text and "replace YOUR-NAME/crma-lab with the Space id" in text
+    assert "replace YOUR-NAME" not in snippet
 
 
 def _record(loss: float) -> StepRecord:

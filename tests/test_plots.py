@@ -126,9 +126,9 @@ def test_delta_figure_values_and_share_lower(records, records2):
     assert list(zclip.x) == list(range(1, DIVERGE_STEP))  # the NaN step has no pair
     assert list(zclip.y) == pytest.approx([0.05] * (DIVERGE_STEP - 1))
     assert list(_trace(fig, "lora#2").y) == [0.0] * STEPS
-    note = fig.layout.title.text  # the shares sit under the title, clear of the curves
-    assert "lora+crma lower on 75 % of steps (30/40)" in note
-    assert "lora#2 lower on 0 % of steps (0/40)" in note
+    note = fig.layout.title.text  # the shares sit under the title, one line each, clear of the curves
+    assert "lora+crma: lower on 75 % of steps (30/40)</span></sup>" in note
+    assert "lora#2: lower on 0 % of steps (0/40)</span></sup>" in note
     assert fig.layout.meta["lower_share"] == {"lora+crma": 0.75, "lora+zclip": 0.0, "lora#2": 0.0}
     assert any(s.type == "line" and s.y0 == 0 and s.y1 == 0 for s in fig.layout.shapes)  # zero line
 
@@ -179,5 +179,50 @@ def test_long_runs_draw_a_few_traces_per_arm_not_one_per_point():
 def test_few_steps_get_integer_ticks(records):
     short = [r for r in records if r.step <= 5]
     fig = make_loss_figure(short, smoothing=0.0)
-    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat is None
     assert make_loss_figure(records, smoothing=0.0).layout.xaxis.dtick is None
+
+
+def test_titles_are_short_lines_and_the_legend_sits_under_the_plot(records, records2):
+    """A phone shows about 45 characters of a chart's width: the title and each line under it fit, and the legend,
+    however many rows it wraps into, sits at the bottom where it cannot cover them."""
+    figs = [
+        make_loss_figure(records),
+        make_grad_norm_figure(records, smoothing=0.6),
+        make_delta_figure(records),
+        make_mixing_figure(records),
+        make_loss_figure(records2),
+    ]
+    for fig in figs:
+        title = fig.layout.title
+        lines = [re.sub(r"<[^>]+>", "", line) for line in title.text.split("<br>")]
+        assert len(lines[0]) <= 30 and all(len(line) <= 48 for line in lines), lines
+        assert title.yref == "paper" and title.yanchor == "bottom" and title.automargin is True
+        assert (
+            fig.layout.legend.yref == "container"
+            and fig.layout.legend.y == 0
+            and fig.layout.legend.yanchor == ("bottom")
+        )
+    assert "mean of 2 seeds (band: min–max)" in figs[-1].layout.title.text
+    for annotation in figs[3].layout.annotations:  # the mixing panels' own titles
+        assert len(annotation.text) <= 30
+
+
+def test_hover_labels_say_smoothed_or_raw(records):
+    loss = _trace(make_loss_figure(records, smoothing=0.6), "lora")
+    assert loss.hovertemplate == "EMA 0.6: %{y:.4f} · raw %{customdata:.4f}"
+    assert list(loss.customdata) == pytest.approx([2.0 - 0.02 * s for s in range(1, STEPS + 1)])  # the raw values
+    assert _trace(make_loss_figure(records, smoothing=0.0), "lora").hovertemplate == "raw %{y:.4f}"
+    grad = make_grad_norm_figure(records, smoothing=0.6)
+    pre = _trace(grad, "lora")
+    # The smoothed pre-clip line shows its raw value beside it, so it never pairs a smoothed value with a raw one.
+    assert pre.hovertemplate == "pre-clip, EMA 0.6: %{y:.3f} · raw %{customdata:.3f}"
+    assert pre.customdata[SPIKE_STEP - 1] == 30.0 and pre.y[SPIKE_STEP - 1] < 30.0
+    assert _trace(grad, "lora post-clip").hovertemplate == "raw %{y:.3f}"
+    assert "pre-clip, raw %{y:.3f}" in _trace(make_grad_norm_figure(records), "lora").hovertemplate
+    # The delta's signed numbers are formatted in Python (a "+" d3 format printed 16 digits in Gradio's plotly.js).
+    delta = _trace(make_delta_figure(records, smoothing=0.6), "lora+crma")
+    assert delta.hovertemplate == "Δ EMA 0.6: %{customdata[0]} · raw %{customdata[1]}"
+    assert [list(c) for c in delta.customdata[:2]] == [["-0.0100", "-0.0100"], ["-0.0100", "-0.0100"]]
+    assert all(re.fullmatch(r"[+-]\d+\.\d{4}", text) for pair in delta.customdata for text in pair)
+    assert _trace(make_delta_figure(records, smoothing=0.0), "lora+crma").hovertemplate == "Δ raw %{customdata[1]}"

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 import pytest
 
-from crma.ablation.render import report_html, summary_markdown, write_png_charts
+from crma.ablation.attribution import attribution
+from crma.ablation.render import (
+    attribution_markdown,
+    receipt_html,
+    report_html,
+    status_note,
+    summary_markdown,
+    write_png_charts,
+)
 from crma.ablation.summary import summarize_run
 
 
@@ -20,9 +29,12 @@ def test_summary_markdown_table(records, records2):
     for row in [
         "| Metric | lora | lora+crma | Delta |",
         "| Final loss | 1.2000 | 1.2100 | +0.8% |",
+        "| Final loss (EMA 0.9) | 1.3680 | 1.3712 | +0.2% |",  # the weight is named
         "| Peak grad norm (pre-clip) | 30.00 | 1.02 | -96.6% |",
-        "| Steps clipped | 1 | 2 | +100.0% |",
-        "| Gradient spikes | 1 | 0 | -100.0% |",
+        # Against the fixed clip's cap or a count, a percentage means nothing: plain differences.
+        "| Peak grad norm (post-clip) | 1.50 | 1.02 | -0.48 |",
+        "| Steps clipped | 1 | 2 | +1 |",
+        "| Gradient spikes | 1 | 0 | -1 |",
         "| Spectral norm ‖M‖₂ | – | 1.000000 | – |",
         "| Max row/col error | – | 1.0e-07 | – |",
         "| σ₂ | – | 0.6000 | – |",
@@ -33,8 +45,12 @@ def test_summary_markdown_table(records, records2):
         "| Tokens/s | 128.0 | 128.0 | +0.0% |",
     ]:
         assert row in md, f"missing row {row!r} in\n{md}"
-    assert "Final loss (EMA)" in md and "Mean grad norm" in md
+    assert "Mean grad norm" in md and "%" not in md.split("| Steps clipped")[1].split("\n")[0]
     assert "doubly stochastic" in md and "noise" in md
+    assert "smoothed with weight 0.9" in md  # the footnote says what the EMA row is
+    assert "stopped" not in md  # a run without a status (or finished) carries no banner
+    # The author's two-arm recipe: the attribution section says why nothing can be credited.
+    assert "### What can be credited to what" in md and "two things at once" in md
 
     run = summarize_run(records)
     run["notes"] = ["CPU fallback: no GPU found"]  # remarks the engine attaches are kept as footnotes
@@ -52,15 +68,84 @@ def test_summary_markdown_table(records, records2):
         summary_markdown({"rows": []})
 
 
+def test_a_stopped_or_failed_run_says_so_in_both_reports(records):
+    summary = {**summarize_run(records), "status": "stopped", "error": "stopped by request"}
+    banner = "This run stopped before it finished (stopped by request): the numbers are partial, from the 40 steps"
+    assert status_note(summary).startswith(banner)
+    md = summary_markdown(summary, title="t")
+    assert md.startswith(f"## t\n\n**{banner}")
+    assert '<p class="status"><strong>' + banner in report_html(records, summary)
+    failed = {**summarize_run([r for r in records if r.step <= 7]), "status": "failed", "error": "out of memory"}
+    assert "failed before it finished (out of memory)" in summary_markdown(failed) and "from the 7 steps" in (
+        status_note(failed) or ""
+    )
+    assert status_note({**summary, "status": "finished"}) is None and status_note(summarize_run(records)) is None
+
+
+def test_attribution_markdown_one_seed_and_without_the_grid(records):
+    # A one-seed 2x2 grid: lora and lora+crma as they are, lora#2 as lora+mix, a copy of lora as lora+zclip.
+    renamed = {"lora": "lora", "lora+crma": "lora+crma", "lora#2": "lora+mix"}
+    one = [replace(r, arm=renamed[r.arm]) for r in records if r.arm in renamed]
+    one += [replace(r, arm="lora+zclip") for r in records if r.arm == "lora"]
+    summary = summarize_run(one)
+    summary["attribution"] = attribution(summary)
+    text = attribution_markdown(summary)
+    assert text.startswith("### What the 2×2 grid attributes")
+    assert "on one seed (an interval needs two or more seeds)" in text
+    sentences = [line for line in text.splitlines() if line.startswith("- ")]
+    metrics = summary["attribution"]["metrics"]
+    assert len(sentences) == len(metrics)  # one sentence per metric
+    measured = [m for m in metrics.values() if m["mixing"]["mean"] is not None]
+    assert len(measured) >= 3
+    assert sum("no interval can be given with one seed" in line for line in sentences) == len(measured)
+    assert attribution_markdown(summary, level=0).startswith("Effects on each metric")
+    two = summarize_run([r for r in records if r.arm in ("lora", "lora+crma")])
+    two["attribution"] = attribution(two)
+    assert "two things at once" in attribution_markdown(two)
+    three = summarize_run([r for r in records if r.arm in ("lora", "lora+crma", "lora+zclip")])
+    three["attribution"] = attribution(three)
+    assert "two things at once" in attribution_markdown(three) and "lacks ['lora+mix']" in attribution_markdown(three)
+    alone = summarize_run([r for r in records if r.arm == "lora"])
+    alone["attribution"] = attribution(alone)
+    assert "two things at once" not in attribution_markdown(alone)
+
+
 def test_report_html_self_contained(records):
-    summary = summarize_run(records)
+    summary = _with_receipt(records)
     text = report_html(records, summary, title="Run <1> & co", config={"lr": 1e-4, "note": "<b>bold</b>"})
     assert text.count("plotly.js v") == 1  # the bundle, once
     assert not re.search(r"<script[^>]*\bsrc=", text)  # nothing loaded from anywhere
     assert text.count("Plotly.newPlot(") == 4  # loss, grad norm, delta, mixing
     assert "<title>Run &lt;1&gt; &amp; co</title>" in text
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text  # readable on a phone
     assert "<td>Peak grad norm (pre-clip)</td><td>30.00</td>" in text
+    assert text.count('<div class="table-wrap"><table') >= 3  # every table scrolls inside its own box
     assert "&lt;b&gt;bold&lt;/b&gt;" in text and '"lr": 0.0001' in text
+    # The fairness receipt is in the report, as on the page.
+    receipt = text.split("<h2>Fairness receipt: what is identical between the arms</h2>")[1]
+    assert "<td>42</td><td>✅ yes</td><td>✅ yes</td><td>✅ yes</td><td><code>bbbbbbbbbbbbbbbb…</code></td>" in receipt
+    assert (
+        '<table class="wrap">' in receipt and "<td>clipper</td><td>clip_grad_norm(1.0)</td><td>zclip</td>" in receipt
+    )
+    assert "<strong>Problems found:</strong> lora+crma: batches differ" in receipt_html(
+        {"receipt": {**RECEIPT, "problems": ["lora+crma: batches differ"]}}
+    )
+    assert "No fairness receipt" in report_html(records, summarize_run(records))
+
+
+RECEIPT = {
+    "seed": 42,
+    "lora_init_sha256": {"lora": "a" * 64, "lora+crma": "a" * 64},
+    "lora_init_equal": True,
+    "batch_order_sha256": "b" * 64,
+    "batches_seen_equal": True,
+    "differs_only_in_adapter": True,
+    "config_diff": {"clipper": {"lora": "clip_grad_norm(1.0)", "lora+crma": "zclip"}},
+}
+
+
+def _with_receipt(records):
+    return {**summarize_run(records), "receipt": RECEIPT}
 
 
 @pytest.mark.skipif(

@@ -38,9 +38,10 @@ _COPY_DASHES = ("longdashdot", "8px,3px,2px,3px,2px,3px", "2px,5px", "12px,4px")
 
 _RAW_OPACITY = 0.25
 _BAND_ALPHA = 0.15
+# Panel titles stay short (a phone shows ~40 characters); the page and the report explain each figure.
 _CRMA_METRICS = (
-    ("sigma2_mean", "σ₂ (1 = no mixing, 0 = full averaging)"),
-    ("dist_from_identity_mean", "‖M − I‖_F"),
+    ("sigma2_mean", "σ₂ (1 = no mixing)"),
+    ("dist_from_identity_mean", "‖M − I‖_F (0 = identity)"),
     ("composite_gain", "Composite gain over depth"),
 )
 
@@ -222,28 +223,64 @@ def _arm_line(arm: str, steps: Sequence[int], y: Sequence[float | None], **kwarg
     )
 
 
-def _layout(fig: go.Figure, *, title: str, y_title: str, revision: str) -> go.Figure:
+def _layout(fig: go.Figure, *, title: str, lines: Sequence[str] = (), y_title: str, revision: str) -> go.Figure:
+    """Title on top, legend at the bottom, integer step ticks.
+
+    The title is short and its explanation goes on `lines` of its own under it: one long line is cut on a phone.
+    The legend sits under the plot (anchored to the figure's bottom edge, which grows with it), so however many rows
+    it wraps into on a narrow screen, it can never cover the title.
+    """
+    text = title + "".join(f"<br><sup>{line}</sup>" for line in lines if line)
     fig.update_layout(
-        title=dict(text=title, x=0.01, xanchor="left"),
+        # automargin with the default container reference: the top margin grows to fit every title line.
+        title=dict(
+            text=text,
+            x=0.01,
+            xanchor="left",
+            xref="container",
+            y=1.0,
+            yanchor="bottom",
+            yref="paper",
+            pad=dict(b=12),
+            automargin=True,
+        ),
         xaxis_title="step",
         yaxis_title=y_title,
         hovermode="x unified",
         template="plotly_white",
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0),
-        margin=dict(t=90, l=60, r=20, b=50),
-        # A constant uirevision keeps the user's zoom/pan and legend toggles when a live update replaces the figure.
+        legend=dict(
+            orientation="h", yref="container", y=0.0, yanchor="bottom", xref="container", x=0.01, xanchor="left"
+        ),
+        margin=dict(t=40, l=60, r=20, b=40),
+        # A constant uirevision lets Plotly.react keep the user's zoom/pan and legend toggles on the same element;
+        # the page re-creates the element on every update, so it also restores them by this key (see app.py).
         uirevision=revision,
     )
-    # Steps are integers: with only a few of them Plotly would otherwise label 1, 1.5, 2, ...
+    # Steps are integers: with only a few of them Plotly would otherwise label 1, 1.5, 2, ... A fixed step of 1, not
+    # an integer tick format, which would label a visitor's zoom into a long run 2, 3, 3, 4, 4.
     last = max((max(t.x) for t in fig.data if getattr(t, "x", None) is not None and len(t.x)), default=0)
-    fig.update_xaxes(tickformat="d", dtick=1 if last <= 10 else None)
+    fig.update_xaxes(dtick=1 if last <= 10 else None)
     return fig
+
+
+def _smoothing_line(smoothing: float, what: str = "") -> str:
+    """How a chart's lines are drawn, for the line under its title."""
+    if smoothing > 0:
+        return f"{what}EMA {smoothing:g} (smoothed); faint line: raw"
+    return f"{what}raw values (no smoothing)"
 
 
 def _seed_note(multi: bool, seed: int | None, records: Sequence[StepRecord]) -> str:
     if multi:
-        return f" — mean of {len({r.seed for r in records})} seeds (band: min–max)"
-    return f" — seed {seed}" if seed is not None else ""
+        return f"mean of {len({r.seed for r in records})} seeds (band: min–max)"
+    return f"seed {seed}" if seed is not None else ""
+
+
+def _hover(smoothing: float, fmt: str, prefix: str = "") -> str:
+    """Hover text of a main line: a smoothed value always says so and shows the raw value beside it."""
+    if smoothing > 0:
+        return f"{prefix}EMA {smoothing:g}: %{{y:{fmt}}} · raw %{{customdata:{fmt}}}"
+    return f"{prefix}raw %{{y:{fmt}}}"
 
 
 def _empty(fig: go.Figure, text: str) -> go.Figure:
@@ -283,7 +320,7 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
                 s.steps,
                 _none_if_bad(y),
                 customdata=_none_if_bad(s.y),
-                hovertemplate="%{y:.4f} (raw %{customdata:.4f})" if smoothing > 0 else "%{y:.4f}",
+                hovertemplate=_hover(smoothing, ".4f"),
             )
         )
         mark = _diverged_trace(arm, s, y)
@@ -292,8 +329,8 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
     fig.add_traces(bands + raws + lines + marks)
     if not lines:
         _empty(fig, "No records yet")
-    title = "Training loss" + (f" (EMA {smoothing:g}, raw faint)" if smoothing > 0 else "")
-    return _layout(fig, title=title + _seed_note(multi, seed, recs), y_title="loss", revision="loss")
+    lines = [_smoothing_line(smoothing), _seed_note(multi, seed, recs)]
+    return _layout(fig, title="Training loss", lines=lines, y_title="loss", revision="loss")
 
 
 def make_grad_norm_figure(
@@ -340,10 +377,18 @@ def make_grad_norm_figure(
                     showlegend=False,
                     opacity=0.6,
                     line=dict(color=style["color"], dash="dot", width=1),
-                    hovertemplate="post-clip %{y:.3f}",
+                    hovertemplate="raw %{y:.3f}",
                 )
             )
-        lines.append(_arm_line(arm, s.steps, _none_if_bad(y), hovertemplate="pre-clip %{y:.3f}"))
+        lines.append(
+            _arm_line(
+                arm,
+                s.steps,
+                _none_if_bad(y),
+                customdata=_none_if_bad(s.y),
+                hovertemplate=_hover(smoothing, ".3f", prefix="pre-clip, "),
+            )
+        )
         n_seeds = {step: len(rs) for step, rs in by_step.items()}
         clipped = [(step, sum(r.clipped for r in rs)) for step, rs in by_step.items() if any(r.clipped for r in rs)]
         raw_at = dict(zip(s.steps, s.y, strict=True))
@@ -390,11 +435,12 @@ def make_grad_norm_figure(
         _empty(fig, "No records yet")
     if log_scale:
         fig.update_yaxes(type="log")
-    title = "Gradient norm before clipping" + (" (dotted: after clipping)" if show_post else "")
-    title += "; ● clipped, ▲ spike"
-    return _layout(
-        fig, title=title + _seed_note(multi, seed, recs), y_title="global L2 grad norm", revision="grad_norm"
-    )
+    lines = [
+        _smoothing_line(smoothing, "pre-clip: "),
+        ("dotted: post-clip (raw) · " if show_post else "") + "● clipped · ▲ spike",
+        _seed_note(multi, seed, recs),
+    ]
+    return _layout(fig, title="Gradient norm (global L2)", lines=lines, y_title="grad norm", revision="grad_norm")
 
 
 def _paired_delta(
@@ -452,20 +498,24 @@ def make_delta_figure(
         lower = sum(d < 0 for d in s.y)
         shares[arm] = lower / len(s.y)
         notes.append(
-            f"<span style='color:{style['color']}'>{arm} lower on {100 * shares[arm]:.0f} % of steps "
+            f"<span style='color:{style['color']}'>{arm}: lower on {100 * shares[arm]:.0f} % of steps "
             f"({lower}/{len(s.y)})</span>"
         )
         bands += _band_traces(arm, s, smoothing, "Δloss")
         y = smooth(s.y, smoothing) if smoothing > 0 else s.y
         if smoothing > 0:
             raws.append(_raw_trace(arm, s.steps, s.y))
+        # Signed numbers are formatted here: the "+" flag of a d3 format is not honoured by every plotly.js build
+        # (Gradio 6.31's printed 16 digits), and a difference must show its sign.
+        signed = [[f"{v:+.4f}", f"{raw:+.4f}"] for v, raw in zip(y, s.y, strict=True)]
+        hover = f"Δ EMA {smoothing:g}: %{{customdata[0]}} · raw %{{customdata[1]}}"
         lines.append(
             _arm_line(
                 arm,
                 s.steps,
                 y,
-                customdata=s.y,
-                hovertemplate="Δ %{y:+.4f} (raw %{customdata:+.4f})" if smoothing > 0 else "Δ %{y:+.4f}",
+                customdata=signed,
+                hovertemplate=hover if smoothing > 0 else "Δ raw %{customdata[1]}",
             )
         )
     fig.add_traces(bands + raws + lines)
@@ -473,12 +523,12 @@ def make_delta_figure(
     if not notes:
         _empty(fig, f"Need another arm besides {baseline!r} to compare")
     fig.update_layout(meta={"baseline": baseline, "lower_share": shares})
-    title = f"Loss difference vs {baseline} (below 0: lower loss than {baseline})"
-    # The shares go under the title, where they cannot cover the curves or the zero line.
-    subtitle = f"<br><sup>{' · '.join(notes)}</sup>" if notes else ""
+    # One line per arm under the title: each fits a phone's width, where one joined line would be cut.
+    lines = [f"below 0: lower loss than {baseline}", _smoothing_line(smoothing), _seed_note(multi, seed, recs)]
     return _layout(
         fig,
-        title=title + _seed_note(multi, seed, recs) + subtitle,
+        title=f"Loss difference vs {baseline}",
+        lines=lines + notes,
         y_title=f"loss − loss({baseline})",
         revision="loss_delta",
     )
@@ -523,8 +573,9 @@ def make_mixing_figure(records: Sequence[StepRecord], *, seed: int | None = None
             )
     if not groups:
         _empty(fig, "No CRMA diagnostics in these records (no CRMA arm, or before the first diag step)")
-    _layout(fig, title="CRMA mixing diagnostics" + _seed_note(multi, seed, recs), y_title="", revision="mixing")
+    _layout(fig, title="CRMA mixing diagnostics", lines=[_seed_note(multi, seed, recs)], y_title="", revision="mixing")
     fig.update_xaxes(title_text=None)
     fig.update_xaxes(title_text="step", row=len(_CRMA_METRICS), col=1)
-    fig.update_layout(height=720)
+    # The first panel's own title sits where the figure's title would: lift the figure's title above it.
+    fig.update_layout(height=720, title_pad_b=30)
     return fig

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from .arms import baseline_arm
 from .plots import make_delta_figure, make_grad_norm_figure, make_loss_figure, make_mixing_figure
 from .records import StepRecord
-from .summary import as_number
+from .summary import FINAL_LOSS_EMA_WEIGHT, as_number
 
 _DASH = "–"
 _CHROMIUM = "/usr/bin/chromium"
@@ -25,25 +26,28 @@ def _fmt_int(x: float) -> str:
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
 
 
-# (row label, summary key, formatter)
+# (row label, summary key, formatter, delta as a percentage). A percentage only where a ratio means something: counts
+# (often 0 or 1 in the baseline), the post-clip peak (the fixed clip caps the baseline at `max_grad_norm`, so its
+# percentage measures the cap, not the arm) and the mixing figures (which the baseline has none of) differ in absolute
+# terms.
 _ROWS = (
-    ("Final loss", "final_loss", lambda x: f"{x:.4f}"),
-    ("Final loss (EMA)", "final_loss_ema", lambda x: f"{x:.4f}"),
-    ("Peak grad norm (pre-clip)", "grad_norm_pre_peak", lambda x: f"{x:.2f}"),
-    ("Peak grad norm (post-clip)", "grad_norm_post_peak", lambda x: f"{x:.2f}"),
-    ("Mean grad norm", "grad_norm_pre_mean", lambda x: f"{x:.2f}"),
-    ("Peak LoRA-only grad norm", "grad_norm_lora_peak", lambda x: f"{x:.2f}"),
-    ("Mean LoRA-only grad norm", "grad_norm_lora_mean", lambda x: f"{x:.2f}"),
-    ("Steps clipped", "steps_clipped", _fmt_int),
-    ("Gradient spikes", "spike_count", _fmt_int),
-    ("Spectral norm ‖M‖₂", "spectral_norm", lambda x: f"{x:.6f}"),
-    ("Max row/col error", "max_rowcol_err", lambda x: f"{x:.1e}"),
-    ("σ₂", "sigma2", lambda x: f"{x:.4f}"),
-    ("‖M − I‖_F", "dist_from_identity", lambda x: f"{x:.4f}"),
-    ("Composite gain", "composite_gain", lambda x: f"{x:.4f}"),
-    ("Trainable params", "trainable_params", _fmt_int),
-    ("Wall time", "wall_s", lambda x: f"{x:.1f} s"),
-    ("Tokens/s", "tokens_per_s", lambda x: f"{x:,.1f}"),
+    ("Final loss", "final_loss", lambda x: f"{x:.4f}", True),
+    (f"Final loss (EMA {FINAL_LOSS_EMA_WEIGHT:g})", "final_loss_ema", lambda x: f"{x:.4f}", True),
+    ("Peak grad norm (pre-clip)", "grad_norm_pre_peak", lambda x: f"{x:.2f}", True),
+    ("Peak grad norm (post-clip)", "grad_norm_post_peak", lambda x: f"{x:.2f}", False),
+    ("Mean grad norm", "grad_norm_pre_mean", lambda x: f"{x:.2f}", True),
+    ("Peak LoRA-only grad norm", "grad_norm_lora_peak", lambda x: f"{x:.2f}", True),
+    ("Mean LoRA-only grad norm", "grad_norm_lora_mean", lambda x: f"{x:.2f}", True),
+    ("Steps clipped", "steps_clipped", _fmt_int, False),
+    ("Gradient spikes", "spike_count", _fmt_int, False),
+    ("Spectral norm ‖M‖₂", "spectral_norm", lambda x: f"{x:.6f}", False),
+    ("Max row/col error", "max_rowcol_err", lambda x: f"{x:.1e}", False),
+    ("σ₂", "sigma2", lambda x: f"{x:.4f}", False),
+    ("‖M − I‖_F", "dist_from_identity", lambda x: f"{x:.4f}", False),
+    ("Composite gain", "composite_gain", lambda x: f"{x:.4f}", False),
+    ("Trainable params", "trainable_params", _fmt_int, True),
+    ("Wall time", "wall_s", lambda x: f"{x:.1f} s", True),
+    ("Tokens/s", "tokens_per_s", lambda x: f"{x:,.1f}", True),
 )
 
 
@@ -57,12 +61,17 @@ def _metric_cell(summ: dict[str, Any], key: str, fmt: Any) -> str:
     return text
 
 
-def _delta_cell(delta: dict[str, float | None] | None) -> str:
+def _delta_cell(delta: dict[str, float | None] | None, fmt: Any, relative: bool) -> str:
+    """The difference arm − baseline: a signed percentage where `relative` and the baseline is not 0, else the signed
+    absolute difference in the row's own format."""
     if not delta:
         return _DASH
-    if delta["rel_pct"] is not None:
+    if relative and delta["rel_pct"] is not None:
         return f"{delta['rel_pct']:+.1f}%"
-    return f"{delta['abs']:+.4g}"
+    diff = delta["abs"]
+    if diff == 0:
+        return "0"
+    return ("+" if diff > 0 else "-") + fmt(abs(diff))
 
 
 def _main_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -70,9 +79,9 @@ def _main_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     others = [a for a in arms if a != base]
     header = ["Metric", *arms] + (["Delta"] if len(others) == 1 else [f"Δ {a}" for a in others])
     rows = []
-    for label, key, fmt in _ROWS:
+    for label, key, fmt, relative in _ROWS:
         row = [label] + [_metric_cell(summary["arms"][a], key, fmt) for a in arms]
-        row += [_delta_cell(summary["deltas"].get(a, {}).get(key)) for a in others]
+        row += [_delta_cell(summary["deltas"].get(a, {}).get(key), fmt, relative) for a in others]
         rows.append(row)
     return header, rows
 
@@ -80,7 +89,7 @@ def _main_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     arms, n_seeds = list(summary["arms"]), len(summary["seed_list"])
     rows = []
-    for label, key, fmt in _ROWS:
+    for label, key, fmt, _ in _ROWS:
         row = [label]
         for arm in arms:
             stat = summary["across_seeds"][arm].get(key)
@@ -97,6 +106,13 @@ def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _notes(summary: dict[str, Any]) -> list[str]:
     base, arms = summary["baseline"], summary["arms"]
     notes = []
+    if len(arms) > 1:
+        notes.append(
+            f"Δ is arm − {base}: in % for losses, grad norms before clipping, parameters and speed; as a plain "
+            "difference for counts and for the post-clip peak (the fixed clip caps it at `max_grad_norm`, so a "
+            f"percentage would measure the cap). Final loss (EMA {FINAL_LOSS_EMA_WEIGHT:g}): the last value of the "
+            f"loss smoothed with weight {FINAL_LOSS_EMA_WEIGHT:g} (debiased EMA), less noisy than the last step's."
+        )
     if any(as_number(s.get("spectral_norm")) is not None for s in arms.values()):
         notes.append(
             "‖M‖₂ = 1 holds for every doubly stochastic matrix (the identity and full averaging alike), "
@@ -162,30 +178,78 @@ def attribution_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str
 
 
 def attribution_sentences(summary: dict[str, Any]) -> list[str]:
-    """One sentence per metric about the mixing, then the ZClip ones whose interval excludes zero (or all, on one
-    seed); or why there is no attribution."""
+    """One plain sentence per metric about the mixing, then the ZClip ones whose interval excludes zero (on one seed
+    the ZClip effects stay in the table: without an interval a sentence per effect would only repeat it); or why
+    there is no attribution."""
     block = summary.get("attribution") or {}
-    arms = list(summary.get("arms", {}))
+    arms = set(summary.get("arms", {}))
     if not block.get("available"):
-        if sorted(arms) == ["lora", "lora+crma"]:
-            return [
+        out = []
+        if {"lora", "lora+crma"} <= arms:
+            out.append(
                 "lora vs lora+crma changes two things at once (the mixing and the clipper: a fixed norm clip vs "
                 "ZClip): a difference cannot be credited to either; run the 2×2 grid to separate them."
-            ]
-        return [block["reason"]] if block.get("reason") else []
+            )
+        if block.get("reason") and arms != {"lora", "lora+crma"}:
+            out.append(block["reason"])
+        return out
     out = [m["mixing"]["sentence"] for m in block["metrics"].values()]
     for m in block["metrics"].values():
         stats = m["zclip"]
-        if stats["ci95"] is None or not stats["ci95"][0] <= 0 <= stats["ci95"][1]:
+        if stats["ci95"] is not None and not stats["ci95"][0] <= 0 <= stats["ci95"][1]:
             out.append(stats["sentence"])
     return out
 
 
-def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA") -> str:
-    """Markdown report of `summarize_run(...)`: the metric table with signed % deltas, seed statistics, footnotes.
+def attribution_markdown(summary: dict[str, Any], *, level: int = 3) -> str:
+    """The attribution of `summary` as Markdown: the effects table and one sentence per metric, or why there is no
+    attribution (e.g. the author's two-arm recipe changes two things at once); "" when there is nothing to say.
 
     Args:
-        summary (`dict`): the output of `summarize_run`.
+        summary (`dict`): a run's `summary.json` (with its `attribution` block).
+        level (`int`): Markdown level of the section's heading (0: no heading).
+
+    Returns:
+        `str`: Markdown.
+    """
+    table, sentences = attribution_table(summary), attribution_sentences(summary)
+    if table is None and not sentences:
+        return ""
+    heading = "What the 2×2 grid attributes" if table is not None else "What can be credited to what"
+    parts = [f"{'#' * level} {heading}", ""] if level else []
+    if table is not None:
+        n = summary["attribution"]["n_seeds"]
+        if n == 1:
+            intro = "Effects on each metric on one seed (an interval needs two or more seeds):"
+        else:
+            intro = f"Effects on each metric, paired by seed: mean and 95 % CI over {n} seeds:"
+        parts += [intro, "", _md_table(*table), ""]
+    parts += [f"- {line}" for line in sentences]
+    return "\n".join(parts) + "\n"
+
+
+def status_note(summary: dict[str, Any]) -> str | None:
+    """One sentence saying that a run stopped or failed before it finished and that its numbers are partial; None
+    for a finished run (or a summary without a status)."""
+    status = summary.get("status")
+    if status not in ("stopped", "failed"):
+        return None
+    blocks = [b["arms"] for b in summary["seeds"].values()] if "seeds" in summary else [summary.get("arms", {})]
+    steps = [as_number(arm.get("steps")) for arms in blocks for arm in arms.values()]
+    done = max((x for x in steps if x is not None), default=0)
+    why = summary.get("error") or ("stopped by request" if status == "stopped" else "no reason recorded")
+    return (
+        f"This run {status} before it finished ({why}): the numbers are partial, from the {done:g} steps per arm it "
+        "completed."
+    )
+
+
+def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA") -> str:
+    """Markdown report of `summarize_run(...)`: the metric table with signed deltas, the attribution, seed statistics,
+    footnotes; a stopped or failed run says so under the title.
+
+    Args:
+        summary (`dict`): the output of `summarize_run` (plus the engine's `status` / `error`, when known).
         title (`str`): heading of the report.
 
     Returns:
@@ -194,6 +258,9 @@ def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA
     if "arms" not in summary or "baseline" not in summary:
         raise ValueError("`summary` must be the dict returned by summarize_run (keys 'arms', 'baseline')")
     parts = [f"## {title}", ""]
+    status = status_note(summary)
+    if status:
+        parts += [f"**{status}**", ""]
     n_seeds = len(summary.get("seed_list", []))
     if "seeds" in summary:
         parts += [
@@ -204,32 +271,45 @@ def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA
     elif n_seeds == 1:
         parts += [f"Seed {summary['seed_list'][0]}; deltas vs {summary['baseline']}.", ""]
     parts += [_md_table(*_main_table(summary)), ""]
-    table, sentences = attribution_table(summary), attribution_sentences(summary)
-    if table is not None or sentences:
-        parts += ["### What the 2×2 grid attributes", ""]
-        if table is not None:
-            n = summary["attribution"]["n_seeds"]
-            parts += [f"Effects on each metric, paired by seed (mean, and 95 % CI over {n} seeds when n ≥ 2):", ""]
-            parts += [_md_table(*table), ""]
-        parts += [f"- {line}" for line in sentences] + [""]
+    attributed = attribution_markdown(summary)
+    if attributed:
+        parts += [attributed]
     if "seeds" in summary:
         parts += [f"### Mean ± sample std (n − 1) over {n_seeds} seeds", "", _md_table(*_seed_table(summary)), ""]
     parts += [f"- {note}" for note in _notes(summary)]
     return "\n".join(parts) + "\n"
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+_CODE = re.compile(r"`([^`]*)`")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
+def _inline_html(text: str) -> str:
+    """Escape `text` and render the two bits of Markdown the receipt uses: `code` and **bold**."""
+    out = html.escape(text, quote=False)
+    return _BOLD.sub(r"<strong>\1</strong>", _CODE.sub(r"<code>\1</code>", out))
+
+
+def _html_table(header: list[str], rows: list[list[str]], *, wrap: bool = False) -> str:
+    """A table in a horizontally scrolling box: on a narrow screen the table scrolls, its cells never break a word or
+    a number (`wrap` lets long text cells wrap at spaces)."""
+    head = "".join(f"<th>{_inline_html(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
+    cls = ' class="wrap"' if wrap else ""
+    return f'<div class="table-wrap"><table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # files
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;
-text-align:right}th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:1.5em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em;overflow-wrap:anywhere}
+.table-wrap{overflow-x:auto;max-width:100%;margin:1em 0}table{border-collapse:collapse}
+th,td{border:1px solid #ccc;padding:4px 10px;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}
+table.wrap td{white-space:normal;min-width:10em;text-align:left}
+.status{background:#fff4e5;border-left:4px solid #d55e00;padding:.5em 1em}
+code{background:#f6f8fa;padding:0 .2em;overflow-wrap:anywhere}
 pre{background:#f6f8fa;padding:1em;overflow:auto}.figure{margin:1.5em 0}"""
 
 
@@ -266,11 +346,11 @@ def report_html(
     Returns:
         `str`: the page. It opens offline: no script or style is loaded from the network.
     """
-    figs = [fig for _, fig in _figures(records, smoothing, summary.get("baseline"))]
+    figs = _figures(records, smoothing, summary.get("baseline"))
     if any(r.crma for r in records):
-        figs.append(make_mixing_figure(records))
+        figs.append(("mixing", make_mixing_figure(records)))
     divs = []
-    for i, fig in enumerate(figs):
+    for i, (stem, fig) in enumerate(figs):
         # plotly.js (~4.8 MB) goes in once, with the first figure; the later ones reuse the global `Plotly`.
         div = fig.to_html(
             full_html=False,
@@ -278,26 +358,32 @@ def report_html(
             include_mathjax=False,
             default_width="100%",
             default_height=f"{int(fig.layout.height or 480)}px",
-            config={"displaylogo": False},
+            config={"displaylogo": False, "responsive": True},
         )
-        divs.append(f'<div class="figure">{div}</div>')
+        divs.append(f'<div class="figure" id="chart-{stem}">{div}</div>')
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        _html_table(*_main_table(summary)),
     ]
+    status = status_note(summary)
+    if status:
+        parts.append(f'<p class="status"><strong>{html.escape(status)}</strong></p>')
+    parts.append(_html_table(*_main_table(summary)))
     table, sentences = attribution_table(summary), attribution_sentences(summary)
     if table is not None or sentences:
-        parts.append("<h2>What the 2×2 grid attributes</h2>")
+        heading = "What the 2×2 grid attributes" if table is not None else "What can be credited to what"
+        parts.append(f"<h2>{heading}</h2>")
         if table is not None:
             parts.append(_html_table(*table))
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in sentences) + "</ul>")
     if "seeds" in summary:
         n = len(summary["seed_list"])
         parts += [f"<h2>Mean ± sample std (n − 1) over {n} seeds</h2>", _html_table(*_seed_table(summary))]
-    parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in _notes(summary)) + "</ul>")
+    parts.append("<ul>" + "".join(f"<li>{_inline_html(n)}</li>" for n in _notes(summary)) + "</ul>")
+    parts += ["<h2>Fairness receipt: what is identical between the arms</h2>", receipt_html(summary)]
     parts += ["<h2>Charts</h2>", *divs]
     if config is not None:
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
@@ -360,45 +446,68 @@ def write_png_charts(
 # The fairness receipt
 
 
-def receipt_markdown(summary: dict[str, Any]) -> str:
-    """The fairness receipt of `summary.json` as Markdown: same LoRA init, same batches, config diff."""
+def _receipt_parts(summary: dict[str, Any]) -> list[str | tuple[list[str], list[list[str]], bool]]:
+    """The receipt as paragraphs (Markdown-lite strings) and tables `(header, rows, wrap)`, for both renderers."""
     receipt = summary.get("receipt") or {}
     per_seed = receipt.get("per_seed") or ([receipt] if receipt else [])
     if not per_seed:
-        return "No fairness receipt: no seed finished its set-up."
-    lines = [
-        "| Seed | Same LoRA init | Same batches | Only the adapter differs | Batch order sha256 |",
-        "|---|---|---|---|---|",
+        return ["No fairness receipt: no seed finished its set-up."]
+    header = ["Seed", "Same LoRA init", "Same batches", "Only the adapter differs", "Batch order sha256"]
+    rows = [
+        [
+            str(r.get("seed")),
+            _tick(r.get("lora_init_equal")),
+            _tick(r.get("batches_seen_equal")),
+            _tick(r.get("differs_only_in_adapter")),
+            f"`{str(r.get('batch_order_sha256', ''))[:16]}…`",
+        ]
+        for r in per_seed
     ]
-    for r in per_seed:
-        lines.append(
-            f"| {r.get('seed')} | {_tick(r.get('lora_init_equal'))} | {_tick(r.get('batches_seen_equal'))} | "
-            f"{_tick(r.get('differs_only_in_adapter'))} | `{str(r.get('batch_order_sha256', ''))[:16]}…` |"
-        )
+    parts: list[str | tuple[list[str], list[list[str]], bool]] = [(header, rows, False)]
+    problems = list(dict.fromkeys(p for r in per_seed for p in r.get("problems") or []))
+    if problems:
+        parts.append("**Problems found:** " + "; ".join(problems))
     first = per_seed[0]
     matched = first.get("matched_rank")
     if matched:
-        lines += [
-            "",
+        parts.append(
             f"lora-matched: LoRA rank {matched['lora_r']} → **{matched['rank']}** ({matched['params']:,} trainable "
-            f"parameters, ≥ lora+crma's {matched['lora_crma_params']:,}).",
-        ]
+            f"parameters, ≥ lora+crma's {matched['lora_crma_params']:,})."
+        )
     inits = first.get("lora_init_sha256") or {}
     if inits:
-        lines += ["", "LoRA init sha256 per arm: " + ", ".join(f"{a} `{h[:12]}…`" for a, h in inits.items())]
+        parts.append("LoRA init sha256 per arm: " + ", ".join(f"{a} `{h[:12]}…`" for a, h in inits.items()))
     diff = first.get("config_diff") or {}
     if diff:
         arms = list(next(iter(diff.values())))
-        lines += [
-            "",
-            "What differs between the arms (everything else is identical):",
-            "",
-            "| Setting | " + " | ".join(arms) + " |",
-            "|---|" + "---|" * len(arms),
-        ]
-        for key, values in diff.items():
-            lines.append(f"| {key} | " + " | ".join(_setting_cell(values.get(a)) for a in arms) + " |")
-    return "\n".join(lines)
+        parts.append("What differs between the arms (everything else is identical):")
+        diff_rows = [[key, *(_setting_cell(values.get(a)) for a in arms)] for key, values in diff.items()]
+        parts.append((["Setting", *arms], diff_rows, True))
+    return parts
+
+
+def receipt_markdown(summary: dict[str, Any]) -> str:
+    """The fairness receipt of `summary.json` as Markdown: same LoRA init, same batches, config diff."""
+    blocks = []
+    for part in _receipt_parts(summary):
+        if isinstance(part, str):
+            blocks.append(part)
+        else:
+            header, rows, _ = part
+            blocks.append(_md_table(header, [[c.replace("|", "\\|") for c in row] for row in rows]))
+    return "\n\n".join(blocks)
+
+
+def receipt_html(summary: dict[str, Any]) -> str:
+    """The fairness receipt of `summary.json` as HTML (the same content as `receipt_markdown`)."""
+    blocks = []
+    for part in _receipt_parts(summary):
+        if isinstance(part, str):
+            blocks.append(f"<p>{_inline_html(part)}</p>")
+        else:
+            header, rows, wrap = part
+            blocks.append(_html_table(header, rows, wrap=wrap))
+    return "\n".join(blocks)
 
 
 def _tick(value: Any) -> str:
@@ -406,5 +515,4 @@ def _tick(value: Any) -> str:
 
 
 def _setting_cell(value: Any) -> str:
-    text = "–" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return text.replace("|", "\\|")
+    return "–" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)

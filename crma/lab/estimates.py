@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from dataclasses import replace
 
 from crma.ablation.config import AblationConfig
@@ -14,37 +15,73 @@ GPU_SECONDS_RANGE = (60, 1500)
 _SIZE_IN_NAME = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([bBmM])(?![A-Za-z])")
 
 
-def default_config(has_gpu: bool) -> tuple[AblationConfig, str]:
-    """The page's starting config and a sentence saying which setting it is and why.
+def default_config(has_gpu: bool, *, cpu_flops: float | None = None) -> tuple[AblationConfig, str]:
+    """The page's starting config and a sentence saying which setting it is, why, and how long it should take.
 
     Args:
         has_gpu (`bool`): a CUDA GPU (or ZeroGPU) is available to the runs.
+        cpu_flops (`float | None`): this machine's measured matmul throughput (`measure_cpu_flops()`) for the CPU
+            estimate; None measures it now (about 60 ms).
 
     Returns:
         `(AblationConfig, str)`: on a GPU the author's setting (TinyLlama-1.1B on 200 Alpaca rows, seed 42, 100
-        steps, batch 4 x 256 tokens); on CPU a setting that finishes in a few minutes (SmolLM2-135M on 200 bundled
-        rows, seed 42, 30 steps, batch 2 x 128 tokens), and the note says so.
+        steps, batch 4 x 256 tokens); on CPU a setting that finishes in a few minutes on 2 idle cores (SmolLM2-135M on
+        200 bundled rows, seed 42, 30 steps, batch 2 x 128 tokens). Both train the 2x2 grid of arms. The note is
+        `default_note(cfg, ...)`.
     """
     if has_gpu:
         cfg = AblationConfig(
             model="tinyllama-1.1b", dataset="alpaca", rows=200, seed=42, steps=100, batch_size=4, seq_len=256
         )
-        note = (
-            f"GPU found: the defaults reproduce the author's setting (TinyLlama-1.1B, 200 Alpaca rows, seed 42, "
-            f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens), about "
-            f"{_minutes(estimate_run_seconds(cfg, gpu=True))} for {len(cfg.arms)} arms."
+    else:
+        cfg = AblationConfig(
+            model="smollm2-135m", dataset="bundled", rows=200, seed=42, steps=30, batch_size=2, seq_len=128
         )
-        return cfg, note
-    cfg = AblationConfig(
-        model="smollm2-135m", dataset="bundled", rows=200, seed=42, steps=30, batch_size=2, seq_len=128
+    return cfg, default_note(cfg, has_gpu=has_gpu, cpu_flops=cpu_flops)
+
+
+def default_note(cfg: AblationConfig, *, has_gpu: bool, cpu_flops: float | None = None) -> str:
+    """The sentence under the page's title: the default setting of `default_config`, and its run time as an estimate
+    (on CPU from this machine's measured speed: `cpu_flops`, measured now when None, and its core count).
+
+    Args:
+        cfg (`AblationConfig`): the default config.
+        has_gpu (`bool`): the runs train on a GPU.
+        cpu_flops (`float | None`): see `default_config`.
+    """
+    seeds = f"seed {cfg.seed}" if len(cfg.seed_list) == 1 else f"seeds {', '.join(map(str, cfg.seed_list))}"
+    setting = f"{seeds}, {cfg.steps} steps, batch {cfg.batch_size} × {cfg.seq_len} tokens, {len(cfg.arms)} arms"
+    warmup = cfg.zclip.warmup_steps
+    zclip = ""
+    if cfg.steps <= 2 * warmup:
+        zclip = (
+            f" ZClip clips nothing in its first {warmup} steps (it collects statistics), so here its arms clip "
+            f"adaptively in the last {max(0, cfg.steps - warmup)}."
+        )
+    if has_gpu:
+        minutes = _minutes(estimate_run_seconds(cfg, gpu=True))
+        return (
+            f"GPU found: the defaults reproduce the author's setting (TinyLlama-1.1B, {cfg.rows} Alpaca rows, "
+            f"{setting}). **Estimated time: about {minutes}** (from the model's size; not measured here).{zclip}"
+        )
+    flops = measure_cpu_flops() if cpu_flops is None else cpu_flops
+    cores = cpu_cores()
+    minutes = _minutes(estimate_run_seconds(cfg, gpu=False, cpu_flops=flops))
+    return (
+        f"No GPU here, so the defaults are a CPU setting: SmolLM2-135M, {cfg.rows} bundled rows (offline), "
+        f"{setting}. **Estimated time: about {minutes}**, from this machine's speed measured just now "
+        f"({flops / 1e9:.0f} GFLOP/s on {cores} {'core' if cores == 1 else 'cores'}); other work on these cores can "
+        f"make it several times longer. The progress line shows the measured time left once steps run.{zclip} The "
+        "author's setting "
+        "(TinyLlama-1.1B, 200 Alpaca rows, 100 steps, batch 4 × 256) needs a GPU."
     )
-    note = (
-        f"No GPU here, so the defaults are a CPU setting that finishes in about "
-        f"{_minutes(estimate_run_seconds(cfg, gpu=False))}: SmolLM2-135M on 200 bundled rows (offline), seed 42, "
-        f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens. The author's setting (TinyLlama-1.1B, "
-        "200 Alpaca rows, 100 steps, batch 4 x 256) needs a GPU."
-    )
-    return cfg, note
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else `os.cpu_count()`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def on_zero_gpu() -> bool:
@@ -72,7 +109,7 @@ def device_label(cfg: AblationConfig) -> str:
             return f"GPU {torch.cuda.get_device_name(0)}"
         except (RuntimeError, AssertionError):  # the name needs a CUDA context some hosts only grant per call
             return "GPU"
-    return f"CPU ({os.cpu_count() or 1} cores)"
+    return f"CPU ({cpu_cores()} cores)"
 
 
 def _model_size(model: str) -> tuple[float, bool]:
@@ -86,8 +123,55 @@ def _model_size(model: str) -> tuple[float, bool]:
     return (max(sizes) if sizes else 1.5e9), False
 
 
-def estimate_step_seconds(cfg: AblationConfig, *, gpu: bool) -> float:
-    """Rough wall time of one optimizer step of one arm (forward, backward, clip, update)."""
+# Share of `measure_cpu_flops()` a LoRA training step reaches on CPU (~4 flops per parameter and token; the LM head and
+# the MLPs are larger matmuls than the probe's, attention, norms, the optimizer and Python are extra). Calibrated with
+# `python benchmarks/calibrate_cpu_estimate.py` (SmolLM2-135M, batch 2 x 128, LoRA r=8 on q/v) on the 2-core
+# development machine: 1.13, 2.1 and 1.35 in rounds where it was idle (0.74-0.83 s per step at 111-160 GFLOP/s),
+# 0.07-0.17 while other processes shared the cores (26-29 s per step at 28 GFLOP/s: contention slows the many small
+# ops of a step far more than one matmul). So the estimate holds for an idle machine and is a lower bound otherwise;
+# the page says so, and its ETA is measured once steps run.
+CPU_STEP_EFFICIENCY = 1.0
+# What `measure_cpu_flops()` gave on the 2-core development machine when idle; used when nothing was measured.
+REFERENCE_CPU_FLOPS = 1.5e11
+
+
+def measure_cpu_flops(*, repeats: int = 9) -> float:
+    """Float32 matmul throughput of this machine right now, in FLOP/s (about 60 ms).
+
+    The product has the shape of a small model's MLP on one batch (256 tokens x 576 -> 1536), so it sees the same
+    cores, threads and current load a CPU run will; the fastest of `repeats` timed products after 30 ms of untimed ones (as
+    `timeit` advises: a momentary blip, such as a browser drawing the page on the same machine, does not count,
+    while load that lasts slows every product).
+
+    Args:
+        repeats (`int`): timed products.
+
+    Returns:
+        `float`: FLOP/s.
+    """
+    import torch
+
+    a, b = torch.randn(256, 576), torch.randn(576, 1536)
+    warm_until = time.perf_counter() + 0.03
+    while time.perf_counter() < warm_until:  # untimed: the thread pool wakes up, the clock speed ramps up
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * 256 * 576 * 1536 / max(min(times), 1e-9)
+
+
+def estimate_step_seconds(cfg: AblationConfig, *, gpu: bool, cpu_flops: float | None = None) -> float:
+    """Rough wall time of one optimizer step of one arm (forward, backward, clip, update).
+
+    Args:
+        cfg (`AblationConfig`): the run.
+        gpu (`bool`): on a GPU (a fixed bf16 throughput) or on this CPU.
+        cpu_flops (`float | None`): this machine's matmul throughput (`measure_cpu_flops()`); None uses
+            `REFERENCE_CPU_FLOPS`.
+    """
     params, four_bit = _model_size(cfg.model)
     tokens = cfg.batch_size * cfg.seq_len
     if gpu:
@@ -95,16 +179,17 @@ def estimate_step_seconds(cfg: AblationConfig, *, gpu: bool) -> float:
         # sustained in bf16 on a ZeroGPU slice, plus per-layer launch and Python overhead; nf4 dequant ~doubles it.
         seconds = 0.08 + 4 * params * tokens / 5e13
         return seconds * (2.0 if four_bit else 1.0)
-    # Measured on 2 CPU cores: SmolLM2-135M at batch 2 x 64 ~0.85 s, batch 4 x 128 ~3.7 s
-    return 0.02 + 5e-11 * params * tokens
+    # The same ~4 flops per parameter per token, at the share of the measured matmul throughput a step reaches.
+    return 0.02 + 4 * params * tokens / (CPU_STEP_EFFICIENCY * (cpu_flops or REFERENCE_CPU_FLOPS))
 
 
-def estimate_run_seconds(cfg: AblationConfig, *, gpu: bool) -> float:
-    """Rough wall time of a whole run: load, per-seed set-up, the lockstep steps, saving and the report."""
+def estimate_run_seconds(cfg: AblationConfig, *, gpu: bool, cpu_flops: float | None = None) -> float:
+    """Rough wall time of a whole run: load, per-seed set-up, the lockstep steps, saving and the report
+    (`cpu_flops` as in `estimate_step_seconds`)."""
     params, _ = _model_size(cfg.model)
     load = 10 + 20 * params / 1e9  # download + load, ~20 s per billion parameters
     setup = 2 + (3 if gpu else 15) * params / 1e9  # PiSSA's SVD of every target matrix, once per seed
-    steps = cfg.steps * len(cfg.arms) * estimate_step_seconds(cfg, gpu=gpu)
+    steps = cfg.steps * len(cfg.arms) * estimate_step_seconds(cfg, gpu=gpu, cpu_flops=cpu_flops)
     finish = 15 + 3 * len(cfg.arms)  # adapters, report.html and the PNG charts (a headless browser starts)
     return load + len(cfg.seed_list) * (setup + steps) + finish
 

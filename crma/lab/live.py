@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,10 @@ class LiveView:
     at most one per `min_interval_s` (and never more often than three times the last drawing cost, so drawing cannot
     eat more than a quarter of a fast run's time), always on a `Phase` and on the final `RunResult`.
 
+    The ETA is the smoothed wall time of one lockstep step (a debiased EMA with weight `ETA_WEIGHT` over the gaps
+    between steps; a gap that spans a phase such as a seed's set-up is left out) times the steps left, plus the
+    measured set-up time of each seed still to come: one slow or fast step moves it only a little.
+
     Args:
         cfg (`AblationConfig`): the run's config.
         device (`str`): device label for the progress line.
@@ -34,6 +39,8 @@ class LiveView:
         smoothing (`float`): EMA weight for the charts (the raw line stays faint behind).
         log_scale (`bool`): logarithmic grad-norm axis.
     """
+
+    ETA_WEIGHT = 0.8
 
     def __init__(
         self,
@@ -64,9 +71,15 @@ class LiveView:
         self._arms_seen: set[str] = set()
         self._tokens_at: dict[tuple[str, int], int] = {}
         self._started = clock()
-        self._first: tuple[float, int] | None = None  # (time, done) at the first record, for the ETA
+        self._step_at: float | None = None  # when `done` last grew (None right after a phase: no gap to measure)
+        self._step_ema, self._step_n = 0.0, 0  # EMA state of the seconds per lockstep step, and gaps seen
+        self._setup_began: float | None = None  # when the current seed's set-up phase began
+        self.setup_s: float | None = None  # the last seed's measured set-up time
         self._last_draw: float | None = None
         self._draw_cost = 0.0
+        # The charts' uirevision: the page keeps a visitor's zoom and hidden traces while it is unchanged, i.e. for
+        # this run (live updates and redraws), and starts afresh with the next run.
+        self.revision = uuid.uuid4().hex[:12]
 
     # -- events ------------------------------------------------------------------------------------------------
     def update(self, event: Phase | StepRecord | RunResult) -> bool:
@@ -77,13 +90,15 @@ class LiveView:
             return self._mark()
         if isinstance(event, Phase):
             self.phase = event.message
+            self._step_at = None  # the next gap includes this phase's work: not a step time
+            self._setup_began = self.clock() if "setting up" in event.message else None
             return self._mark()
         record = event
         self.records.append(record)
         self._arms_seen.add(record.arm)
         self.seed = record.seed
         seed_index = self.seeds.index(record.seed) if record.seed in self.seeds else 0
-        self.done = max(self.done, seed_index * self.cfg.steps + record.step)
+        self._time_step(seed_index * self.cfg.steps + record.step)
         key = (record.arm, record.seed)
         self.tokens += record.tokens - self._tokens_at.get(key, 0)
         self._tokens_at[key] = record.tokens
@@ -93,12 +108,29 @@ class LiveView:
             seed_note = f" (seed {record.seed})" if len(self.seeds) > 1 else ""
             self.diverged.append(f"{record.arm} diverged at step {record.step}{seed_note}")
         now = self.clock()
-        if self._first is None:
-            self._first = (now, self.done)
         due = now - (self._last_draw or -math.inf) >= max(self.min_interval_s, 3 * self._draw_cost)
         if due or len(self.records) == 1:  # the first point shows at once
             return self._mark()
         return False
+
+    def _time_step(self, done: int) -> None:
+        """Advance `done` to the global step `done`, timing the gap since the last advance."""
+        if done <= self.done:
+            return
+        now = self.clock()
+        if self._setup_began is not None:  # the first step of a seed ends its set-up
+            self.setup_s, self._setup_began = now - self._setup_began, None
+        if self._step_at is not None:
+            per_step = (now - self._step_at) / (done - self.done)
+            self._step_ema = self.ETA_WEIGHT * self._step_ema + (1 - self.ETA_WEIGHT) * per_step
+            self._step_n += 1
+        self._step_at, self.done = now, done
+
+    def step_seconds(self) -> float | None:
+        """The smoothed wall time of one lockstep step (all arms), None before two steps."""
+        if not self._step_n:
+            return None
+        return self._step_ema / (1 - self.ETA_WEIGHT**self._step_n)  # debiased: early values are not pulled to 0
 
     def _mark(self) -> bool:
         self._last_draw = self.clock()
@@ -123,6 +155,8 @@ class LiveView:
         # The delta chart needs the baseline's records; before its first step the chart says so.
         delta_records = records if self.baseline in self._arms_seen else []
         delta = make_delta_figure(delta_records, baseline=self.baseline, smoothing=self.smoothing, seed=seed)
+        for fig in (loss, grad, delta):
+            fig.layout.uirevision = f"{fig.layout.uirevision}:{self.revision}"
         self._draw_cost = self.clock() - started
         return loss, grad, delta
 
@@ -140,58 +174,85 @@ class LiveView:
         return min(1.0, self.done / self.total_steps) if self.total_steps else 0.0
 
     def eta_s(self) -> float | None:
-        """Seconds left at the pace since the first step, None before two steps."""
-        if self._first is None or self.result is not None:
+        """Seconds left: the smoothed step time times the steps left, plus the set-up of each seed still to come; None
+        before two steps and once the run ended."""
+        per_step = self.step_seconds()
+        if per_step is None or self.result is not None:
             return None
-        t0, d0 = self._first
-        if self.done <= d0:
-            return None
-        return (self.clock() - t0) / (self.done - d0) * (self.total_steps - self.done)
+        seed_index = self.seeds.index(self.seed) if self.seed in self.seeds else 0
+        seeds_left = len(self.seeds) - 1 - seed_index
+        return per_step * (self.total_steps - self.done) + seeds_left * (self.setup_s or 0.0)
 
-    def progress_text(self) -> str:
-        """One line: step k/N, seed, elapsed, ETA, device, memory, tokens/s (and what happened, at the end)."""
+    def _progress_parts(self) -> list[str | _Tick]:
+        """The progress line as text and clocks (a clock keeps ticking in the browser between two updates)."""
         elapsed = self.clock() - self._started
+        head: list[str | _Tick]
         if self.result is not None:
             r = self.result
             where = f"step {self.done}/{self.total_steps}"
             if r.status == "finished":
-                head = f"Finished {self.total_steps} steps x {len(self.labels)} arms in {_clock(r.wall_s or elapsed)}"
+                took = _clock(r.wall_s or elapsed)
+                head = [f"Finished {self.total_steps} steps x {len(self.labels)} arms in {took}"]
             elif r.status == "stopped":
-                head = f"Stopped at {where} ({r.error or 'stopped by request'}); partial results kept"
+                head = [f"Stopped at {where} ({r.error or 'stopped by request'}); partial results kept"]
             else:
-                head = f"Failed at {where}: {r.error}"
+                head = [f"Failed at {where}: {r.error}"]
         elif not self.records:
-            head = f"{self.phase} ({_clock(elapsed)})"
+            head = [f"{self.phase} (", _Tick(elapsed, up=True), ")"]
         else:
-            head = f"Step {self.done}/{self.total_steps}"
+            head = [f"Step {self.done}/{self.total_steps}"]
             if len(self.seeds) > 1 and self.seed is not None:
-                head += f" · seed {self.seed} ({self.seeds.index(self.seed) + 1}/{len(self.seeds)})"
+                head.append(f" · seed {self.seed} ({self.seeds.index(self.seed) + 1}/{len(self.seeds)})")
             eta = self.eta_s()
-            head += f" · elapsed {_clock(elapsed)} · ETA {_clock(eta) if eta is not None else '…'}"
+            head += [
+                " · elapsed ",
+                _Tick(elapsed, up=True),
+                " · ETA ",
+                _Tick(eta, up=False) if eta is not None else "…",
+            ]
             if not self.phase.startswith(("loading", "reading", "seed", "waiting")):
-                head += f" · {self.phase}"
-        parts = [head, self.device]
+                head.append(f" · {self.phase}")
+        parts: list[str | _Tick] = [*head, f" · {self.device}"]
         if self.memory_mb is not None:
             kind = "GPU peak" if self.device.startswith(("GPU", "ZeroGPU")) else "RSS"
-            parts.append(f"{kind} {self.memory_mb / 1024:.2f} GiB")
+            parts.append(f" · {kind} {self.memory_mb / 1024:.2f} GiB")
         if self.compute_s > 0:
-            parts.append(f"{self.tokens / self.compute_s:,.0f} tokens/s")
-        text = " · ".join(parts)
+            parts.append(f" · {self.tokens / self.compute_s:,.0f} tokens/s")
         if self.diverged:
-            text += " · ⚠ " + "; ".join(self.diverged) + " (the other arms continue)"
-        return text
+            parts.append(" · ⚠ " + "; ".join(self.diverged) + " (the other arms continue)")
+        return parts
+
+    def progress_text(self) -> str:
+        """One line: step k/N, seed, elapsed, ETA, device, memory, tokens/s (and what happened, at the end)."""
+        return "".join(_clock(p.seconds) if isinstance(p, _Tick) else p for p in self._progress_parts())
 
     def progress_html(self) -> str:
-        """A progress bar with `progress_text()` under it (inline styles: no page CSS needed)."""
+        """A progress bar with `progress_text()` under it (inline styles: no page CSS needed). Its clocks are
+        `<span class="crma-tick" data-s=... data-dir="up|down">` that the page's script advances every second, so
+        the elapsed time keeps moving through a long set-up or step."""
         pct = 100 * self.fraction()
         failed = self.result is not None and self.result.status == "failed"
         colour = "#d55e00" if failed or self.diverged else "#0072b2"
+        text = "".join(
+            f'<span class="crma-tick" data-s="{p.seconds:.1f}" data-dir="{"up" if p.up else "down"}">'
+            f"{_clock(p.seconds)}</span>"
+            if isinstance(p, _Tick)
+            else html.escape(p)
+            for p in self._progress_parts()
+        )
         return (
             f'<div class="crma-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
             f'aria-valuenow="{pct:.0f}"><div style="height:10px;border-radius:5px;background:#e5e7eb;overflow:hidden">'
             f'<div style="height:100%;width:{pct:.1f}%;background:{colour};transition:width .3s"></div></div>'
-            f'<div style="margin-top:4px;font-size:0.9em">{html.escape(self.progress_text())}</div></div>'
+            f'<div style="margin-top:4px;font-size:0.9em">{text}</div></div>'
         )
+
+
+class _Tick:
+    """A clock in the progress line: `seconds` now, counting up (elapsed) or down (ETA) in the browser."""
+
+    def __init__(self, seconds: float, *, up: bool):
+        self.seconds, self.up = seconds, up
 
 
 def _clock(seconds: float) -> str:

@@ -83,7 +83,8 @@ def embed_snippet(space_id: str | None) -> str:
     Args:
         space_id (`str | None`): `owner/name` (the `SPACE_ID` variable on a Space); None gives a placeholder.
     """
-    sid = space_id if space_id and "/" in space_id else "YOUR-NAME/crma-lab"
+    placeholder = not (space_id and "/" in space_id)
+    sid = "YOUR-NAME/crma-lab" if placeholder else space_id
     host = _space_host(sid)
     try:
         version = importlib.metadata.version("gradio")
@@ -96,7 +97,8 @@ def embed_snippet(space_id: str | None) -> str:
         f"<!-- Option 2: the Gradio web component (sizes itself to the app) -->\n"
         f'<script type="module" src="https://gradio.s3-us-west-2.amazonaws.com/{version}/gradio.js"></script>\n'
         f'<gradio-app src="https://{host}"></gradio-app>\n'
-        + ("" if space_id else "<!-- replace YOUR-NAME/crma-lab with the Space id -->\n")
+        # The note goes with the placeholder, whatever the reason for it (no SPACE_ID, or one that is not owner/name).
+        + ("<!-- replace YOUR-NAME/crma-lab with the Space id -->\n" if placeholder else "")
     )
 
 
