@@ -139,9 +139,9 @@ def measure_cpu_flops(*, repeats: int = 9) -> float:
     """Float32 matmul throughput of this machine right now, in FLOP/s (about 60 ms).
 
     The product has the shape of a small model's MLP on one batch (256 tokens x 576 -> 1536), so it sees the same
-    cores, threads and current load a CPU run will; the fastest of `repeats` timed products after 30 ms of untimed ones (as
-    `timeit` advises: a momentary blip, such as a browser drawing the page on the same machine, does not count,
-    while load that lasts slows every product).
+    cores, threads and current load a CPU run will; the fastest of `repeats` timed products after 30 ms of untimed
+    ones (as `timeit` advises: a momentary blip, such as a browser drawing the page on the same machine, does not
+    count, while load that lasts slows every product).
 
     Args:
         repeats (`int`): timed products.
