@@ -10,6 +10,7 @@ data slice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -35,7 +36,8 @@ from crma.ablation.publish import PushError, push_results
 from crma.ablation.records import RunResult
 from crma.ablation.render import attribution_markdown, receipt_markdown
 from crma.ablation.schema import label
-from crma.lab import estimates, form, published, runs, snippets
+from crma.ablation.data import MAX_UPLOAD_BYTES
+from crma.lab import estimates, form, published, runs, snippets, worker
 from crma.lab.live import LiveView, ViewRegistry
 
 logger = logging.getLogger("crma.app")
@@ -158,6 +160,8 @@ l, with h the block's input and y its output:
 What is here is a reconstruction from the author's published description and the papers it cites (mHC, PiSSA,
 ZClip), not the author's code.
 """
+# Gradio refuses a bigger upload before it reaches the app (the data reader streams, but a file must land first).
+LAUNCH_OPTIONS: dict[str, Any] = {"css": CSS, "max_file_size": MAX_UPLOAD_BYTES}
 VIEWS = ViewRegistry()  # live views by unguessable run id: each visitor only ever holds their own ids
 # The form's settings, in the order the run handler receives them after (upload, smoothing, log_scale).
 FORM_KEYS = (
@@ -181,12 +185,25 @@ FORM_KEYS = (
 )
 
 
-def _gpu_duration(cfg: AblationConfig, out_dir: str, stop_file: str) -> int:
+def _gpu_duration(cfg: AblationConfig, out_dir: str, stop_file: str, data_name: str | None = None) -> int:
     return estimates.estimate_gpu_seconds(cfg)
 
 
-# The only function that needs the GPU; on ZeroGPU it runs in a worker for the estimated duration.
-train_on_gpu = spaces.GPU(duration=_gpu_duration)(runs.run_events) if spaces is not None else runs.run_events
+def _run_cut_off(cfg: AblationConfig, out_dir: str, stop_file: str, data_name: str | None = None) -> Iterator:
+    return worker.run_cut_off(cfg, out_dir, stop_file, data_name=data_name)
+
+
+# Where a run trains. On ZeroGPU, in the worker `spaces.GPU` forks for the estimated duration and kills when it runs
+# over; elsewhere, in a child process the app kills once a phase outlives the wall cap or a stop (`crma.lab.worker`):
+# either way no input can hold the run slot past its cap.
+def choose_run_engine(zero_gpu: bool) -> Callable[..., Iterator]:
+    """`(cfg, out_dir, stop_file, data_name) -> events` of a run: the ZeroGPU worker, or the cut-off child."""
+    if zero_gpu and spaces is not None:
+        return spaces.GPU(duration=_gpu_duration)(runs.run_events)
+    return _run_cut_off
+
+
+run_engine = choose_run_engine(ZERO_GPU)
 
 
 def _guard(fn: Callable) -> Callable:
@@ -222,15 +239,21 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
-def _start(cfg: AblationConfig) -> tuple[runs.RunFolder, Iterator]:
+def _data_name(upload: str | None) -> str | None:
+    # Gradio keeps an upload as <cache>/<hash>/<the visitor's file name>: runs record that name, never the path.
+    return os.path.basename(upload) if upload else None
+
+
+def _start(cfg: AblationConfig, data_name: str | None) -> tuple[runs.RunFolder, Iterator]:
     """A private run folder and the engine's event stream (inside the GPU lease on ZeroGPU)."""
-    form.check_data(cfg)  # a bad file or slice fails here, before a GPU is requested
+    form.check_data(cfg, data_name)  # a bad file or slice fails here, before a GPU is requested
     # An unknown or gated id too; on ZeroGPU this process has no GPU before the lease, so no device checks here.
     form.check_model(cfg, device_checks=not ZERO_GPU)
+    form.check_memory(cfg, zero_gpu=ZERO_GPU)  # one step must fit, before the model loads
     folder = runs.new_run()
     if ZERO_GPU:
         cfg = estimates.fit_wall_cap(cfg, estimates.estimate_gpu_seconds(cfg))
-    return folder, train_on_gpu(cfg, str(folder.out_dir), str(folder.stop_file))
+    return folder, run_engine(cfg, str(folder.out_dir), str(folder.stop_file), data_name)
 
 
 def _close(events: Iterator, folder: runs.RunFolder, ended: bool) -> None:
@@ -308,7 +331,7 @@ def build_form(cfg: AblationConfig) -> Form:
         label=label("dataset"),
     )
     upload = gr.File(
-        label="JSON / JSONL / CSV with instruction, input, output",
+        label=f"JSON / JSONL / CSV with instruction, input, output (up to {MAX_UPLOAD_BYTES // 2**20} MB)",
         type="filepath",
         file_types=[".json", ".jsonl", ".csv"],
         visible=cfg.dataset == "upload",
@@ -535,7 +558,7 @@ class Page:
     def run(self, upload: str | None, smoothing: float, log_scale: bool, *values: Any) -> Iterator[dict]:
         """Run the ablation from the form and stream charts and progress; the last update shows the results."""
         cfg = form.config_from_form(dict(zip(FORM_KEYS, values, strict=True)), upload=upload)
-        folder, events = _start(cfg)
+        folder, events = _start(cfg, _data_name(upload) if cfg.dataset == upload else None)
         view = LiveView(cfg, device=estimates.device_label(cfg), smoothing=smoothing, log_scale=log_scale)
         VIEWS.add(folder.run_id, view)
         if ZERO_GPU:
@@ -644,6 +667,8 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
             config = json.loads(config) if config.strip() else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"the config is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("the config is nested too deeply: send one JSON object of settings") from None
     if config is None:
         config = {}
     if not isinstance(config, dict):
@@ -654,12 +679,14 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
             "it out) to train on the file"
         )
     cfg = form.config_from_form(config, upload=data_file)
-    folder, events = _start(cfg)
+    data_name = _data_name(data_file) if cfg.dataset == data_file else None
+    folder, events = _start(cfg, data_name)
+    shown = dataclasses.replace(cfg, dataset=data_name) if data_name else cfg  # the file's name, not its server path
     yield (
         {
             "type": "started",
             "run_id": folder.run_id,
-            "config": cfg.to_dict(),
+            "config": shown.to_dict(),
             "gpu_seconds": estimates.estimate_gpu_seconds(cfg),
         },
         None,
@@ -840,4 +867,4 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.queue(default_concurrency_limit=1, max_size=20).launch(css=CSS)
+    demo.queue(default_concurrency_limit=1, max_size=20).launch(**LAUNCH_OPTIONS)

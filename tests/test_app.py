@@ -7,6 +7,8 @@ as it does without a browser: no Chromium starts, and the run says why its PNGs 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import time
 import zipfile
@@ -39,8 +41,14 @@ def runs_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def app_module(runs_dir):
     import app
+    from crma.lab import runs
 
-    return app
+    # These tests check the page and the API on real runs in this process, where the no-browser stand-in above
+    # applies; the cut-off child (the app's default off ZeroGPU) has its own tests in test_lab_worker.py and below.
+    mp = pytest.MonkeyPatch()
+    mp.setattr(app, "run_engine", runs.run_events)
+    yield app
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +181,7 @@ def test_stop_ends_the_run_with_partial_results(client):
 @pytest.mark.parametrize(
     ("config", "upload", "message"),
     [
-        ({"model": "no-such-model", "steps": 2}, None, "unknown model 'no-such-model'"),
+        ({"model": "no-such-model", "steps": 2}, None, "model 'no-such-model' cannot be used here"),
         ({"lr": "fast"}, None, "LR must be a number; got 'fast'"),
         ({"steps": 100000}, None, "Steps must be at most 1000 on this Space"),
         ({"batch_size": 0}, None, "Batch size must be an integer ≥ 1; got 0"),
@@ -185,6 +193,9 @@ def test_stop_ends_the_run_with_partial_results(client):
         ({"dataset": "upload", "rows": 5}, ("three.jsonl", '{"instruction": "a", "output": "b"}\n' * 3), "do not fit"),
         ({"rows": 1}, ("rows.jsonl", '{"instruction": "a", "output": "b"}\n'), "set `dataset` to 'upload'"),
         ({"optimizer": "sgd"}, None, "unknown setting 'optimizer'"),
+        ({"batch_size": 32, "seq_len": 2048}, None, "at most 16384 tokens per step on this Space"),
+        ({"lora_init": "pissa_niter_1000000000"}, None, "with N in 1..32"),
+        ({"model": "tests"}, None, "model 'tests' cannot be used here"),  # a folder of the app's directory
     ],
 )
 def test_bad_input_returns_its_message(client, tmp_path, config, upload, message):
@@ -349,7 +360,7 @@ def _fake_engine(records_before_failure: int):
     """A stand-in for the engine: some steps (the second arm diverges), then a failed RunResult, as after an OOM."""
     from crma.ablation.records import Phase, RunResult, StepRecord
 
-    def events(cfg, out_dir, stop_file):
+    def events(cfg, out_dir, stop_file, data_name=None):
         yield Phase("loading model tiny-random")
         records = []
         for i in range(records_before_failure):
@@ -389,7 +400,7 @@ def _fake_engine(records_before_failure: int):
 
 
 def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, page, monkeypatch):
-    monkeypatch.setattr(app_module, "train_on_gpu", _fake_engine(records_before_failure=4))
+    monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=4))
     with pytest.warns(UserWarning) as warned:  # gr.Warning outside a request is a Python warning
         *_, final = page.run(None, 0.6, False, *_form(app_module))
     messages = " ".join(str(w.message) for w in warned)
@@ -405,7 +416,7 @@ def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, p
 def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, page, monkeypatch):
     import gradio as gr
 
-    monkeypatch.setattr(app_module, "train_on_gpu", _fake_engine(records_before_failure=0))
+    monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=0))
     updates = []
     with pytest.raises(gr.Error, match="out of memory"):
         for update in page.run(None, 0.6, False, *_form(app_module)):
@@ -518,3 +529,59 @@ def test_study_panel_shows_the_committed_study(app_module, toy_study, monkeypatc
     assert plain["sentence"] in text and "95 % CI over 2 seeds" in text
     captions = [item["caption"] for item in page.study.charts.value]
     assert captions == ["Plain training: loss", "With a spike: gradient norm"] and page.study.charts.visible
+
+
+def test_off_zero_gpu_runs_train_in_a_child_the_app_can_cut_off(app_module, monkeypatch, tmp_path):
+    from crma.lab import worker
+
+    calls = []
+
+    def spy(cfg, out_dir, stop_file, *, data_name=None):
+        calls.append((cfg.model, out_dir, stop_file, data_name))
+        return iter(())
+
+    monkeypatch.setattr(worker, "run_cut_off", spy)
+    assert app_module.ZERO_GPU is False
+    engine = app_module.choose_run_engine(zero_gpu=False)
+    cfg = app_module.form.config_from_form({**TINY, "steps": 1})
+    list(engine(cfg, str(tmp_path / "out"), str(tmp_path / "STOP"), "mine.jsonl"))
+    assert calls == [("tiny-random", str(tmp_path / "out"), str(tmp_path / "STOP"), "mine.jsonl")]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "the config is nested too deeply"),
+        ('{"seeds": "1,\\ud800"}', "Seeds must be valid text (it holds a lone surrogate character)"),
+        ({"model": "\ud800"}, "Model must be valid text"),
+        ({"crma": {"rank": "\udc80"}}, "CRMA rank must be valid text"),
+        ({"\ud800": 1}, "unknown setting"),
+    ],
+)
+def test_hostile_api_configs_get_one_line_errors(app_module, config, message):
+    with pytest.raises(app_module.gr.Error) as info:
+        list(app_module.ablate(config, None))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    str(info.value).encode("utf-8")  # no lone surrogate reaches the response
+
+
+def test_uploads_are_capped_and_named_not_located(app_module, client, tmp_path):
+    from gradio_client import handle_file
+
+    from crma.ablation.data import MAX_UPLOAD_BYTES
+
+    assert app_module.LAUNCH_OPTIONS["max_file_size"] == MAX_UPLOAD_BYTES  # gradio refuses bigger files
+    path = tmp_path / "my rows.jsonl"
+    path.write_text("".join(f'{{"instruction": "say {i}", "output": "{i}"}}\n' for i in range(8)))
+    job = client.submit({**TINY, "dataset": "upload", "steps": 1, "arms": ["lora"]}, handle_file(str(path)),
+                        api_name="/ablate")  # fmt: skip
+    job.result(timeout=TIMEOUT_S)
+    events = [event for event, _ in job.outputs()]
+    started, final = events[0], events[-1]
+    assert started["config"]["dataset"] == "my rows.jsonl"  # its name, not where the server keeps it
+    assert final["status"] == "finished", final["error"]
+    assert final["summary"]["data"]["source"]["name"] == "my rows.jsonl"
+    assert final["summary"]["data"]["source"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    folder = app_module.runs.get_run(started["run_id"])
+    saved = (folder.out_dir / "config.json").read_text()
+    assert json.loads(saved)["dataset"] == "my rows.jsonl" and str(app_module.runs.runs_root()) not in saved

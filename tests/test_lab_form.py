@@ -201,5 +201,37 @@ def test_check_model_fails_before_any_weight_is_loaded():
     from crma.ablation.models import ModelLoadError
 
     form.check_model(form.config_from_form({"model": "tiny-random"}))
-    with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'"):
+    with pytest.raises(ModelLoadError, match="model 'no-such-model' cannot be used here"):
         form.check_model(form.config_from_form({"model": "no-such-model"}), device_checks=False)
+
+
+def test_tokens_per_step_are_capped_whatever_the_split():
+    form.check_caps(AblationConfig(batch_size=8, seq_len=2048))  # 16384 tokens: at the cap
+    with pytest.raises(ConfigError, match=r"Batch size × Seq len must be at most 16384 .* at most Batch size 8"):
+        form.check_caps(AblationConfig(batch_size=32, seq_len=2048))
+    with pytest.raises(ConfigError, match=r"got 32 × 1024 = 32768 \(at Seq len 1024, at most Batch size 16\)"):
+        form.check_caps(AblationConfig(batch_size=32, seq_len=1024))
+
+
+def test_check_memory_says_what_fits_before_anything_loads():
+    from crma.ablation.models import ModelLoadError
+
+    # A ZeroGPU lease (70 GB): the estimate is checked against it, never against this machine.
+    form.check_memory(AblationConfig(model="smollm2-135m", batch_size=4, seq_len=256), zero_gpu=True)
+    big = AblationConfig(model="smollm2-135m", batch_size=32, seq_len=2048)
+    with pytest.raises(ModelLoadError) as info:
+        form.check_memory(big, zero_gpu=True)
+    text = str(info.value)
+    assert "batch 32 × seq_len 2048 needs ~" in text and "on the GPU" in text
+    max_batch = int(text.split("at most batch ")[1].split()[0])
+    assert 1 <= max_batch < 32  # and that batch does fit
+    form.check_memory(AblationConfig(model="smollm2-135m", batch_size=max_batch, seq_len=2048), zero_gpu=True)
+
+
+def test_check_memory_reads_the_cpus_free_memory(monkeypatch):
+    from crma.ablation.models import ModelLoadError, devices
+
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 2 * 2**30)
+    form.check_memory(AblationConfig(model="tiny-random", device="cpu"))
+    with pytest.raises(ModelLoadError, match=r"needs ~35\.7 GiB on this CPU \(2\.0 GiB free\); at batch 8 at most seq_len"):
+        form.check_memory(AblationConfig(model="smollm2-135m", device="cpu", batch_size=8, seq_len=2048))

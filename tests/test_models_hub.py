@@ -105,3 +105,29 @@ def test_memory_estimate_of_a_hub_id_downloads_its_config_with_the_token_rule(hu
     assert any(p.endswith("/config.json") for p in paths)
     assert not any(p.endswith(".safetensors") for p in paths), "an estimate needs the config only"
     assert {r.authorization for r in hub.requests} == {None}
+
+
+def test_the_apps_runs_never_send_the_hosts_token(hub, tmp_path):
+    """The Space's preflight and its runs (`crma.lab`) download a visitor's model id with no token, though the host
+    has `HF_TOKEN` set, and cannot reach the host's private repos with it."""
+    from dataclasses import replace
+
+    from crma.ablation.schema import parse_config
+    from crma.lab import form, runs
+
+    cfg = parse_config(
+        {"model": "lab/tiny", "dataset": "bundled", "rows": 8, "steps": 1, "batch_size": 2, "seq_len": 160,
+         "arms": ["lora"], "save_adapters": False}
+    )  # fmt: skip
+    form.check_model(cfg)
+    form.check_memory(cfg)
+    result = list(runs.run_events(cfg, str(tmp_path / "run"), str(tmp_path / "STOP")))[-1]
+    assert result.status == "finished", result.error
+    assert _model_requests(hub) and {r.authorization for r in hub.requests} == {None}
+
+    private = replace(cfg, model="owner/private-tiny")
+    with pytest.raises(ModelLoadError, match="was not found on the Hub"):
+        form.check_model(private)
+    result = list(runs.run_events(private, str(tmp_path / "private"), str(tmp_path / "STOP")))[-1]
+    assert result.status == "failed" and "was not found on the Hub" in result.error
+    assert not any(HOST in (r.authorization or "") for r in hub.requests)

@@ -184,6 +184,8 @@ def run_ablation(
     adapters_dir: str | Path | None = None,
     data_name: str | None = None,
     tracker: TrackerConfig | None = None,
+    token: str | bool | None = None,
+    allow_local: bool = True,
 ) -> Iterator[Event]:
     """Run the paired ablation and yield `Phase` messages, one `StepRecord` per arm per step, then a `RunResult`.
 
@@ -200,19 +202,30 @@ def run_ablation(
             so no server path is shown); the path itself by default.
         tracker (`TrackerConfig | None`): also hand every step's metrics to trackio, W&B or TensorBoard (one run per
             arm and seed; main process only).
+        token (`str | bool | None`): Hub token for the model download, as `load_model` reads it: None uses this
+            machine's login (the CLI), False sends none (a hosted app loading a visitor's model id), a string sends
+            that token only.
+        allow_local (`bool`): accept a local folder as `cfg.model` (False on a hosted app: a visitor's model id
+            never reads the server's files).
 
     Returns:
         An iterator of events; the last one is always a `RunResult` (status finished / stopped / failed). Errors
         in the config, the model or the data end the run as `failed` with a one-line message; they are not raised.
     """
     run = _Run(cfg, stop or threading.Event())
-    for event in _train(run, loaded, adapters_dir, data_name, tracker):
+    hub = {"token": token, "allow_local": allow_local}
+    for event in _train(run, loaded, adapters_dir, data_name, tracker, hub):
         if run.is_main or isinstance(event, RunResult):
             yield event
 
 
 def _train(
-    run: _Run, loaded: Any, adapters_dir: str | Path | None, data_name: str | None, tracker: TrackerConfig | None
+    run: _Run,
+    loaded: Any,
+    adapters_dir: str | Path | None,
+    data_name: str | None,
+    tracker: TrackerConfig | None,
+    hub: dict[str, Any],
 ) -> Iterator[Event]:
     from .data import build_example_set, describe_source, load_instruction_rows
     from .models import load_model
@@ -232,7 +245,7 @@ def _train(
             device = cfg.device
             if parallel is not None:  # each process on its own GPU (cuda:<local rank>), or the CPU
                 device = "cpu" if parallel.device.type == "cpu" else str(parallel.device)
-            loaded = load_model(cfg.model, device=device, dtype=cfg.dtype)
+            loaded = load_model(cfg.model, device=device, dtype=cfg.dtype, **hub)
         source = describe_source(cfg.dataset, display_name=data_name)
         run.data["source"] = source.to_dict()
         yield Phase(f"reading {cfg.rows} rows of {source.name} from row {cfg.start}")

@@ -36,8 +36,14 @@ SPACE_CAPS: Mapping[str, int | float] = MappingProxyType(
         "crma.rank": 64,
         "crma.sinkhorn_iters": 100,
         "max_wall_s": 1500,  # the longest GPU duration `estimate_gpu_seconds` asks for
+        # Rows x tokens of one step, whatever the split: 32 x 2048 of long rows needs ~128 GiB for one CPU step. The
+        # memory estimate (`check_memory`) then checks the step against the device before anything loads.
+        "tokens_per_step": 16384,
     }
 )
+# What a ZeroGPU lease gives one workload (the Hub's ZeroGPU docs: an H200 slice, 70 GB of VRAM); this process has
+# no GPU before the lease, so the estimate is checked against this figure.
+ZERO_GPU_MEMORY_BYTES = 70 * 10**9
 
 
 def resolve_dataset(dataset: Any, upload: str | os.PathLike[str] | None) -> str:
@@ -114,6 +120,16 @@ def check_caps(cfg: AblationConfig, caps: Mapping[str, int | float] = SPACE_CAPS
     entries)."""
     values = config_to_values(cfg)
     for key, cap in caps.items():
+        if key == "tokens_per_step":
+            tokens = cfg.batch_size * cfg.seq_len
+            if tokens > cap:
+                raise ConfigError(
+                    "batch_size",
+                    f"{label('batch_size')} × {label('seq_len')} must be at most {cap:g} tokens per step on this "
+                    f"Space; got {cfg.batch_size} × {cfg.seq_len} = {tokens} (at {label('seq_len')} {cfg.seq_len}, "
+                    f"at most {label('batch_size')} {max(int(cap) // cfg.seq_len, 1)})",
+                )
+            continue
         if key == "seeds":
             value = len(cfg.seed_list)
         elif key == "arms":
@@ -127,18 +143,68 @@ def check_caps(cfg: AblationConfig, caps: Mapping[str, int | float] = SPACE_CAPS
 
 def check_model(cfg: AblationConfig, *, device_checks: bool = True) -> None:
     """Resolve the run's model without loading weights, so an unknown, gated, remote-code or too large model fails
-    before a GPU is requested (`ModelLoadError`); `device_checks=False` where the GPU only comes with the lease."""
+    before a GPU is requested (`ModelLoadError`); `device_checks=False` where the GPU only comes with the lease.
+
+    The lookup follows the app's Hub rule (`runs.VISITOR_HUB`): no token, no local folders.
+    """
     from crma.ablation.models import check_model as check
 
-    check(cfg.model, device=cfg.device, dtype=cfg.dtype, device_checks=device_checks)
+    from .runs import VISITOR_HUB
+
+    check(cfg.model, device=cfg.device, dtype=cfg.dtype, device_checks=device_checks, **VISITOR_HUB)
 
 
-def check_data(cfg: AblationConfig) -> None:
-    """Read the run's data slice now, so a bad file or slice fails before a GPU is requested (`DataError`)."""
+def check_memory(cfg: AblationConfig, *, zero_gpu: bool = False) -> None:
+    """Estimate the peak memory of one lockstep step of `cfg` before the model loads, and raise `ModelLoadError`
+    saying what fits (the largest batch, the longest seq_len) when it exceeds the device's free memory.
+
+    Args:
+        cfg (`AblationConfig`): the run.
+        zero_gpu (`bool`): a ZeroGPU Space, whose process has no GPU before the lease: the step is checked against a
+            lease's memory (`ZERO_GPU_MEMORY_BYTES`, bf16) instead of the device's free memory now.
+    """
+    import torch
+
+    from crma.ablation.arms import ARM_SPECS
+    from crma.ablation.models import PRESETS, check_training_fits, estimate_training_memory
+
+    from .runs import VISITOR_HUB
+
+    device: str | torch.device = cfg.device
+    dtype: str | torch.dtype = cfg.dtype
+    free_bytes = None
+    if zero_gpu and cfg.device != "cpu":
+        device, free_bytes = torch.device("cuda"), ZERO_GPU_MEMORY_BYTES
+        dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    preset = PRESETS.get(cfg.model)
+    estimate = estimate_training_memory(
+        cfg.model,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        n_arms=len(cfg.arms),
+        crma_arms=sum(1 for arm in cfg.arms if ARM_SPECS[arm].crma),
+        lora_r=cfg.lora_r,
+        lora_targets=cfg.lora_targets,
+        lora_dropout=cfg.lora_dropout,
+        crma_rank=cfg.crma.rank,
+        crma_streams=cfg.crma.n_streams,
+        dtype=dtype,
+        device=device,
+        quantize_4bit=bool(preset and preset.quantize_4bit),
+        **VISITOR_HUB,
+    )
+    check_training_fits(estimate, device, free_bytes=free_bytes)
+
+
+def check_data(cfg: AblationConfig, data_name: str | None = None) -> None:
+    """Read the run's data slice now, so a bad file or slice fails before a GPU is requested (`DataError`).
+
+    `data_name` is what messages call an uploaded file (its own name); a server path is never shown.
+    """
     from crma.ablation.data import DataError, load_instruction_rows
 
     try:
-        load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows)
+        load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows, display_name=data_name)
     except DataError as exc:
         raise DataError(_hide_dir(str(exc), cfg.dataset)) from None
 

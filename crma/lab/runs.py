@@ -22,6 +22,9 @@ from crma.ablation.config import AblationConfig
 from crma.ablation.records import Event
 
 RUNS_ENV = "CRMA_RUNS_DIR"
+# How the app's runs reach the Hub: a visitor's model id is downloaded with no token (never the host's `HF_TOKEN`,
+# which could open the owner's private or gated repositories to anyone) and never read from the server's folders.
+VISITOR_HUB: dict[str, Any] = {"token": False, "allow_local": False}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -148,13 +151,16 @@ def _last_change(path: Path) -> float:
     return max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
 
 
-def run_events(cfg: AblationConfig, out_dir: str, stop_file: str) -> Iterator[Event]:
-    """The engine's events for one run, with its files written to `out_dir`. Plain, picklable arguments: on ZeroGPU
-    this generator runs in a forked worker (the app wraps it in `spaces.GPU`) and its events are pickled back to the
-    app's process."""
+def run_events(cfg: AblationConfig, out_dir: str, stop_file: str, data_name: str | None = None) -> Iterator[Event]:
+    """The engine's events for one visitor's run, with its files written to `out_dir` (Hub access: `VISITOR_HUB`).
+
+    Plain, picklable arguments: on ZeroGPU this generator runs in a forked worker (the app wraps it in `spaces.GPU`)
+    and its events are pickled back to the app's process. `data_name` is what the run calls an uploaded file (its
+    own name, never the server path).
+    """
     from crma.ablation.writer import write_run
 
-    yield from write_run(cfg, out_dir, stop=StopSignal(stop_file))
+    yield from write_run(cfg, out_dir, stop=StopSignal(stop_file), data_name=data_name, **VISITOR_HUB)
 
 
 def make_archive(out_dir: str | os.PathLike[str]) -> Path:

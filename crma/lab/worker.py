@@ -23,11 +23,11 @@ from typing import Any
 from crma.ablation.config import AblationConfig
 from crma.ablation.records import Event, Phase, RunResult
 
-from .runs import StopSignal
+from .runs import StopSignal, run_events
 
 # The server process forks each run's child from a clean interpreter that has torch and the engine imported already:
 # no per-run import cost (spawn) and no fork of the app's threads (fork).
-_PRELOAD = ["torch", "crma.ablation.engine", "crma.ablation.writer"]
+_PRELOAD = ["torch", "crma.ablation.engine", "crma.ablation.writer", "crma.lab.runs"]
 _DONE = "__done__"
 
 
@@ -55,10 +55,8 @@ def _child(target: str, cfg_json: str, out_dir: str, stop_file: str, data_name: 
 
 
 def engine_events(cfg: AblationConfig, out_dir: str, stop_file: str, data_name: str | None) -> Iterator[Event]:
-    """The default child target: the engine with its files written to `out_dir`."""
-    from crma.ablation.writer import write_run
-
-    yield from write_run(cfg, out_dir, stop=StopSignal(stop_file), data_name=data_name)
+    """The default child target: a visitor's run (`runs.run_events`) with its files written to `out_dir`."""
+    yield from run_events(cfg, out_dir, stop_file, data_name)
 
 
 def run_cut_off(
