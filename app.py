@@ -31,12 +31,12 @@ import gradio as gr
 
 from crma.ablation.arms import ARM_SPECS, AUTHOR_ARMS, GRID_ARMS
 from crma.ablation.config import AblationConfig
+from crma.ablation.data import MAX_UPLOAD_BYTES
 from crma.ablation.models import describe_presets
 from crma.ablation.publish import PushError, push_results
 from crma.ablation.records import RunResult
 from crma.ablation.render import attribution_markdown, receipt_markdown
 from crma.ablation.schema import label
-from crma.ablation.data import MAX_UPLOAD_BYTES
 from crma.lab import estimates, form, published, runs, snippets, worker
 from crma.lab.live import LiveView, ViewRegistry
 
