@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -163,7 +164,9 @@ ZClip), not the author's code.
 # Gradio refuses a bigger upload before it reaches the app (the data reader streams, but a file must land first).
 LAUNCH_OPTIONS: dict[str, Any] = {"css": CSS, "max_file_size": MAX_UPLOAD_BYTES}
 VIEWS = ViewRegistry()  # live views by unguessable run id: each visitor only ever holds their own ids
-# The form's settings, in the order the run handler receives them after (upload, smoothing, log_scale).
+SPACE_MAX_WAIT_S = 1800  # how long a re-attached page follows a run that has no time cap (the CLI's default)
+REATTACH_GRACE_S = 120  # past the cap: saving adapters and reports, or the cut-off child's grace period
+# The form's settings, in the order the run handler receives them after (upload, smoothing, log_scale, app_url).
 FORM_KEYS = (
     "model",
     "dataset",
@@ -296,6 +299,7 @@ class Form:
     run_btn: gr.Button
     stop_btn: gr.Button
     recipe_btn: gr.Button
+    cancel_btn: gr.Button
 
     def settings(self) -> list[gr.components.Component]:
         """The components of `FORM_KEYS`, in that order."""
@@ -313,6 +317,8 @@ def build_form(cfg: AblationConfig) -> Form:
     with gr.Row():
         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False)
+    # Shown while a run waits in the queue behind another visitor's run: leaving the queue costs nothing.
+    cancel_btn = gr.Button("Leave the queue", size="sm", visible=False, elem_id="cancel-btn")
     model = gr.Dropdown(
         choices=[(f"{name}: {_short_description(desc)}", name) for name, desc in describe_presets()],
         value=cfg.model,
@@ -400,7 +406,7 @@ def build_form(cfg: AblationConfig) -> Form:
     return Form(
         model, dataset, upload, start, rows, preview_msg, preview_table, arms, grid_btn, seeds, steps, lr,
         structural_lr, gate_lr, batch_size, seq_len, lora_r, lora_targets, crma_streams, crma_rank, spike_at,
-        run_btn, stop_btn, recipe_btn,
+        run_btn, stop_btn, recipe_btn, cancel_btn,
     )  # fmt: skip
 
 
@@ -546,16 +552,24 @@ class Page:
     results: Results
     run_state: gr.State
     study: Study | None = None
+    # The run id again, in the browser's localStorage: after a reload the page re-attaches to the run, or shows its
+    # results while its folder lasts (`runs.cleanup_runs`: 6 h).
+    browser_run: gr.BrowserState | None = None
+    app_url: gr.State | None = None  # where this visitor reached the app (for the reproduce snippet)
 
     def run_outputs(self) -> list[gr.components.Component]:
         """Every component the run handler may update."""
         r, c = self.results, self.charts
-        return [
+        outputs = [
             self.run_state, c.progress, r.panel, self.form.run_btn, self.form.stop_btn, r.repro, c.loss, c.grad,
             c.delta, r.summary, r.receipt, r.mixing, r.notes, r.archive, r.report, r.embed, c.attribution,
+            self.form.cancel_btn,
         ]  # fmt: skip
+        return outputs + ([self.browser_run] if self.browser_run is not None else [])
 
-    def run(self, upload: str | None, smoothing: float, log_scale: bool, *values: Any) -> Iterator[dict]:
+    def run(
+        self, upload: str | None, smoothing: float, log_scale: bool, app_url: str | None, *values: Any
+    ) -> Iterator[dict]:
         """Run the ablation from the form and stream charts and progress; the last update shows the results."""
         cfg = form.config_from_form(dict(zip(FORM_KEYS, values, strict=True)), upload=upload)
         folder, events = _start(cfg, _data_name(upload) if cfg.dataset == upload else None)
@@ -565,17 +579,19 @@ class Page:
             gr.Info(f"This run asks ZeroGPU for {estimates.estimate_gpu_seconds(cfg)} s of GPU time.")
         space_id = os.environ.get("SPACE_ID")
         charts, results = self.charts, self.results
-        yield {
+        started = {
             self.run_state: folder.run_id,
             charts.progress: view.progress_html(),
             results.panel: gr.update(visible=False),
             charts.attribution: gr.update(visible=False),
             self.form.run_btn: gr.update(interactive=False),
             self.form.stop_btn: gr.update(interactive=True),
+            self.form.cancel_btn: gr.update(visible=False),
             results.repro: snippets.cli_command(cfg)
             + "\n\n# or from Python:\n"
-            + snippets.client_snippet(cfg, space_id),
+            + snippets.client_snippet(cfg, space_id, url=app_url),
         }
+        yield {**started, self.browser_run: folder.run_id} if self.browser_run is not None else started
         result, warned = None, 0
         try:
             for event in events:
@@ -624,6 +640,49 @@ class Page:
             r.report: str(report) if report.is_file() else None,
             r.embed: snippets.embed_snippet(os.environ.get("SPACE_ID")),
             self.charts.attribution: attribution_update(result.summary),
+        }
+
+    def reattach(self, run_id: str | None, smoothing: float, log_scale: bool) -> Iterator[dict]:
+        """On page load: follow the visitor's run from before a reload while it runs, then show its results (or
+        those of a run that ended while the page was away); nothing when the browser holds no live run id."""
+        folder = runs.get_run(run_id)
+        if folder is None:
+            return
+        charts, view = self.charts, VIEWS.get(run_id)
+        if not folder.finished() and view is not None:
+            yield {
+                self.run_state: run_id,
+                self.form.run_btn: gr.update(interactive=False),
+                self.form.stop_btn: gr.update(interactive=True),
+                charts.progress: view.progress_html(),
+            }
+            deadline = time.monotonic() + (view.cfg.max_wall_s or SPACE_MAX_WAIT_S) + REATTACH_GRACE_S
+            while not folder.finished() and time.monotonic() < deadline:
+                time.sleep(1.0)
+                loss, grad, delta = view.figures(smoothing=smoothing, log_scale=log_scale)
+                yield {
+                    charts.progress: view.progress_html(),
+                    charts.loss: loss,
+                    charts.grad: grad,
+                    charts.delta: delta,
+                }
+        result = runs.load_result(folder)
+        view = VIEWS.view_for(run_id)
+        if result is None or view is None:
+            return
+        if view.result is None or view.result.status != result.status:
+            view.update(result)
+        loss, grad, delta = view.figures(smoothing=smoothing, log_scale=log_scale)
+        yield {
+            self.run_state: run_id,
+            charts.progress: view.progress_html(),
+            charts.loss: loss,
+            charts.grad: grad,
+            charts.delta: delta,
+            self.form.run_btn: gr.update(interactive=True),
+            self.form.stop_btn: gr.update(interactive=False),
+            self.results.repro: snippets.cli_command(result.config),
+            **self._results(result, folder, view),
         }
 
     @staticmethod
@@ -739,9 +798,17 @@ def push(run_id: str | None, repo_id: str, private: bool, oauth_token: gr.OAuthT
 
 def _wire(page: Page) -> None:
     f, c, r = page.form, page.charts, page.results
+    # At once, before the queue: Run cannot be pressed twice, and a run that has to wait can leave the queue.
+    f.run_btn.click(
+        lambda: (gr.update(interactive=False), gr.update(visible=True)),
+        None,
+        [f.run_btn, f.cancel_btn],
+        queue=False,
+        api_visibility="private",
+    )
     run_event = f.run_btn.click(
         _guard(page.run),
-        [f.upload, c.smoothing, c.log_scale, *f.settings()],
+        [f.upload, c.smoothing, c.log_scale, page.app_url, *f.settings()],
         page.run_outputs(),
         api_name="run",
         api_visibility="undocumented",
@@ -752,12 +819,25 @@ def _wire(page: Page) -> None:
     )
     # Whatever happened (error included), the buttons come back; `.then` runs after failures too.
     run_event.then(
-        lambda: (gr.update(interactive=True), gr.update(interactive=False)),
+        lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(visible=False)),
         None,
-        [f.run_btn, f.stop_btn],
+        [f.run_btn, f.stop_btn, f.cancel_btn],
         queue=False,
         api_visibility="private",
     )
+    # A run still waiting for the slot is removed from the queue (a started one hides this button first; were it
+    # cancelled anyway, its stop flag is set on the way out and its results are kept for a reload).
+    f.cancel_btn.click(
+        lambda: (
+            gr.update(interactive=True), gr.update(interactive=False), gr.update(visible=False),
+            "Left the queue: nothing ran. Press Run to queue again.",
+        ),
+        None,
+        [f.run_btn, f.stop_btn, f.cancel_btn, c.progress],
+        cancels=[run_event],
+        queue=False,
+        api_visibility="private",
+    )  # fmt: skip
     f.stop_btn.click(
         page.stop_button,
         page.run_state,
@@ -770,6 +850,15 @@ def _wire(page: Page) -> None:
     f.grid_btn.click(None, None, f.arms, js=f"() => [{json.dumps(list(GRID_ARMS))}]")
     f.recipe_btn.click(None, None, f.arms, js=f"() => [{json.dumps(list(AUTHOR_ARMS))}]")
     page.demo.load(None, None, None, js=PAGE_JS)  # live clocks, and zoom / hidden traces kept through updates
+    page.demo.load(_page_url, None, page.app_url, queue=False, api_visibility="private")
+    page.demo.load(
+        _guard(page.reattach),
+        [page.browser_run, c.smoothing, c.log_scale],
+        page.run_outputs(),
+        api_visibility="private",
+        concurrency_id="reattach",
+        concurrency_limit=None,
+    )
     f.dataset.change(
         lambda d: gr.update(visible=d == "upload"), f.dataset, f.upload, queue=False, api_visibility="private"
     )
@@ -818,6 +907,10 @@ def _wire(page: Page) -> None:
     api_stop.click(stop, api_stop_id, api_stop_msg, api_name="stop", concurrency_id="control", concurrency_limit=None)
 
 
+def _page_url(request: gr.Request) -> str | None:
+    return snippets.app_url(dict(request.headers)) if request is not None else None
+
+
 def build_page(study_dir: str | os.PathLike[str] | None = None) -> Page:
     """The CRMA Lab page: Run and the settings on the left, live charts and the run's attribution on the right, then
     the results, the published study and how CRMA works.
@@ -836,6 +929,8 @@ def build_page(study_dir: str | os.PathLike[str] | None = None) -> Page:
         )
         default_note = gr.Markdown(f"ℹ️ {note}", elem_id="default-note")
         run_state = gr.State(None)
+        browser_run = gr.BrowserState(None, storage_key="crma-lab-run")
+        app_url = gr.State(None)
         with gr.Row():
             with gr.Column(scale=2, min_width=340):
                 settings = build_form(cfg)
@@ -844,7 +939,7 @@ def build_page(study_dir: str | os.PathLike[str] | None = None) -> Page:
         results = build_results()
         study = build_study(study_dir)
         gr.Markdown(METHOD, elem_id="method")
-        page = Page(demo, settings, charts, results, run_state, study)
+        page = Page(demo, settings, charts, results, run_state, study, browser_run, app_url)
         _wire(page)
         if not has_gpu:  # the CPU estimate is measured: measure it again for each visitor, at the machine's load now
             demo.load(

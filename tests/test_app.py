@@ -265,7 +265,7 @@ def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, page, 
     from crma.lab import runs
 
     charts, results, form = page.charts, page.results, page.form
-    run = page.run(None, 0.6, False, *_form(app_module, steps=500))
+    run = page.run(None, 0.6, False, None, *_form(app_module, steps=500))
     first = next(run)
     run_id = first[page.run_state]
     assert (Path(runs_dir) / run_id).is_dir()
@@ -317,7 +317,7 @@ def test_run_ui_bad_input_is_a_gradio_error(app_module, page, overrides, message
 
     handler = app_module._guard(page.run)  # as the Run button calls it
     with pytest.raises(gr.Error) as info:
-        next(handler(None, 0.6, False, *_form(app_module, **overrides)))
+        next(handler(None, 0.6, False, None, *_form(app_module, **overrides)))
     assert message in str(info.value)
 
 
@@ -402,7 +402,7 @@ def _fake_engine(records_before_failure: int):
 def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, page, monkeypatch):
     monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=4))
     with pytest.warns(UserWarning) as warned:  # gr.Warning outside a request is a Python warning
-        *_, final = page.run(None, 0.6, False, *_form(app_module))
+        *_, final = page.run(None, 0.6, False, None, *_form(app_module))
     messages = " ".join(str(w.message) for w in warned)
     assert "lora+crma diverged at step 2" in messages and "The run failed: out of memory" in messages
     charts, results = page.charts, page.results
@@ -419,7 +419,7 @@ def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, page, monk
     monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=0))
     updates = []
     with pytest.raises(gr.Error, match="out of memory"):
-        for update in page.run(None, 0.6, False, *_form(app_module)):
+        for update in page.run(None, 0.6, False, None, *_form(app_module)):
             updates.append(update)
     assert "Failed at step 0/3" in updates[-1][page.charts.progress]
     assert updates[-1][page.form.run_btn]["interactive"] is True
@@ -497,7 +497,7 @@ def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
         assert term in method.value, term
     # The attribution box sits in the charts column, hidden until a run ends; the run handler can fill it.
     assert isinstance(c.attribution, gr.Markdown) and c.attribution.visible is False
-    assert page.run_outputs()[-1] is c.attribution
+    assert c.attribution in page.run_outputs()
     assert c.loss.show_label is False  # the figure's own title names it
 
 
@@ -585,3 +585,47 @@ def test_uploads_are_capped_and_named_not_located(app_module, client, tmp_path):
     folder = app_module.runs.get_run(started["run_id"])
     saved = (folder.out_dir / "config.json").read_text()
     assert json.loads(saved)["dataset"] == "my rows.jsonl" and str(app_module.runs.runs_root()) not in saved
+
+
+def test_a_reloaded_page_follows_its_run_then_shows_the_results(app_module, page):
+    import queue
+    import threading
+
+    ids: queue.Queue = queue.Queue()
+
+    def visitor_before_the_reload():
+        for update in page.run(None, 0.6, False, None, *_form(app_module, steps=500)):
+            if page.run_state in update:
+                ids.put(update[page.run_state])
+                assert update[page.browser_run] == update[page.run_state]  # kept in the browser too
+
+    first_page = threading.Thread(target=visitor_before_the_reload)
+    first_page.start()
+    run_id = ids.get(timeout=TIMEOUT_S)
+    updates = page.reattach(run_id, 0.6, False)  # the reloaded page, with the id from localStorage
+    following = next(updates)
+    assert following[page.run_state] == run_id and following[page.form.stop_btn]["interactive"] is True
+    for update in updates:  # the charts keep coming while the run trains
+        if "Step " in update[page.charts.progress] and update[page.charts.loss].data:
+            break
+    assert page.stop_button(run_id)["interactive"] is False  # the reloaded page's Stop reaches the run
+    *_, last = updates
+    first_page.join(TIMEOUT_S)
+    assert last[page.results.panel]["visible"] is True and "Status: **stopped**" in last[page.results.notes]
+    assert Path(last[page.results.archive]).is_file() and "Final loss" in last[page.results.summary]
+    # A page opened after the run ended shows its results at once; an unknown or malformed id shows nothing.
+    (again,) = list(page.reattach(run_id, 0.6, False))
+    assert again[page.results.panel]["visible"] is True and "Status: **stopped**" in again[page.results.notes]
+    assert list(page.reattach("0" * 32, 0.6, False)) == [] and list(page.reattach("../etc", 0.6, False)) == []
+
+
+def test_a_waiting_run_can_leave_the_queue(page):
+    deps = page.demo.config["dependencies"]
+    ids = {id(block): key for key, block in page.demo.blocks.items()}
+    run_click = next(
+        i for i, d in enumerate(deps) if d.get("api_name") == "run" and ids[id(page.form.run_btn)] in
+        [t[0] for t in d["targets"]]
+    )  # fmt: skip
+    cancel = [d for d in deps if [ids[id(page.form.cancel_btn)], "click"] in [list(t) for t in d["targets"]]]
+    assert any(run_click in d["cancels"] for d in cancel)  # gradio adds the cancel as a listener of its own
+    assert page.form.cancel_btn.visible is False  # shown only while a run waits

@@ -273,3 +273,22 @@ def test_snippets_never_name_a_server_path(tmp_path):
     cfg = form.config_from_form({"dataset": "upload", "rows": 1}, upload=str(data))
     for text in (snippets.cli_command(cfg), snippets.client_snippet(cfg, None), json.dumps(snippets.api_payload(cfg))):
         assert "secret-folder" not in text and str(Path(tmp_path)) not in text
+
+
+@pytest.mark.parametrize(
+    ("headers", "url"),
+    [
+        ({"host": "127.0.0.1:7861"}, "http://127.0.0.1:7861"),
+        ({"Host": "lab.example.org", "X-Forwarded-Proto": "https"}, "https://lab.example.org"),
+        ({"host": "inner:7860", "x-forwarded-host": "me-lab.hf.space, proxy", "x-forwarded-proto": "https"},
+         "https://me-lab.hf.space"),
+        ({"host": "evil\nInjected: 1"}, None),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_the_client_snippet_points_at_the_address_the_visitor_used(headers, url):
+    assert snippets.app_url(headers) == url
+    cfg = AblationConfig(model="tiny-random")
+    code = snippets.client_snippet(cfg, None, url=snippets.app_url(headers))
+    assert f"Client({(url or 'http://127.0.0.1:7860')!r})" in code
+    assert "Client('me/lab')" in snippets.client_snippet(cfg, "me/lab", url=url)  # a Space id wins

@@ -5,6 +5,7 @@ A run id is 32 hex digits (uuid4): unguessable, so it is also the key to stop, r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crma.ablation.config import AblationConfig
-from crma.ablation.records import Event
+from crma.ablation.records import Event, RunResult
 
 RUNS_ENV = "CRMA_RUNS_DIR"
 # How the app's runs reach the Hub: a visitor's model id is downloaded with no token (never the host's `HF_TOKEN`,
@@ -101,6 +102,34 @@ def get_run(run_id: Any, root: str | os.PathLike[str] | None = None) -> RunFolde
     return folder if folder.root.is_dir() else None
 
 
+def load_result(folder: RunFolder) -> RunResult | None:
+    """The `RunResult` of a run that ended, read back from its folder (after a page reload, say); None while it runs,
+    or when its files cannot be read."""
+    from crma.ablation.records import read_metrics_jsonl
+
+    out = folder.out_dir
+    if not folder.finished():
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        cfg = AblationConfig.from_json((out / "config.json").read_text(encoding="utf-8"))
+        metrics = out / "metrics.jsonl"
+        records = read_metrics_jsonl(metrics) if metrics.is_file() else []
+    except (OSError, ValueError):
+        return None
+    return RunResult(
+        status=summary.get("status") or "finished",
+        error=summary.get("error"),
+        config=cfg,
+        records=records,
+        summary=summary,
+        out_dir=str(out),
+        files=[p.relative_to(out).as_posix() for p in sorted(out.rglob("*")) if p.is_file()],
+        notes=list(summary.get("notes") or []),
+        wall_s=float(summary.get("wall_s") or 0.0),
+    )
+
+
 def request_stop(run_id: Any, root: str | os.PathLike[str] | None = None) -> bool:
     """Ask the run to stop at its next step boundary; False when there is no such run or it already ended."""
     folder = get_run(run_id, root)
@@ -170,10 +199,16 @@ def make_archive(out_dir: str | os.PathLike[str]) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"results folder {folder} does not exist")
     target = folder.parent / f"{folder.name}.zip"
-    partial = target.with_suffix(".zip.part")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}")
-    partial.replace(target)
+    # A temp name of its own: two pages of one visitor (before and after a reload) may zip the same run at once.
+    fd, name = tempfile.mkstemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".zip.part")
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}")
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return target

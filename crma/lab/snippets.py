@@ -7,6 +7,7 @@ import importlib.metadata
 import pprint
 import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +120,28 @@ def api_payload(cfg: AblationConfig) -> dict[str, Any]:
     return payload
 
 
-def client_snippet(cfg: AblationConfig, space_id: str | None) -> str:
+def app_url(headers: Mapping[str, str]) -> str | None:
+    """The address a visitor reached the app at, from their request's headers (a proxy's `x-forwarded-*` first);
+    None when there is no `host` header."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    host = (lower.get("x-forwarded-host") or lower.get("host") or "").split(",")[0].strip()
+    if not host or not re.fullmatch(r"[\w.\-\[\]:]+", host):
+        return None
+    proto = (lower.get("x-forwarded-proto") or "http").split(",")[0].strip()
+    return f"{'https' if proto == 'https' else 'http'}://{host}"
+
+
+def client_snippet(cfg: AblationConfig, space_id: str | None, *, url: str | None = None) -> str:
     """Python that runs `cfg` through the `/ablate` endpoint with gradio_client and streams its events.
 
     The settings are written as a Python literal (`True`, `None`), so the snippet runs as pasted.
+
+    Args:
+        cfg (`AblationConfig`): the run.
+        space_id (`str | None`): `owner/name` on a Space (what `Client` takes there).
+        url (`str | None`): else the address the visitor uses (`app_url`); else the local default.
     """
-    sid = space_id or "http://127.0.0.1:7860"
+    sid = space_id or url or "http://127.0.0.1:7860"
     payload = api_payload(cfg)
     data_file = "None" if payload.get("dataset") != "upload" else 'handle_file("my_data.jsonl")'
     imports = "from gradio_client import Client" + (", handle_file" if data_file != "None" else "")
