@@ -76,11 +76,13 @@ def serve_app() -> Iterator[str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from app import CSS, build_demo
+    from app import LAUNCH_OPTIONS, build_demo
 
     demo = build_demo()
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
+    demo.queue().launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS
+    )
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -51,6 +51,11 @@ def app_url(tmp_path, monkeypatch):
         raise RuntimeError("no browser")
 
     monkeypatch.setattr(writer, "write_png_charts", no_browser)
+    # Runs train in this process, where the stand-in above applies (the app's cut-off child has its own tests).
+    import app
+    from crma.lab import runs
+
+    monkeypatch.setattr(app, "run_engine", runs.run_events)
     monkeypatch.setenv("CRMA_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("CRMA_STUDY_DIR", str(tmp_path / "no-study"))  # the page as it is before a study is committed
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -203,6 +208,14 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         # Stop is disabled again and Run enabled: a second run can start.
         assert page.locator("#stop-btn").is_disabled()
         assert page.locator("#run-btn").is_enabled()
+
+        # A reload keeps the results: the run id lives in the browser (localStorage), and the page re-attaches.
+        page.reload(wait_until="domcontentloaded")
+        page.get_by_text("Status: stopped").wait_for(state="visible", timeout=30_000)
+        assert f"{' vs '.join(ARMS)} on tiny-random" in page.locator("#summary").inner_text()
+        assert driver.progress_text(page).startswith(f"Stopped at step {done}/{STEPS}")
+        driver.wait_for_arms(page, ARMS, plot="#loss-plot", timeout_s=10)
+        assert page.locator("#run-btn").is_enabled() and page.locator("#stop-btn").is_disabled()
 
         # The progress line's clocks tick in the browser between server updates (a set-up can last minutes).
         view = LiveView(AblationConfig(model="tiny-random"), clock=lambda: 75.0)
