@@ -16,7 +16,7 @@ import inspect
 import json
 import logging
 import os
-import time
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,7 @@ from crma.ablation.render import attribution_markdown, receipt_markdown
 from crma.ablation.schema import label
 from crma.lab import estimates, form, published, runs, snippets, worker
 from crma.lab.live import LiveView, ViewRegistry
+from crma.lab.pump import PumpRegistry, RunPump
 
 logger = logging.getLogger("crma.app")
 
@@ -164,8 +165,11 @@ ZClip), not the author's code.
 # Gradio refuses a bigger upload before it reaches the app (the data reader streams, but a file must land first).
 LAUNCH_OPTIONS: dict[str, Any] = {"css": CSS, "max_file_size": MAX_UPLOAD_BYTES}
 VIEWS = ViewRegistry()  # live views by unguessable run id: each visitor only ever holds their own ids
-SPACE_MAX_WAIT_S = 1800  # how long a re-attached page follows a run that has no time cap (the CLI's default)
-REATTACH_GRACE_S = 120  # past the cap: saving adapters and reports, or the cut-off child's grace period
+PUMPS = PumpRegistry()  # the runs' event pumps, by run id: a reloaded page follows its run through them
+# One run trains at a time. Gradio's queue serialises the handlers; this also covers a run whose page went away
+# (its handler is gone, its pump reads on until the run ends, at its time cap at the latest).
+RUN_SLOT = threading.BoundedSemaphore(1)
+WAITING_FOR_SLOT = "Waiting for the previous run to end (its page was closed; it stops at its time cap at the latest)."
 # The form's settings, in the order the run handler receives them after (upload, smoothing, log_scale, app_url).
 FORM_KEYS = (
     "model",
@@ -259,12 +263,11 @@ def _start(cfg: AblationConfig, data_name: str | None) -> tuple[runs.RunFolder, 
     return folder, run_engine(cfg, str(folder.out_dir), str(folder.stop_file), data_name)
 
 
-def _close(events: Iterator, folder: runs.RunFolder, ended: bool) -> None:
-    if not ended:  # the visitor left or the handler was cancelled: stop the engine and let it clean up
-        runs.StopSignal(folder.stop_file).set()
-    close = getattr(events, "close", None)
-    if close is not None:
-        close()
+def runs_pump(folder: runs.RunFolder, events: Iterator) -> RunPump:
+    """Start draining a run's events (see `crma.lab.pump`); the pump releases `RUN_SLOT` when the run ends."""
+    pump = RunPump(events, slot=RUN_SLOT).start()
+    PUMPS.add(folder.run_id, pump)
+    return pump
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -572,13 +575,20 @@ class Page:
     ) -> Iterator[dict]:
         """Run the ablation from the form and stream charts and progress; the last update shows the results."""
         cfg = form.config_from_form(dict(zip(FORM_KEYS, values, strict=True)), upload=upload)
-        folder, events = _start(cfg, _data_name(upload) if cfg.dataset == upload else None)
+        charts, results = self.charts, self.results
+        if not RUN_SLOT.acquire(blocking=False):  # a run whose page went away still holds the slot
+            yield {charts.progress: WAITING_FOR_SLOT, self.form.cancel_btn: gr.update(visible=False)}
+            RUN_SLOT.acquire()
+        try:
+            folder, events = _start(cfg, _data_name(upload) if cfg.dataset == upload else None)
+        except BaseException:
+            RUN_SLOT.release()
+            raise
+        pump = runs_pump(folder, events)
         view = LiveView(cfg, device=estimates.device_label(cfg), smoothing=smoothing, log_scale=log_scale)
         VIEWS.add(folder.run_id, view)
         if ZERO_GPU:
             gr.Info(f"This run asks ZeroGPU for {estimates.estimate_gpu_seconds(cfg)} s of GPU time.")
-        space_id = os.environ.get("SPACE_ID")
-        charts, results = self.charts, self.results
         started = {
             self.run_state: folder.run_id,
             charts.progress: view.progress_html(),
@@ -587,28 +597,30 @@ class Page:
             self.form.run_btn: gr.update(interactive=False),
             self.form.stop_btn: gr.update(interactive=True),
             self.form.cancel_btn: gr.update(visible=False),
-            results.repro: snippets.cli_command(cfg)
-            + "\n\n# or from Python:\n"
-            + snippets.client_snippet(cfg, space_id, url=app_url),
+            results.repro: _reproduce(cfg, app_url),
         }
         yield {**started, self.browser_run: folder.run_id} if self.browser_run is not None else started
-        result, warned = None, 0
-        try:
-            for event in events:
+        yield from self._follow(pump, folder, view)
+
+    def _follow(self, pump: RunPump, folder: runs.RunFolder, view: LiveView) -> Iterator[dict]:
+        """Stream a run's progress and charts from its pump into `view`; the last update shows the results. The run
+        does not depend on this generator: were the page to go away, the pump reads on."""
+        charts, result, warned = self.charts, None, len(view.diverged)
+        for batch in pump.follow():
+            redraw = not batch  # a tick without news: the clock moves on
+            for event in batch:
                 if isinstance(event, RunResult):
                     result = event
-                if not view.update(event):
-                    continue
-                if len(view.diverged) > warned:
-                    gr.Warning(f"{'; '.join(view.diverged[warned:])}. The other arms continue.")
-                    warned = len(view.diverged)
-                if result is None:
-                    yield {charts.progress: view.progress_html(), **self._charts(view)}
-        finally:
-            _close(events, folder, ended=result is not None)
+                redraw = view.update(event) or redraw
+            if len(view.diverged) > warned:
+                gr.Warning(f"{'; '.join(view.diverged[warned:])}. The other arms continue.")
+                warned = len(view.diverged)
+            if redraw and result is None:
+                yield {charts.progress: view.progress_html(), **self._charts(view)}
         if result is None:  # pragma: no cover - the engine always ends with a RunResult
             raise gr.Error(GENERIC_ERROR)
         final = {
+            self.run_state: folder.run_id,
             charts.progress: view.progress_html(),
             **self._charts(view),
             self.form.stop_btn: gr.update(interactive=False),
@@ -642,48 +654,46 @@ class Page:
             self.charts.attribution: attribution_update(result.summary),
         }
 
-    def reattach(self, run_id: str | None, smoothing: float, log_scale: bool) -> Iterator[dict]:
+    def reattach(
+        self, run_id: str | None, smoothing: float, log_scale: bool, request: gr.Request | None = None
+    ) -> Iterator[dict]:
         """On page load: follow the visitor's run from before a reload while it runs, then show its results (or
         those of a run that ended while the page was away); nothing when the browser holds no live run id."""
+        app_url = _page_url(request)
         folder = runs.get_run(run_id)
         if folder is None:
             return
-        charts, view = self.charts, VIEWS.get(run_id)
-        if not folder.finished() and view is not None:
+        pump, live = PUMPS.get(run_id), VIEWS.get(run_id)
+        if pump is not None and live is not None and not pump.done:
+            view = LiveView(live.cfg, device=live.device, smoothing=smoothing, log_scale=log_scale)
+            view._started = live._started  # the clocks count from the run's start, not from the reload
+            VIEWS.add(run_id, view)  # smoothing and log scale of this page redraw this page's view
             yield {
                 self.run_state: run_id,
                 self.form.run_btn: gr.update(interactive=False),
                 self.form.stop_btn: gr.update(interactive=True),
-                charts.progress: view.progress_html(),
+                self.results.panel: gr.update(visible=False),
+                self.results.repro: _reproduce(live.cfg, app_url),
+                self.charts.progress: view.progress_html(),
             }
-            deadline = time.monotonic() + (view.cfg.max_wall_s or SPACE_MAX_WAIT_S) + REATTACH_GRACE_S
-            while not folder.finished() and time.monotonic() < deadline:
-                time.sleep(1.0)
-                loss, grad, delta = view.figures(smoothing=smoothing, log_scale=log_scale)
-                yield {
-                    charts.progress: view.progress_html(),
-                    charts.loss: loss,
-                    charts.grad: grad,
-                    charts.delta: delta,
-                }
-        result = runs.load_result(folder)
+            yield from self._follow(pump, folder, view)
+            return
+        result = runs.load_result(folder) or (pump.result if pump is not None else None)
         view = VIEWS.view_for(run_id)
         if result is None or view is None:
             return
         if view.result is None or view.result.status != result.status:
             view.update(result)
-        loss, grad, delta = view.figures(smoothing=smoothing, log_scale=log_scale)
         yield {
             self.run_state: run_id,
-            charts.progress: view.progress_html(),
-            charts.loss: loss,
-            charts.grad: grad,
-            charts.delta: delta,
+            self.charts.progress: view.progress_html(),
+            **dict(zip((self.charts.loss, self.charts.grad, self.charts.delta),
+                       view.figures(smoothing=smoothing, log_scale=log_scale), strict=True)),
             self.form.run_btn: gr.update(interactive=True),
             self.form.stop_btn: gr.update(interactive=False),
-            self.results.repro: snippets.cli_command(result.config),
+            self.results.repro: _reproduce(result.config, app_url),
             **self._results(result, folder, view),
-        }
+        }  # fmt: skip
 
     @staticmethod
     def stop_button(run_id: str | None) -> Any:
@@ -739,7 +749,13 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
         )
     cfg = form.config_from_form(config, upload=data_file)
     data_name = _data_name(data_file) if cfg.dataset == data_file else None
-    folder, events = _start(cfg, data_name)
+    RUN_SLOT.acquire()  # at once, unless a run whose page went away still trains
+    try:
+        folder, events = _start(cfg, data_name)
+    except BaseException:
+        RUN_SLOT.release()
+        raise
+    pump = runs_pump(folder, events)
     shown = dataclasses.replace(cfg, dataset=data_name) if data_name else cfg  # the file's name, not its server path
     yield (
         {
@@ -750,15 +766,15 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
         },
         None,
     )
-    result = None
     try:
-        for event in events:
-            if isinstance(event, RunResult):
-                result = event
-                break
-            yield snippets.event_json(event, run_id=folder.run_id), None
+        for batch in pump.follow():
+            for event in batch:
+                if not isinstance(event, RunResult):
+                    yield snippets.event_json(event, run_id=folder.run_id), None
     finally:
-        _close(events, folder, ended=result is not None)
+        if not pump.done:  # the client went away: nobody can collect this run's results, so end it at the next step
+            runs.request_stop(folder.run_id)
+    result = pump.result
     if result is None:  # pragma: no cover - the engine always ends with a RunResult
         raise gr.Error(GENERIC_ERROR)
     if result.status == "failed" and not result.records:
@@ -907,8 +923,14 @@ def _wire(page: Page) -> None:
     api_stop.click(stop, api_stop_id, api_stop_msg, api_name="stop", concurrency_id="control", concurrency_limit=None)
 
 
-def _page_url(request: gr.Request) -> str | None:
+def _page_url(request: gr.Request | None) -> str | None:
     return snippets.app_url(dict(request.headers)) if request is not None else None
+
+
+def _reproduce(cfg: AblationConfig, app_url: str | None) -> str:
+    """The Reproduce box: the CLI line, and the client call against this Space or the address the visitor used."""
+    client = snippets.client_snippet(cfg, os.environ.get("SPACE_ID"), url=app_url)
+    return f"{snippets.cli_command(cfg)}\n\n# or from Python:\n{client}"
 
 
 def build_page(study_dir: str | os.PathLike[str] | None = None) -> Page:

@@ -588,31 +588,27 @@ def test_uploads_are_capped_and_named_not_located(app_module, client, tmp_path):
 
 
 def test_a_reloaded_page_follows_its_run_then_shows_the_results(app_module, page):
-    import queue
-    import threading
-
-    ids: queue.Queue = queue.Queue()
-
-    def visitor_before_the_reload():
-        for update in page.run(None, 0.6, False, None, *_form(app_module, steps=500)):
-            if page.run_state in update:
-                ids.put(update[page.run_state])
-                assert update[page.browser_run] == update[page.run_state]  # kept in the browser too
-
-    first_page = threading.Thread(target=visitor_before_the_reload)
-    first_page.start()
-    run_id = ids.get(timeout=TIMEOUT_S)
+    first_page = page.run(None, 0.6, False, None, *_form(app_module, steps=500))
+    started = next(first_page)
+    run_id = started[page.run_state]
+    assert started[page.browser_run] == run_id  # kept in the browser's localStorage too
+    # The reload: gradio stops reading the first page's stream and leaves its generator as it is. The run goes on.
     updates = page.reattach(run_id, 0.6, False)  # the reloaded page, with the id from localStorage
     following = next(updates)
     assert following[page.run_state] == run_id and following[page.form.stop_btn]["interactive"] is True
     for update in updates:  # the charts keep coming while the run trains
-        if "Step " in update[page.charts.progress] and update[page.charts.loss].data:
+        if "Step " in update.get(page.charts.progress, "") and update[page.charts.loss].data:
             break
+    else:
+        raise AssertionError("the run did not go on after the reload")
     assert page.stop_button(run_id)["interactive"] is False  # the reloaded page's Stop reaches the run
     *_, last = updates
-    first_page.join(TIMEOUT_S)
     assert last[page.results.panel]["visible"] is True and "Status: **stopped**" in last[page.results.notes]
     assert Path(last[page.results.archive]).is_file() and "Final loss" in last[page.results.summary]
+    assert app_module.PUMPS.get(run_id).join(TIMEOUT_S)
+    assert app_module.RUN_SLOT.acquire(blocking=False)  # the ended run gave the slot back
+    app_module.RUN_SLOT.release()
+    first_page.close()
     # A page opened after the run ended shows its results at once; an unknown or malformed id shows nothing.
     (again,) = list(page.reattach(run_id, 0.6, False))
     assert again[page.results.panel]["visible"] is True and "Status: **stopped**" in again[page.results.notes]

@@ -161,6 +161,17 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         running = driver.progress_text(page)
         assert re.match(rf"Step \d+/{STEPS} ", running), running
 
+        # A reload mid-run: the page re-attaches to the run (its id is in localStorage), and the run went on.
+        before = int(re.match(r"Step (\d+)/", running)[1])
+        page.reload(wait_until="domcontentloaded")
+        driver.wait_for_arms(page, ARMS, timeout_s=60)
+        page.wait_for_function(
+            "(n) => Number((document.querySelector('#run-progress').innerText.match(/Step (\\d+)\\//) || [])[1]) > n",
+            arg=before,
+            timeout=30_000,
+        )
+        assert page.locator("#stop-btn").is_enabled() and page.locator("#run-btn").is_disabled()
+
         # Zoom and a hidden arm survive the next live update, which re-creates the chart element.
         assert page.evaluate(_ZOOM_AND_HIDE_JS, ["#loss-plot", "lora+zclip"]) >= 0
         page.wait_for_function(_REDRAWN_VIEW_JS, arg="#loss-plot", timeout=10_000)
