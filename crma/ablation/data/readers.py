@@ -103,14 +103,7 @@ def _jsonl_records(stream: BinaryIO, name: str, skip: int, _required: tuple[str,
         raw = stream.readline()
         if not raw:
             return
-        if line_no == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM) :]
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{name} is not UTF-8 text: line {line_no}, byte {exc.start + 1} of the line ({exc.reason})"
-            ) from None
+        line = _decode_line(raw, line_no, name)
         if not line.strip(" \t\r\n"):
             continue
         yield _loads_line(line, line_no, index, name)
@@ -272,14 +265,7 @@ def _json_records(stream: BinaryIO, name: str, _skip: int, _required: tuple[str,
 
 def _csv_lines(stream: BinaryIO, name: str) -> Iterator[str]:
     for line_no, raw in enumerate(stream, start=1):
-        if line_no == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM) :]
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{name} is not UTF-8 text: line {line_no}, byte {exc.start + 1} of the line ({exc.reason})"
-            ) from None
+        line = _decode_line(raw, line_no, name)
         if "\r" in line[:-2]:
             yield from (part for part in _LONE_CR.split(line) if part)
         else:
@@ -312,3 +298,16 @@ def _csv_records(stream: BinaryIO, name: str, skip: int, required: tuple[str, ..
             index += 1
     except csv.Error as exc:
         raise DataError(f"{name} is not valid CSV at line {reader.line_num}: {exc}") from None
+
+
+def _decode_line(raw: bytes, line_no: int, name: str) -> str:
+    """One line of a data file as text (a leading byte-order mark dropped), or a `DataError` naming where it is not
+    UTF-8."""
+    if line_no == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM) :]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{name} is not UTF-8 text: line {line_no}, byte {exc.start + 1} of the line ({exc.reason})"
+        ) from None
