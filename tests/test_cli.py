@@ -247,6 +247,7 @@ def test_default_out_is_a_fresh_folder_linked_as_latest(tmp_path, monkeypatch) -
 
 
 def test_ctrl_c_finishes_the_step_and_writes_every_file(tmp_path, monkeypatch) -> None:
+    before = signal.getsignal(signal.SIGINT)  # the default, or SIG_IGN under nohup / a background job
     original = ArmSet.train_step
 
     def interrupted(self, arm, batch):
@@ -261,7 +262,7 @@ def test_ctrl_c_finishes_the_step_and_writes_every_file(tmp_path, monkeypatch) -
     assert summary["status"] == "stopped" and summary["error"] == "stopped by request"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
     assert (out / "report.html").is_file() and (out / "adapters" / "lora+crma" / "crma.safetensors").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
 
 
 def test_sigterm_stops_cleanly_and_leaves_no_temp_folder(tmp_path, monkeypatch) -> None:
