@@ -22,7 +22,7 @@ app: install
 
 test: install-dev browser
 	$(PYTHON) -m ruff check crma app.py tests benchmarks scripts
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q --durations=10
 
 bench: install
 	$(PYTHON) benchmarks/bench_crma_step.py
