@@ -576,9 +576,10 @@ class Page:
         """Run the ablation from the form and stream charts and progress; the last update shows the results."""
         cfg = form.config_from_form(dict(zip(FORM_KEYS, values, strict=True)), upload=upload)
         charts, results = self.charts, self.results
-        if not RUN_SLOT.acquire(blocking=False):  # a run whose page went away still holds the slot
+        # A run whose page went away may still hold the slot. Wait in short steps with a yield between them: were
+        # this page to go away too, gradio stops resuming the generator, and no run starts for nobody.
+        while not RUN_SLOT.acquire(timeout=1.0):
             yield {charts.progress: WAITING_FOR_SLOT, self.form.cancel_btn: gr.update(visible=False)}
-            RUN_SLOT.acquire()
         try:
             folder, events = _start(cfg, _data_name(upload) if cfg.dataset == upload else None)
         except BaseException:
@@ -749,7 +750,8 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
         )
     cfg = form.config_from_form(config, upload=data_file)
     data_name = _data_name(data_file) if cfg.dataset == data_file else None
-    RUN_SLOT.acquire()  # at once, unless a run whose page went away still trains
+    while not RUN_SLOT.acquire(timeout=1.0):  # as in `Page.run`: a client that went away starts nothing
+        yield {"type": "phase", "run_id": None, "message": WAITING_FOR_SLOT, "seed": None}, None
     try:
         folder, events = _start(cfg, data_name)
     except BaseException:

@@ -625,3 +625,25 @@ def test_a_waiting_run_can_leave_the_queue(page):
     cancel = [d for d in deps if [ids[id(page.form.cancel_btn)], "click"] in [list(t) for t in d["targets"]]]
     assert any(run_click in d["cancels"] for d in cancel)  # gradio adds the cancel as a listener of its own
     assert page.form.cancel_btn.visible is False  # shown only while a run waits
+
+
+def test_a_run_waits_for_the_slot_of_a_run_whose_page_went_away(app_module, page, monkeypatch):
+    monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=4))
+    slot = app_module.RUN_SLOT
+    assert slot.acquire(blocking=False)  # an earlier run, whose page was closed, still trains
+    try:
+        left = page.run(None, 0.6, False, None, *_form(app_module))
+        assert next(left)[page.charts.progress] == app_module.WAITING_FOR_SLOT
+        left.close()  # this page went away too while it waited: nothing starts for nobody
+        waiting = page.run(None, 0.6, False, None, *_form(app_module))
+        assert next(waiting)[page.charts.progress] == app_module.WAITING_FOR_SLOT
+    finally:
+        slot.release()  # the earlier run ended
+    started = next(waiting)
+    assert started[page.form.stop_btn]["interactive"] is True and page.run_state in started
+    with pytest.warns(UserWarning):  # the stand-in engine's run fails after 4 records: a warning, results kept
+        *_, final = waiting
+    assert final[page.results.panel]["visible"] is True
+    assert app_module.PUMPS.get(started[page.run_state]).join(TIMEOUT_S)
+    assert slot.acquire(blocking=False)  # given back, once
+    slot.release()
