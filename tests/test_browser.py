@@ -143,6 +143,7 @@ def _check_readable_at_phone_width(page, tables: str, charts: list[str]) -> None
 def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path):
     errors: list[str] = []
     with driver.open_page(app_url, chromium=CHROMIUM, errors=errors) as page:
+        assert page.locator("#run-btn").inner_text() == "Run"  # no load event blanks the button
         # Run is on the first screen, even of a 1280 x 720 laptop.
         run_box = page.locator("#run-btn").bounding_box()
         assert run_box["y"] + run_box["height"] <= 720, run_box
@@ -227,6 +228,7 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         assert driver.progress_text(page).startswith(f"Stopped at step {done}/{STEPS}")
         driver.wait_for_arms(page, ARMS, plot="#loss-plot", timeout_s=10)
         assert page.locator("#run-btn").is_enabled() and page.locator("#stop-btn").is_disabled()
+        assert page.locator("#run-btn").inner_text() == "Run" and page.locator("#stop-btn").inner_text() == "Stop"
 
         # The progress line's clocks tick in the browser between server updates (a set-up can last minutes).
         view = LiveView(AblationConfig(model="tiny-random"), clock=lambda: 75.0)
