@@ -663,7 +663,7 @@ class Page:
         app_url = _page_url(request)
         folder = runs.get_run(run_id)
         if folder is None:
-            yield {}  # no update: a generator that ends without yielding would blank every output (Run's label)
+            yield {self.run_state: None}  # a generator that ends without yielding would blank every output
             return
         pump, live = PUMPS.get(run_id), VIEWS.get(run_id)
         if pump is not None and live is not None and not pump.done:
@@ -683,7 +683,7 @@ class Page:
         result = runs.load_result(folder) or (pump.result if pump is not None else None)
         view = VIEWS.view_for(run_id)
         if result is None or view is None:
-            yield {}
+            yield {self.run_state: None}
             return
         if view.result is None or view.result.status != result.status:
             view.update(result)

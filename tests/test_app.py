@@ -612,7 +612,8 @@ def test_a_reloaded_page_follows_its_run_then_shows_the_results(app_module, page
     # A page opened after the run ended shows its results at once; an unknown or malformed id shows nothing.
     (again,) = list(page.reattach(run_id, 0.6, False))
     assert again[page.results.panel]["visible"] is True and "Status: **stopped**" in again[page.results.notes]
-    assert list(page.reattach("0" * 32, 0.6, False)) == [{}] and list(page.reattach("../etc", 0.6, False)) == [{}]
+    assert list(page.reattach("0" * 32, 0.6, False)) == [{page.run_state: None}]
+    assert list(page.reattach("../etc", 0.6, False)) == [{page.run_state: None}]
 
 
 def test_a_waiting_run_can_leave_the_queue(page):

@@ -143,7 +143,9 @@ def _check_readable_at_phone_width(page, tables: str, charts: list[str]) -> None
 def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path):
     errors: list[str] = []
     with driver.open_page(app_url, chromium=CHROMIUM, errors=errors) as page:
+        page.wait_for_timeout(2_000)  # the page's load events (re-attach, estimate) have answered
         assert page.locator("#run-btn").inner_text() == "Run"  # no load event blanks the button
+        assert page.locator(".error").count() == 0  # nor marks a chart or the progress line as failed
         # Run is on the first screen, even of a 1280 x 720 laptop.
         run_box = page.locator("#run-btn").bounding_box()
         assert run_box["y"] + run_box["height"] <= 720, run_box
