@@ -246,28 +246,31 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
-def _data_name(upload: str | None) -> str | None:
+def _data_name(cfg: AblationConfig, upload: str | None) -> str | None:
     # Gradio keeps an upload as <cache>/<hash>/<the visitor's file name>: runs record that name, never the path.
-    return os.path.basename(upload) if upload else None
+    return os.path.basename(upload) if upload and cfg.dataset == upload else None
 
 
-def _start(cfg: AblationConfig, data_name: str | None) -> tuple[runs.RunFolder, Iterator]:
-    """A private run folder and the engine's event stream (inside the GPU lease on ZeroGPU)."""
-    form.check_data(cfg, data_name)  # a bad file or slice fails here, before a GPU is requested
-    # An unknown or gated id too; on ZeroGPU this process has no GPU before the lease, so no device checks here.
-    form.check_model(cfg, device_checks=not ZERO_GPU)
-    form.check_memory(cfg, zero_gpu=ZERO_GPU)  # one step must fit, before the model loads
-    folder = runs.new_run()
-    if ZERO_GPU:
-        cfg = estimates.fit_wall_cap(cfg, estimates.estimate_gpu_seconds(cfg))
-    return folder, run_engine(cfg, str(folder.out_dir), str(folder.stop_file), data_name)
+def _start(cfg: AblationConfig, data_name: str | None) -> tuple[runs.RunFolder, RunPump]:
+    """Check the run, then give it a private folder and start its pump (inside the GPU lease on ZeroGPU).
 
-
-def runs_pump(folder: runs.RunFolder, events: Iterator) -> RunPump:
-    """Start draining a run's events (see `crma.lab.pump`); the pump releases `RUN_SLOT` when the run ends."""
+    The caller holds `RUN_SLOT`; the pump gives it back when the run ends, or this function when a check fails.
+    """
+    try:
+        form.check_data(cfg, data_name)  # a bad file or slice fails here, before a GPU is requested
+        # An unknown or gated id too; on ZeroGPU this process has no GPU before the lease, so no device checks here.
+        model_config = form.check_model(cfg, device_checks=not ZERO_GPU)
+        form.check_memory(cfg, model_config=model_config, zero_gpu=ZERO_GPU)  # one step must fit, before loading
+        folder = runs.new_run()
+        if ZERO_GPU:
+            cfg = estimates.fit_wall_cap(cfg, estimates.estimate_gpu_seconds(cfg))
+        events = run_engine(cfg, str(folder.out_dir), str(folder.stop_file), data_name)
+    except BaseException:
+        RUN_SLOT.release()
+        raise
     pump = RunPump(events, slot=RUN_SLOT).start()
     PUMPS.add(folder.run_id, pump)
-    return pump
+    return folder, pump
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -580,12 +583,7 @@ class Page:
         # this page to go away too, gradio stops resuming the generator, and no run starts for nobody.
         while not RUN_SLOT.acquire(timeout=1.0):
             yield {charts.progress: WAITING_FOR_SLOT, self.form.cancel_btn: gr.update(visible=False)}
-        try:
-            folder, events = _start(cfg, _data_name(upload) if cfg.dataset == upload else None)
-        except BaseException:
-            RUN_SLOT.release()
-            raise
-        pump = runs_pump(folder, events)
+        folder, pump = _start(cfg, _data_name(cfg, upload))
         view = LiveView(cfg, device=estimates.device_label(cfg), smoothing=smoothing, log_scale=log_scale)
         VIEWS.add(folder.run_id, view)
         if ZERO_GPU:
@@ -667,8 +665,10 @@ class Page:
             return
         pump, live = PUMPS.get(run_id), VIEWS.get(run_id)
         if pump is not None and live is not None and not pump.done:
-            view = LiveView(live.cfg, device=live.device, smoothing=smoothing, log_scale=log_scale)
-            view._started = live._started  # the clocks count from the run's start, not from the reload
+            # The clocks count from the run's start, not from the reload.
+            view = LiveView(
+                live.cfg, device=live.device, smoothing=smoothing, log_scale=log_scale, started=live.started
+            )
             VIEWS.add(run_id, view)  # smoothing and log scale of this page redraw this page's view
             yield {
                 self.run_state: run_id,
@@ -685,7 +685,7 @@ class Page:
         if result is None or view is None:
             yield {self.run_state: None}
             return
-        if view.result is None or view.result.status != result.status:
+        if view.result is None:  # a live view whose page went away before the run ended
             view.update(result)
         yield {
             self.run_state: run_id,
@@ -751,15 +751,10 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
             "it out) to train on the file"
         )
     cfg = form.config_from_form(config, upload=data_file)
-    data_name = _data_name(data_file) if cfg.dataset == data_file else None
+    data_name = _data_name(cfg, data_file)
     while not RUN_SLOT.acquire(timeout=1.0):  # as in `Page.run`: a client that went away starts nothing
         yield {"type": "phase", "run_id": None, "message": WAITING_FOR_SLOT, "seed": None}, None
-    try:
-        folder, events = _start(cfg, data_name)
-    except BaseException:
-        RUN_SLOT.release()
-        raise
-    pump = runs_pump(folder, events)
+    folder, pump = _start(cfg, data_name)
     shown = dataclasses.replace(cfg, dataset=data_name) if data_name else cfg  # the file's name, not its server path
     yield (
         {
@@ -776,7 +771,7 @@ def ablate(config: dict | str | None, data_file: str | None) -> Iterator[tuple[d
                 if not isinstance(event, RunResult):
                     yield snippets.event_json(event, run_id=folder.run_id), None
     finally:
-        if not pump.done:  # the client went away: nobody can collect this run's results, so end it at the next step
+        if not pump.done:  # this stream was closed early (cancelled, or collected): end the run at its next step
             runs.request_stop(folder.run_id)
     result = pump.result
     if result is None:  # pragma: no cover - the engine always ends with a RunResult
@@ -845,8 +840,8 @@ def _wire(page: Page) -> None:
         queue=False,
         api_visibility="private",
     )
-    # A run still waiting for the slot is removed from the queue (a started one hides this button first; were it
-    # cancelled anyway, its stop flag is set on the way out and its results are kept for a reload).
+    # A run still waiting in gradio's queue is removed from it. A started run hides this button first; were that one
+    # cancelled anyway, only its page stops following: the pump trains on, and a reload shows the run.
     f.cancel_btn.click(
         lambda: (
             gr.update(interactive=True), gr.update(interactive=False), gr.update(visible=False),

@@ -198,9 +198,10 @@ def test_check_data_fails_fast_on_a_bad_slice(tmp_path):
 
 
 def test_check_model_fails_before_any_weight_is_loaded():
-    from crma.ablation.models import ModelLoadError
+    from crma.ablation.models import ModelLoadError, preset_config
 
-    form.check_model(form.config_from_form({"model": "tiny-random"}))
+    config = form.check_model(form.config_from_form({"model": "tiny-random"}))
+    assert config.to_dict() == preset_config("tiny-random").to_dict()  # handed on to the memory check
     with pytest.raises(ModelLoadError, match="model 'no-such-model' cannot be used here"):
         form.check_model(form.config_from_form({"model": "no-such-model"}), device_checks=False)
 

@@ -174,6 +174,10 @@ def test_view_registry_is_bounded_and_rebuilds_from_files(tmp_path):
     assert grad.layout.yaxis.type == "log" and {t.name for t in loss.data} >= {"lora", "lora+crma"}
     for bad in ("../../etc", None, 42):
         assert registry.view_for(bad, tmp_path) is None
+    # A run that ended: the rebuilt view says how, from its summary.json.
+    (folder.out_dir / "summary.json").write_text('{"status": "stopped", "error": "stopped by request", "notes": []}')
+    ended = ViewRegistry().view_for(folder.run_id, tmp_path)
+    assert ended.result.status == "stopped" and "Stopped at step 2/3" in ended.progress_text()
 
 
 def test_eta_is_the_smoothed_step_time_and_counts_the_seeds_set_up():
@@ -250,3 +254,12 @@ def test_charts_keep_one_uirevision_per_run():
     assert [fig.layout.uirevision for fig in first.figures(smoothing=0.0, log_scale=True)] == revisions
     # Another run starts afresh.
     assert not set(revisions) & {fig.layout.uirevision for fig in second.figures()}
+
+
+def test_a_view_that_re_attaches_counts_from_the_runs_start():
+    now = [100.0]
+    first = LiveView(AblationConfig(model="tiny-random"), clock=lambda: now[0])
+    now[0] = 175.0
+    again = LiveView(first.cfg, clock=lambda: now[0], started=first.started)
+    assert again.started == first.started == 100.0
+    assert "1:15" in again.progress_html()  # elapsed since the run started, not since the reload

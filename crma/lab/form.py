@@ -141,25 +141,27 @@ def check_caps(cfg: AblationConfig, caps: Mapping[str, int | float] = SPACE_CAPS
             raise ConfigError(key, f"{label(key)} must be at most {cap:g} on this Space; got {shown}")
 
 
-def check_model(cfg: AblationConfig, *, device_checks: bool = True) -> None:
+def check_model(cfg: AblationConfig, *, device_checks: bool = True) -> Any:
     """Resolve the run's model without loading weights, so an unknown, gated, remote-code or too large model fails
     before a GPU is requested (`ModelLoadError`); `device_checks=False` where the GPU only comes with the lease.
 
-    The lookup follows the app's Hub rule (`runs.VISITOR_HUB`): no token, no local folders.
+    The lookup follows the app's Hub rule (`runs.VISITOR_HUB`): no token, no local folders. Returns the model's
+    `PretrainedConfig` (for `check_memory`).
     """
     from crma.ablation.models import check_model as check
 
     from .runs import VISITOR_HUB
 
-    check(cfg.model, device=cfg.device, dtype=cfg.dtype, device_checks=device_checks, **VISITOR_HUB)
+    return check(cfg.model, device=cfg.device, dtype=cfg.dtype, device_checks=device_checks, **VISITOR_HUB)
 
 
-def check_memory(cfg: AblationConfig, *, zero_gpu: bool = False) -> None:
+def check_memory(cfg: AblationConfig, *, model_config: Any = None, zero_gpu: bool = False) -> None:
     """Estimate the peak memory of one lockstep step of `cfg` before the model loads, and raise `ModelLoadError`
     saying what fits (the largest batch, the longest seq_len) when it exceeds the device's free memory.
 
     Args:
         cfg (`AblationConfig`): the run.
+        model_config (`PretrainedConfig | None`): the model's config from `check_model`; None looks it up.
         zero_gpu (`bool`): a ZeroGPU Space, whose process has no GPU before the lease: the step is checked against a
             lease's memory (`ZERO_GPU_MEMORY_BYTES`, bf16) instead of the device's free memory now.
     """
@@ -178,7 +180,7 @@ def check_memory(cfg: AblationConfig, *, zero_gpu: bool = False) -> None:
         dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
     preset = PRESETS.get(cfg.model)
     estimate = estimate_training_memory(
-        cfg.model,
+        cfg.model if model_config is None else model_config,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         n_arms=len(cfg.arms),

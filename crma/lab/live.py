@@ -17,7 +17,7 @@ from crma.ablation.arms import arm_labels, baseline_arm
 from crma.ablation.config import AblationConfig
 from crma.ablation.records import Phase, RunResult, StepRecord
 
-from .runs import get_run
+from .runs import get_run, load_result
 
 
 class LiveView:
@@ -38,6 +38,8 @@ class LiveView:
         clock (`Callable[[], float]`): monotonic clock (injected in tests).
         smoothing (`float`): EMA weight for the charts (the raw line stays faint behind).
         log_scale (`bool`): logarithmic grad-norm axis.
+        started (`float | None`): when the run started, on `clock` (another view's, for a page that re-attaches);
+            None: now.
     """
 
     ETA_WEIGHT = 0.8
@@ -51,6 +53,7 @@ class LiveView:
         clock: Callable[[], float] = time.monotonic,
         smoothing: float = 0.6,
         log_scale: bool = False,
+        started: float | None = None,
     ):
         self.cfg, self.device, self.min_interval_s, self.clock = cfg, device, min_interval_s, clock
         self.smoothing, self.log_scale = smoothing, log_scale
@@ -70,7 +73,7 @@ class LiveView:
         self.redraws = 0
         self._arms_seen: set[str] = set()
         self._tokens_at: dict[tuple[str, int], int] = {}
-        self._started = clock()
+        self._started = clock() if started is None else started
         self._step_at: float | None = None  # when `done` last grew (None right after a phase: no gap to measure)
         self._step_ema, self._step_n = 0.0, 0  # EMA state of the seconds per lockstep step, and gaps seen
         self._setup_began: float | None = None  # when the current seed's set-up phase began
@@ -82,6 +85,11 @@ class LiveView:
         self.revision = uuid.uuid4().hex[:12]
 
     # -- events ------------------------------------------------------------------------------------------------
+    @property
+    def started(self) -> float:
+        """When the run started, on `clock`."""
+        return self._started
+
     def update(self, event: Phase | StepRecord | RunResult) -> bool:
         """Take one engine event; return True when the page should redraw now."""
         if isinstance(event, RunResult):
@@ -294,5 +302,9 @@ class ViewRegistry:
         view = LiveView(cfg)
         for record in read_metrics_jsonl(folder.out_dir / "metrics.jsonl"):
             view.update(record)
-        view.result = RunResult(status="finished", error=None, config=cfg, records=view.records, summary={})
+        ended = load_result(folder)  # how the run ended, from its summary.json
+        if ended is not None:
+            view.update(ended)
+        else:
+            view.result = RunResult(status="finished", error=None, config=cfg, records=view.records, summary={})
         return view

@@ -288,7 +288,7 @@ def check_model(
     device_checks: bool = True,
     token: Token = None,
     allow_local: bool = True,
-) -> None:
+) -> PretrainedConfig:
     """Every check `load_model` makes before it loads weights, so a bad model id fails fast (`ModelLoadError`).
 
     Args:
@@ -299,6 +299,9 @@ def check_model(
             (ZeroGPU before its lease).
         token (`str | bool | None`): as for `load_model` (a Hub id's config is downloaded with it).
         allow_local (`bool`): as for `load_model`.
+
+    Returns:
+        `PretrainedConfig`: the model's config, so a memory estimate need not look it up again.
     """
     ref, resolved_device, resolved_dtype, quantize = _resolve(
         name, device, dtype, quantize_4bit, device_checks=device_checks, allow_local=allow_local
@@ -311,3 +314,4 @@ def check_model(
     _, n_bytes = weight_bytes(check_architecture(ref.name, config), resolved_dtype, quantize)
     if device_checks:
         check_weights_fit(ref.name, n_bytes, resolved_device)
+    return config
