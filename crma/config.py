@@ -87,6 +87,9 @@ class CRMAConfig(JSONConfig):
         gate_init (`float`): the gate alpha at init (`log_alpha = ln(gate_init)`).
         read_init (`float`): read logits start at +read_init on stream (l mod n), -read_init elsewhere.
         write_init (`float`): write logits start at +write_init on stream (l mod n), -write_init elsewhere.
+        mixing (`"sinkhorn" | "identity"`): how the streams mix: the Sinkhorn-projected doubly stochastic M (the
+            method), or M fixed to the identity (a control: the same side channel without any mixing; `log_mix` is
+            then not a parameter at all).
         init_A (`"principal" | "orthonormal"`): A = top-r left singular vectors of the block's writing weights
             `[W_o | W_down]` (dequantised when 4-bit), or a seeded random orthonormal basis.
         init_seed (`int`): seed of the `orthonormal` init (kept separate from the global RNG).
@@ -101,6 +104,7 @@ class CRMAConfig(JSONConfig):
     gate_init: float = 1.0
     read_init: float = 1.0
     write_init: float = 2.0
+    mixing: Literal["sinkhorn", "identity"] = "sinkhorn"
     init_A: Literal["principal", "orthonormal"] = "principal"
     init_seed: int = 0
     log_alpha_min: float = -10.0
@@ -132,6 +136,7 @@ class CRMAConfig(JSONConfig):
             f"> 0 with ln(gate_init) in [{self.log_alpha_min}, {self.log_alpha_max}]",
             self.gate_init,
         )
+        require(self.mixing in ("sinkhorn", "identity"), "mixing", "'sinkhorn' or 'identity'", self.mixing)
         require(self.init_A in ("principal", "orthonormal"), "init_A", "'principal' or 'orthonormal'", self.init_A)
         require(is_int(self.init_seed), "init_seed", "an integer", self.init_seed)
         require(is_number(self.eps) and self.eps > 0, "eps", "a number > 0", self.eps)

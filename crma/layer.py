@@ -126,8 +126,8 @@ def side_channel(
 class CRMAAdapter(nn.Module):
     """The trainable parameters of one CRMA adapter: every decoder block's, stacked along a leading depth axis l.
 
-    Parameters (l = `num_layers`): `crma_A` (l, d, r), `crma_B` (l, r, d), `crma_log_mix` (l, n, n),
-    `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha` (l). They are at least float32: a
+    Parameters (l = `num_layers`): `crma_A` (l, d, r), `crma_B` (l, r, d), `crma_log_mix` (l, n, n; absent when
+    `config.mixing` is `identity`), `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha` (l). They are at least float32: a
     cast of the model to bf16 / fp16 (`.to`, `.half()`, ...) leaves them float32, a cast to float64 makes them
     float64. They are not part of the model's `state_dict()` (so a base checkpoint saved with `save_pretrained`, merged
     or not, never holds them): save them with `crma.save`.
@@ -153,7 +153,8 @@ class CRMAAdapter(nn.Module):
         kw = {"device": device, "dtype": torch.float32}
         self.crma_A = nn.Parameter(torch.zeros(L, d, r, **kw))
         self.crma_B = nn.Parameter(torch.zeros(L, r, d, **kw))
-        self.crma_log_mix = nn.Parameter(torch.zeros(L, n, n, **kw))
+        if config.mixing == "sinkhorn":  # the identity control has no mixing logits to train (or to save)
+            self.crma_log_mix = nn.Parameter(torch.zeros(L, n, n, **kw))
         self.crma_read_logits = nn.Parameter(torch.zeros(L, n, **kw))
         self.crma_write_logits = nn.Parameter(torch.zeros(L, n, **kw))
         self.crma_log_alpha = nn.Parameter(torch.zeros(L, **kw))
@@ -170,7 +171,8 @@ class CRMAAdapter(nn.Module):
         """Near-identity init of everything but A: B = 0, M = p on the diagonal, peaked reads/writes, the gate."""
         cfg, n = self.config, self.config.n_streams
         self.crma_B.zero_()
-        self.crma_log_mix.copy_(torch.eye(n) * cfg.mix_init_logit)
+        if cfg.mixing == "sinkhorn":
+            self.crma_log_mix.copy_(torch.eye(n) * cfg.mix_init_logit)
         # Peaked reads and writes on stream (l mod n): with uniform reads rho^T M = rho^T for every doubly stochastic
         # M, so the mixing would be invisible to the loss and get no gradient (see the design doc).
         home = torch.full((self.num_layers, n), -1.0)
@@ -233,10 +235,16 @@ class CRMAAdapter(nn.Module):
 
     # -- the mixing and the per-step operands ---------------------------------------------------------------------
     def mixing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(M, post, rho) of every block: `(l, n, n)` doubly stochastic, `(l, n)` write and `(l, n)` read weights."""
-        with torch.autocast(device_type=autocast_device(self.crma_log_mix), enabled=False):
-            mix = sinkhorn(self.crma_log_mix, self.config.sinkhorn_iters)
-            return mix, 2.0 * torch.sigmoid(self.crma_write_logits), torch.softmax(self.crma_read_logits, -1)
+        """(M, post, rho) of every block: `(l, n, n)` doubly stochastic (exactly I for `mixing="identity"`),
+        `(l, n)` write and `(l, n)` read weights."""
+        write = self.crma_write_logits
+        with torch.autocast(device_type=autocast_device(write), enabled=False):
+            if self.config.mixing == "identity":
+                n = self.config.n_streams
+                mix = torch.eye(n, dtype=write.dtype, device=write.device).expand(self.num_layers, n, n)
+            else:
+                mix = sinkhorn(self.crma_log_mix, self.config.sinkhorn_iters)
+            return mix, 2.0 * torch.sigmoid(write), torch.softmax(self.crma_read_logits, -1)
 
     def gate(self) -> torch.Tensor:
         """alpha = exp(clamp(log_alpha)) of every block, `(l,)`."""

@@ -297,7 +297,9 @@ def param_groups(
 
 
 def expected_parameter_count(num_layers: int, hidden_size: int, config: CRMAConfig | None = None) -> int:
-    """L * (2*d*r + n^2 + 2n + 1): the CRMA parameter count of a model."""
+    """L * (2*d*r + n^2 + 2n + 1): the CRMA parameter count of a model (without the n^2 mixing logits when the
+    mixing is fixed to the identity)."""
     cfg = config or CRMAConfig()
     n, r = cfg.n_streams, cfg.rank
-    return num_layers * (2 * hidden_size * r + n * n + 2 * n + 1)
+    mix = n * n if cfg.mixing == "sinkhorn" else 0
+    return num_layers * (2 * hidden_size * r + mix + 2 * n + 1)

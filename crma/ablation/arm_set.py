@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ import torch
 import crma
 from crma import ZClip, clip_by_norm
 
-from .arms import ARM_SPECS, ArmSpec, arm_labels
+from .arms import ArmSpec, parse_arm
 from .config import AblationConfig
 from .distributed import DataParallel, Shard
+from .evaluation import EvalSet, heldout_loss
 from .receipt import (
     batch_digest,
     build_receipt,
@@ -39,7 +40,7 @@ from .receipt import (
     tensor_hash,
     trainable_facts,
 )
-from .records import StepRecord
+from .records import EvalRecord, StepRecord
 
 _SHARED_INIT = "shared_init"
 
@@ -80,6 +81,7 @@ class Arm:
     label: str
     spec: ArmSpec
     adapter: str  # internal peft / CRMA adapter name ("arm0", ...): module keys cannot hold '+' safely
+    lr_scale: float = 1.0  # multiplies every optimizer group's LR (the label's `@x` part)
     params: list[torch.nn.Parameter] = field(default_factory=list)
     lora_params: list[torch.nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
@@ -97,6 +99,7 @@ class Arm:
     batch_digests: list[str] = field(default_factory=list)
     hyperparameter_digests: list[str] = field(default_factory=list)
     crma_hyperparameter_digests: list[str] = field(default_factory=list)
+    eval_digests: list[str] = field(default_factory=list)  # which held-out slice it was evaluated on, and when
 
     def clip(self, max_grad_norm: float) -> crma.ClipResult:
         """Clip this arm's gradients with its clipper: ZClip, or the fixed norm clip."""
@@ -155,10 +158,10 @@ class ArmSet:
         self.cfg, self.loaded, self.seed, self.notes = cfg, loaded, seed, notes
         self.parallel = parallel
         self.device = loaded.device
-        self.arms = [
-            Arm(label, ARM_SPECS[name], f"arm{i}")
-            for i, (label, name) in enumerate(zip(arm_labels(cfg.arms), cfg.arms, strict=True))
-        ]
+        self.arms = []
+        for i, label in enumerate(cfg.arm_labels):
+            parsed = parse_arm(label)
+            self.arms.append(Arm(label, parsed.spec, f"arm{i}", lr_scale=parsed.lr_scale))
         self.model: Any = None
         self.matched: dict[str, int] = {}
         self.setup_facts: dict[str, dict[str, Any]] = {}
@@ -305,8 +308,8 @@ class ArmSet:
         self.model.set_adapter(self.arms[0].adapter)
         self.model.delete_adapter(_SHARED_INIT)
         for arm in self.arms:
-            if arm.spec.crma:
-                crma.attach(self.model, cfg.crma, adapter_name=arm.adapter)
+            if arm.spec.crma:  # the arm decides the mixing: the Sinkhorn one, or the identity of the control
+                crma.attach(self.model, replace(cfg.crma, mixing=arm.spec.mixing), adapter_name=arm.adapter)
         if self.parallel is not None:
             self._replicate(pissa)
         rng = torch.get_rng_state()
@@ -315,11 +318,14 @@ class ArmSet:
         for arm in self.arms:
             self.activate(arm)
             arm.init_hash = tensor_hash(get_peft_model_state_dict(self.model, adapter_name=arm.adapter))
-            groups = crma.param_groups(self.model, cfg.lr, cfg.structural_lr, cfg.gate_lr, cfg.weight_decay)
+            scale = arm.lr_scale
+            groups = crma.param_groups(
+                self.model, cfg.lr * scale, cfg.structural_lr * scale, cfg.gate_lr * scale, cfg.weight_decay
+            )
             arm.params = [p for g in groups for p in g["params"]]
             arm.lora_params = [p for p in arm.params if "lora_" in names[id(p)]]
             arm.trainable = sum(p.numel() for p in arm.params)
-            arm.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+            arm.optimizer = torch.optim.AdamW(groups, lr=cfg.lr * scale)
             arm.scheduler = get_linear_schedule_with_warmup(arm.optimizer, cfg.warmup_steps, cfg.steps)
             arm.clipper = ZClip(cfg.zclip) if arm.spec.zclip else None
             arm.rng, arm.cuda_rng = rng.clone(), cuda_rng
@@ -412,6 +418,31 @@ class ArmSet:
             grad_norm_lora=lora_norm,
         )
 
+    def evaluate(self, arm: Arm, eval_set: EvalSet, step: int) -> EvalRecord:
+        """`arm`'s held-out loss on `eval_set` now, in eval mode under `no_grad`; training state and RNG untouched."""
+        self.activate(arm)
+        arm.eval_digests.append(f"{eval_set.split}:{eval_set.sha256[:16]}@{step}")
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        self.model.eval()
+        try:
+            loss = heldout_loss(self.model, eval_set)
+        finally:
+            self.model.train()
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        return EvalRecord(
+            arm=arm.label,
+            seed=self.seed,
+            step=step,
+            split=eval_set.split,
+            loss=loss,
+            tokens=eval_set.tokens,
+            eval_s=time.perf_counter() - start,
+        )
+
     @staticmethod
     def _shard_loss(out: Any, shard: Shard) -> torch.Tensor:
         """This shard's part of the batch's mean token loss: its own mean times its share of the loss tokens."""
@@ -441,13 +472,19 @@ class ArmSet:
                 "batch_digests": list(arm.batch_digests),
                 "hyperparameter_digests": list(arm.hyperparameter_digests),
                 "crma_hyperparameter_digests": list(arm.crma_hyperparameter_digests),
+                "eval_digests": list(arm.eval_digests),
                 "steps": len(arm.batch_digests),
             }
         return out
 
     def setup_receipt(self, order_sha256: str) -> dict[str, Any]:
         """The receipt as it stands right after set-up (before any step): what each arm starts from and trains with."""
-        return build_receipt(self.seed, self.setup_facts, self.setup_facts, order_sha256)
+        return build_receipt(self.seed, self.setup_facts, self.setup_facts, order_sha256, base_lrs=self.base_lrs)
+
+    @property
+    def base_lrs(self) -> dict[str, float]:
+        """The run's LR of each optimizer group; an arm's groups train at these times its multiplier."""
+        return {"proj": self.cfg.lr, "structural": self.cfg.structural_lr, "gate": self.cfg.gate_lr}
 
     def state_hashes(self) -> dict[str, str]:
         """sha256 of each arm's trainable tensors now (equal on every process while the replicas are in sync)."""
@@ -455,7 +492,7 @@ class ArmSet:
 
     def receipt(self, order_sha256: str) -> dict[str, Any]:
         """The fairness receipt of this seed: facts after set-up and now, and the verdict on both."""
-        receipt = build_receipt(self.seed, self.setup_facts, self.facts(), order_sha256)
+        receipt = build_receipt(self.seed, self.setup_facts, self.facts(), order_sha256, base_lrs=self.base_lrs)
         if self.matched:
             receipt["matched_rank"] = dict(self.matched, lora_r=self.cfg.lora_r)
         return receipt

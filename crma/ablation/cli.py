@@ -55,14 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="trackio / W&B project of --report-to (default: crma-ablation); the runs are grouped by --out's name",
     )
-    study = sub.add_parser("study", help="the published study: the 2x2 grid + lora-matched, 5 seeds, plain and spike")
+    study = sub.add_parser(
+        "study",
+        help="the published study: the controls at each arm's best LR, held-out loss, 5 seeds, plain and spike",
+    )
     study.add_argument("--out", type=Path, default=Path("assets/study"), help="published study (default assets/study)")
     study.add_argument("--work", type=Path, default=Path("runs/study"), help="every run's files (default runs/study)")
     study.add_argument("--toy", action="store_true", help="the same protocol at toy size (tiny model, 2 seeds)")
     study.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2,3,4,5)")
     study.add_argument("--steps", type=int, default=None, help="steps per arm (default 80)")
     study.add_argument("--spike-at", type=int, default=None, help="the stress condition's spike step (default 50)")
-    study.add_argument("--overwrite", action="store_true", help="replace earlier results in --out and --work")
+    study.add_argument(
+        "--overwrite", action="store_true", help="run every cell afresh (by default finished cells are kept)"
+    )
     study.add_argument("--no-progress", action="store_true", help="no progress bar")
     for spec in schema():
         text = f"{spec.label}: {spec.help} (default: {spec.default})".replace("%", "%%")
@@ -267,14 +272,14 @@ def _study(args: argparse.Namespace) -> int:
             protocol.steps = args.steps
         if args.spike_at is not None:
             protocol.spike_at = args.spike_at
-        for name in CONDITIONS:
-            protocol.condition(name)  # every condition's config is valid before anything runs
+        for name in CONDITIONS:  # every cell's config is valid before anything runs
+            protocol.config(name, protocol.seeds[0], [f"{a}@x{s:g}" for a in protocol.arms for s in protocol.lr_grid])
         events = run_study(protocol, args.out, work_dir=args.work, overwrite=args.overwrite)
         first = next(events)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    total = protocol.steps * len(protocol.arms) * len(protocol.seeds) * len(CONDITIONS)
+    total = protocol.steps * len(protocol.arms) * len(protocol.seeds) * (len(protocol.lr_grid) + 1)
     bar = tqdm(total=total, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     statuses = []
     try:
@@ -290,7 +295,7 @@ def _study(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print((args.out / "study.md").read_text() if (args.out / "study.md").exists() else "no study written")
-    return EXIT_OK if statuses and all(s == "finished" for s in statuses) else EXIT_STOPPED
+    return EXIT_OK if all(s == "finished" for s in statuses) else EXIT_STOPPED
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

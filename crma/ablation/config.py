@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from crma.config import CRMAConfig, JSONConfig, ZClipConfig, is_int, is_number, require
 
-from .arms import ARM_SPECS, GRID_ARMS
+from .arms import ARM_SPECS, GRID_ARMS, arm_labels, parse_arm
 
 # What `config.json` records about the launch beside the fields: read back, not a setting anyone chooses.
 LAUNCH_KEYS = ("world_size",)
@@ -38,7 +38,19 @@ class AblationConfig(JSONConfig):
         seeds (`list[int] | None`): run the whole ablation once per seed; a one-element list just sets `seed`.
         arms (`list[str]`): arm names; the default is the 2x2 grid `lora`, `lora+zclip`, `lora+mix`, `lora+crma`
             (`lora` vs `lora+crma` alone is the author's recipe: two changes at once); `lora-matched` is the capacity
-            control; a name listed twice is an A/A control.
+            control, `lora+crma-nomix` the identity-mixing control; a name listed twice is an A/A control. A name may
+            carry its own LR multiplier, `lora+crma@x0.3` (not together with `lr_grid`).
+        lr_grid (`list[float]`): LR multipliers every arm trains at, in lockstep on the same batches (each multiplies
+            all of the arm's LRs, so the ratios between its groups stay); with several, each arm's best one is chosen
+            on the validation slice (`val_rows`) and the test slice reports it.
+        eval_rows (`int`): rows of the held-out test slice, evaluated at step 0, every `eval_every` steps and at the
+            end; 0 turns held-out evaluation off.
+        val_rows (`int`): rows of the validation slice that chooses each arm's LR (needed when `lr_grid` has several
+            multipliers; 0: none).
+        eval_start (`int | None`): first row of the held-out slices (validation, then test); None: right after the
+            training slice.
+        eval_dataset (`str | None`): where the held-out slices come from (as `dataset`); None: the training data.
+        eval_every (`int`): steps between held-out evaluations (0: only at step 0 and at the end).
         lr (`float`): learning rate of LoRA and the CRMA projections.
         structural_lr (`float`): learning rate of CRMA's `log_mix`, read and write logits.
         gate_lr (`float`): learning rate of CRMA's gate `log_alpha`.
@@ -74,6 +86,12 @@ class AblationConfig(JSONConfig):
     seed: int = 42
     seeds: list[int] | None = None
     arms: list[str] = field(default_factory=lambda: list(GRID_ARMS))
+    lr_grid: list[float] = field(default_factory=lambda: [1.0])
+    eval_rows: int = 32
+    val_rows: int = 0
+    eval_start: int | None = None
+    eval_dataset: str | None = None
+    eval_every: int = 20
     lr: float = 2e-4
     structural_lr: float = 5e-3
     gate_lr: float = 1e-3
@@ -102,6 +120,12 @@ class AblationConfig(JSONConfig):
         self.zclip = _from_mapping(ZClipConfig, self.zclip)
         require(isinstance(self.crma, CRMAConfig), "crma", "a CRMAConfig", self.crma)
         require(isinstance(self.zclip, ZClipConfig), "zclip", "a ZClipConfig", self.zclip)
+        require(
+            self.crma.mixing == "sinkhorn",
+            "crma.mixing",
+            "'sinkhorn' (each arm sets its own mixing: add the arm lora+crma-nomix for the identity)",
+            self.crma.mixing,
+        )
         for name in ("model", "dataset"):
             value = getattr(self, name)
             require(isinstance(value, str) and value.strip() != "", name, "a non-empty string", value)
@@ -131,12 +155,20 @@ class AblationConfig(JSONConfig):
             "None or a list of distinct integers in [0, 2^32)",
             self.seeds,
         )
-        require(
-            isinstance(self.arms, list) and len(self.arms) > 0 and all(a in ARM_SPECS for a in self.arms),
-            "arms",
-            f"a non-empty list drawn from {list(ARM_SPECS)}",
-            self.arms,
-        )
+        require(isinstance(self.arms, list) and len(self.arms) > 0, "arms", "a non-empty list of arm names", self.arms)
+        for entry in self.arms:
+            try:
+                parsed = parse_arm(entry)
+            except ValueError:
+                parsed = None
+            require(
+                parsed is not None and parsed.copy == 1,
+                "arms",
+                f"arm names from {list(ARM_SPECS)}, each optionally with an LR multiplier in (0, 100] such as "
+                "'lora+crma@x3' (list a name twice for an A/A copy)",
+                entry,
+            )
+        self._check_eval_and_grid()
         for name in ("lr", "structural_lr", "gate_lr", "max_grad_norm"):
             value = getattr(self, name)
             require(is_number(value) and 0 < value < 10, name, "a number in (0, 10)", value)
@@ -181,6 +213,78 @@ class AblationConfig(JSONConfig):
         require(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'", self.device)
         require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "'auto', 'float32' or 'bfloat16'", self.dtype)
         require(isinstance(self.save_adapters, bool), "save_adapters", "true or false", self.save_adapters)
+
+    def _check_eval_and_grid(self) -> None:
+        grid = self.lr_grid
+        require(
+            isinstance(grid, list)
+            and 1 <= len(grid) <= 8
+            and all(is_number(m) and 0 < m <= 100 for m in grid)
+            and len(set(grid)) == len(grid),
+            "lr_grid",
+            "a list of 1 to 8 distinct multipliers in (0, 100]",
+            grid,
+        )
+        self.lr_grid = [float(m) for m in grid]
+        tuned = len(self.lr_grid) > 1
+        require(
+            self.lr_grid == [1.0] or all("@x" not in arm for arm in self.arms),
+            "arms",
+            "plain arm names when lr_grid sets the multipliers (drop the '@x' suffixes, or lr_grid)",
+            self.arms,
+        )
+        for name in ("eval_rows", "val_rows", "eval_every"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 0, name, "an integer ≥ 0", value)
+        require(
+            self.eval_start is None or (is_int(self.eval_start) and self.eval_start >= 0),
+            "eval_start",
+            "None or an integer ≥ 0",
+            self.eval_start,
+        )
+        require(
+            self.eval_dataset is None or (isinstance(self.eval_dataset, str) and self.eval_dataset.strip() != ""),
+            "eval_dataset",
+            "None or a non-empty string",
+            self.eval_dataset,
+        )
+        require(
+            not tuned or (self.val_rows > 0 and self.eval_rows > 0),
+            "val_rows",
+            "≥ 1, with eval_rows ≥ 1, when lr_grid has several multipliers (each arm's LR is chosen on the validation "
+            "slice and reported on the test slice)",
+            self.val_rows,
+        )
+        if self.eval_start is None and self.eval_dataset is None:
+            return
+        same_data = self.eval_dataset is None or self.eval_dataset == self.dataset
+        first = self.eval_start if self.eval_start is not None else 0
+        last = first + self.val_rows + self.eval_rows
+        require(
+            not same_data or last <= self.start or first >= self.start + self.rows,
+            "eval_start",
+            f"outside the training rows {self.start}–{self.start + self.rows - 1} (the held-out rows "
+            f"{first}–{last - 1} would overlap them)",
+            self.eval_start,
+        )
+
+    def slices(self) -> dict[str, tuple[str, int, int]]:
+        """`{split: (dataset, start, rows)}` of the training slice and the held-out ones (`val`, `test`) in use."""
+        out = {"train": (self.dataset, self.start, self.rows)}
+        data = self.eval_dataset or self.dataset
+        first = (
+            self.eval_start if self.eval_start is not None else (self.start + self.rows if data == self.dataset else 0)
+        )
+        if self.val_rows:
+            out["val"] = (data, first, self.val_rows)
+        if self.eval_rows:
+            out["test"] = (data, first + self.val_rows, self.eval_rows)
+        return out
+
+    @property
+    def arm_labels(self) -> list[str]:
+        """The run's arm labels: every arm at every multiplier of `lr_grid`, A/A copies numbered."""
+        return arm_labels(self.arms, self.lr_grid)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AblationConfig:

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from .arm_set import ArmSet, Batch
-from .arms import arm_labels
 from .config import AblationConfig
 from .distributed import DataParallel, data_parallel
-from .records import Event, Phase, RunResult, StepRecord
+from .evaluation import EvalSet, build_eval_set
+from .records import EvalRecord, Event, Phase, RunResult, StepRecord
 from .summary import build_summary
 from .trackers import TrackerConfig, open_reporter
 
@@ -115,6 +115,7 @@ class _Run:
         self.shards: dict[int, dict[str, Any]] = {}  # per seed: what each process trained on (data parallel)
         self.started = time.perf_counter()
         self.records: list[StepRecord] = []
+        self.evals: list[EvalRecord] = []
         self.receipts: list[dict[str, Any]] = []
         self.arm_info: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
@@ -157,11 +158,20 @@ class _Run:
                 self.notes.append(f"seed {arms.seed}: the processes' adapters differ at the end (replicas diverged)")
 
     def result(self) -> RunResult:
+        from .receipt import check_selection
+
         summary = build_summary(
-            self.records, labels=arm_labels(self.cfg.arms), receipts=self.receipts, arm_info=self.arm_info
+            self.records,
+            labels=self.cfg.arm_labels,
+            receipts=self.receipts,
+            arm_info=self.arm_info,
+            evals=self.evals,
         )
         summary["notes"] = list(self.notes)
         summary["data"] = self.data
+        choice = check_selection(summary, self.evals, self.data.get("heldout"))
+        if choice is not None:
+            summary["receipt"]["lr_choice"] = choice
         summary["world_size"] = self.parallel.world_size if self.parallel is not None else 1
         if self.parallel is not None:
             summary["distributed"] = {**self.parallel.describe(), "seeds": dict(self.shards)}
@@ -173,7 +183,61 @@ class _Run:
             summary=summary,
             notes=self.notes,
             wall_s=time.perf_counter() - self.started,
+            evals=self.evals,
         )
+
+
+def _heldout_sets(run: _Run, loaded: Any, train: Any, data_name: str | None) -> Iterator[Event]:
+    """Read and tokenise the validation and test slices like the training slice (a generator: it yields phases and
+    returns the `EvalSet`s); records their identity and any overlap with the training examples in the run's data."""
+    from .data import build_example_set, describe_source, load_instruction_rows
+    from .evaluation import example_hash
+
+    cfg, out = run.cfg, []
+    train_hashes = {example_hash(e) for e in train.examples}
+    heldout: dict[str, Any] = {}
+    for split, (dataset, start, rows) in cfg.slices().items():
+        if split == "train":
+            continue
+        name = data_name if dataset == cfg.dataset else None
+        source = describe_source(dataset, display_name=name)
+        yield Phase(f"reading the {split} slice: {rows} rows of {source.name} from row {start}")
+        try:
+            rows_read = load_instruction_rows(dataset, start=start, rows=rows, display_name=name)
+        except ValueError as exc:
+            raise ValueError(f"the held-out {split} slice (rows {start}–{start + rows - 1}): {exc}") from None
+        fitted = build_example_set(rows_read, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=start)
+        eval_set = build_eval_set(
+            split,
+            fitted,
+            source.to_dict(),
+            batch_size=cfg.batch_size,
+            pad_id=loaded.tokenizer.pad_token_id,
+            device=loaded.device,
+        )
+        out.append(eval_set)
+        heldout[split] = {**eval_set.describe(), "overlap_with_train": len(eval_set.example_hashes & train_hashes)}
+    if len(out) == 2:
+        heldout["val_test_overlap"] = len(out[0].example_hashes & out[1].example_hashes)
+    for split, info in heldout.items():
+        if isinstance(info, dict) and info["overlap_with_train"]:
+            run.notes.append(
+                f"{info['overlap_with_train']} examples of the {split} slice also occur in the training slice "
+                "(same text): the held-out figure is partly a training figure"
+            )
+    run.data["heldout"] = heldout
+    return out
+
+
+def _evaluate(run: _Run, arms: ArmSet, eval_sets: list[EvalSet], step: int, reporter: Any) -> Iterator[Event]:
+    """Every arm still training, on every held-out slice, at `step` (0: before the first step)."""
+    for eval_set in eval_sets:
+        for arm in arms:
+            record = arms.evaluate(arm, eval_set, step)
+            run.evals.append(record)
+            if reporter is not None:
+                reporter.log_eval(record)
+            yield record
 
 
 def run_ablation(
@@ -254,6 +318,7 @@ def _train(
         run.data["fit"] = fitted.to_dict()
         run.notes.extend(fitted.notes())
         examples = fitted.examples
+        eval_sets = yield from _heldout_sets(run, loaded, fitted, data_name)
         vocab = loaded.model.get_input_embeddings().weight.shape[0]
         for seed in cfg.seed_list:
             if run.should_stop():
@@ -272,6 +337,7 @@ def _train(
             with ArmSet(cfg, loaded, seed, notes=run.notes, parallel=parallel) as arms:
                 if reporter is not None:
                     reporter.start_seed(seed, [a.label for a in arms.arms], arms.setup_receipt(batches.order_sha256))
+                yield from _evaluate(run, arms, eval_sets, 0, reporter)
                 for step in range(1, cfg.steps + 1):
                     if run.should_stop():
                         break
@@ -286,6 +352,8 @@ def _train(
                     if arms.all_diverged:
                         run.notes.append(f"seed {seed}: every arm diverged by step {step}")
                         break
+                    if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                        yield from _evaluate(run, arms, eval_sets, step, reporter)
                 run.end_seed(arms, batches, consumed)
                 if reporter is not None:
                     reporter.end_seed(run.receipts[-1])

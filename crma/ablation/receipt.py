@@ -3,8 +3,11 @@
 Each arm's *facts* are read from the objects that train it — the optimizer's own `param_groups`, the peft config of its
 adapter, its CRMA config, its clipper, the names of the parameters that require grad while it is active, a hash of
 the batch tensors it consumed — once after set-up and again at the end. The verdict compares every pair of arms facet
-by facet and allows exactly the differences the two arms' names declare (`ArmSpec.declares`); anything else, or an arm
-whose live state does not do what its name says, is a problem the receipt names.
+by facet and allows a pair exactly the differences of the properties their names declare differently
+(`arms.allowed_facets`: `lora+mix` vs `lora+crma` may differ in the clipper only, `lora+crma@x3` vs `lora+crma` in
+the LRs only); anything else, or an arm whose live state does not do what its name says (its LRs included), is a
+problem the receipt names. `check_selection` adds the run-level check of a tuned run: each arm's LR was chosen on the
+validation slice, which shares no example with the test slice.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import statistics
 from typing import Any
 
 import torch
 
-from .arms import ARM_SPECS, arm_name
+from .arms import allowed_facets, parse_arm
 
 # Optimizer hyperparameters worth comparing (torch.optim names); `params` and bookkeeping keys are left out.
 _OPTIMIZER_KEYS = (
@@ -54,17 +59,21 @@ _LORA_KEYS = (
 )
 FACETS = (
     "optimizer",
+    "optimizer.lr",
     "optimizer.steps",
     "optimizer.crma_groups",
+    "optimizer.crma_groups.lr",
     "optimizer.crma_groups.steps",
     "lora.config",
     "lora.rank",
     "lora.init",
     "crma",
+    "crma.mixing",
     "clipper",
     "trainable.other",
     "trainable.count",
     "batches",
+    "heldout",
 )
 
 
@@ -167,8 +176,9 @@ def sequence_hash(digests: list[str]) -> str:
 
 
 # Sizes depend on the adapter (declared through `trainable.count`); the current lr depends on how many steps an arm
-# took (a diverged arm stops): the lr each step really used is compared through `optimizer.steps`.
-_NOT_STATIC = ("lora_numel", "crma_numel", "lr")
+# took (a diverged arm stops): the lr each step really used is compared through `optimizer.steps`. The initial lr is
+# a facet of its own (`optimizer.lr`), which an arm's LR multiplier declares.
+_NOT_STATIC = ("lora_numel", "crma_numel", "lr", "initial_lr")
 
 
 def _facets(facts: dict[str, Any]) -> dict[str, Any]:
@@ -178,26 +188,33 @@ def _facets(facts: dict[str, Any]) -> dict[str, Any]:
     crma_groups = {
         name: {k: v for k, v in g.items() if k not in _NOT_STATIC} for name, g in groups.items() if name != "proj"
     }
+    crma_lrs = {name: g.get("initial_lr") for name, g in groups.items() if name != "proj"}
     lora = dict(facts["lora"])
     rank = {"r": lora.pop("r", None), "lora_alpha": lora.pop("lora_alpha", None)}
     lora.pop("init_lora_weights", None)
+    crma_cfg = dict(facts["crma"]) if facts["crma"] is not None else None
+    mixing = crma_cfg.pop("mixing", None) if crma_cfg is not None else None
     return {
         "optimizer": {"type": facts["optimizer"]["type"], "proj": proj},
+        "optimizer.lr": groups.get("proj", {}).get("initial_lr"),
         "optimizer.steps": facts.get("hyperparameter_digests", []),
         "optimizer.crma_groups": crma_groups or None,
+        "optimizer.crma_groups.lr": crma_lrs or None,
         "optimizer.crma_groups.steps": facts.get("crma_hyperparameter_digests", []),
         "lora.config": lora,
         "lora.rank": rank,
         "lora.init": facts["lora_init_sha256"],
-        "crma": facts["crma"],
+        "crma": crma_cfg,
+        "crma.mixing": mixing,
         "clipper": facts["clipper"],
         "trainable.other": facts["trainable"]["other"]["names"],
         "trainable.count": facts["trainable"]["count"],
         "batches": facts.get("batch_digests", []),
+        "heldout": facts.get("eval_digests", []),
     }
 
 
-_PER_STEP = ("batches", "optimizer.steps", "optimizer.crma_groups.steps")
+_PER_STEP = ("batches", "optimizer.steps", "optimizer.crma_groups.steps", "heldout")
 
 
 def _differs(facet: str, a: Any, b: Any) -> bool:
@@ -207,12 +224,23 @@ def _differs(facet: str, a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True)
 
 
-def _claims(label: str, facts: dict[str, Any]) -> list[str]:
+def _claims(label: str, facts: dict[str, Any], base_lrs: dict[str, float] | None) -> list[str]:
     """Problems where an arm's live state does not do what its name says."""
-    spec, problems = ARM_SPECS[arm_name(label)], []
+    parsed = parse_arm(label)
+    spec, problems = parsed.spec, []
     has_crma = facts["crma"] is not None and facts["trainable"]["crma"]["count"] > 0
     if spec.crma != has_crma:
         problems.append(f"{label}: CRMA is {'on' if has_crma else 'off'} but the arm's name says it is not")
+    if has_crma and facts["crma"].get("mixing", "sinkhorn") != spec.mixing:
+        problems.append(f"{label}: the mixing is {facts['crma'].get('mixing')}, not {spec.mixing} as its name says")
+    for group, facts_group in facts["optimizer"]["groups"].items():
+        base = (base_lrs or {}).get(group)
+        lr = facts_group.get("initial_lr")
+        if base is not None and lr is not None and not math.isclose(lr, base * parsed.lr_scale, rel_tol=1e-9):
+            problems.append(
+                f"{label}: the {group} group trains at LR {lr:g}, not {base:g} × {parsed.lr_scale:g} as the run's "
+                "LRs and the arm's name say"
+            )
     uses_zclip = facts["clipper"].get("kind") == "zclip"
     if spec.zclip != uses_zclip:
         problems.append(f"{label}: the clipper is {facts['clipper'].get('kind')}, not what the arm's name says")
@@ -252,24 +280,27 @@ def _what_differs(a: Any, b: Any, limit: int = 3) -> str:
     return "; ".join(parts) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Compare the arms' facts pairwise; allow only the differences their names declare.
+def verdict(facts: dict[str, dict[str, Any]], *, base_lrs: dict[str, float] | None = None) -> dict[str, Any]:
+    """Compare the arms' facts pairwise; allow a pair only the differences of the properties its names declare
+    differently (`arms.allowed_facets`).
 
     Args:
         facts (`dict[str, dict]`): `{arm label: facts}` as `ArmSet.facts()` reads them.
+        base_lrs (`dict[str, float] | None`): the run's LR per optimizer group (`proj`, `structural`, `gate`): each
+            arm's groups must train at these times its label's multiplier. None skips that check.
 
     Returns:
         `dict` with `fair` (bool), `problems` (one sentence each), `flagged` (the facets that differ undeclared),
-        `differences` (`{facet: {arm: value}}` for every
-        facet that differs between some arms, declared or not) and `declared` (`{arm: [facets]}`).
+        `differences` (`{facet: {arm: value}}` for every facet that differs between some arms, declared or not) and
+        `declared` (`{arm: {property: value}}`: what each arm's name declares).
     """
     facets = {label: _facets(f) for label, f in facts.items()}
-    declared = {label: sorted(ARM_SPECS[arm_name(label)].declares) for label in facts}
-    problems = [p for label, f in facts.items() for p in _claims(label, f)]
+    declared = {label: parse_arm(label).properties() for label in facts}
+    problems = [p for label, f in facts.items() for p in _claims(label, f, base_lrs)]
     differences: dict[str, dict[str, Any]] = {}
     flagged: set[str] = set()
     for a, b in itertools.combinations(facts, 2):
-        allowed = set(declared[a]) | set(declared[b])
+        allowed = allowed_facets(a, b)
         for facet in FACETS:
             if not _differs(facet, facets[a][facet], facets[b][facet]):
                 continue
@@ -278,7 +309,7 @@ def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 flagged.add(facet)
                 problems.append(
                     f"{b} vs {a}: {facet} differs ({_what_differs(facets[b][facet], facets[a][facet])}), "
-                    "which neither arm's name declares"
+                    "which the two arms' names do not declare"
                 )
     return {
         "fair": not problems,
@@ -289,7 +320,7 @@ def verdict(facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-_DIGESTS = ("batch_digests", "hyperparameter_digests", "crma_hyperparameter_digests")
+_DIGESTS = ("batch_digests", "hyperparameter_digests", "crma_hyperparameter_digests", "eval_digests")
 
 
 def _stored(facts: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +332,12 @@ def _stored(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_receipt(
-    seed: int, setup: dict[str, dict[str, Any]], end: dict[str, dict[str, Any]], order_sha256: str
+    seed: int,
+    setup: dict[str, dict[str, Any]],
+    end: dict[str, dict[str, Any]],
+    order_sha256: str,
+    *,
+    base_lrs: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The receipt of one seed: the facts after set-up and at the end, the verdict on each, and the headline ticks.
 
@@ -310,9 +346,10 @@ def build_receipt(
         setup (`dict[str, dict]`): facts of every arm right after set-up.
         end (`dict[str, dict]`): facts of every arm after the last step (batches included).
         order_sha256 (`str`): hash of the planned batch order.
+        base_lrs (`dict[str, float] | None`): see `verdict`.
     """
-    at_setup, at_end = verdict(setup), verdict(end)
-    plain = [label for label in end if not ARM_SPECS[arm_name(label)].matched]
+    at_setup, at_end = verdict(setup, base_lrs=base_lrs), verdict(end, base_lrs=base_lrs)
+    plain = [label for label in end if not parse_arm(label).spec.matched]
     inits = {label: end[label]["lora_init_sha256"] for label in end}
     batches = {label: sequence_hash(end[label].get("batch_digests", [])) for label in end}
     return {
@@ -329,3 +366,59 @@ def build_receipt(
         "differs_only_in_adapter": at_setup["fair"] and at_end["fair"],
         "arms": {label: {"setup": _stored(setup[label]), "end": _stored(end[label])} for label in end},
     }
+
+
+def check_selection(
+    summary: dict[str, Any], evals: list[Any], heldout: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """How each arm's LR was chosen, checked from the raw evaluations rather than taken from the summary.
+
+    For every arm trained at several multipliers, the chosen one must be the lowest mean over seeds of the arm's last
+    *validation* loss (recomputed here from `evals`), and the validation slice must share no example with the test
+    slice (`heldout`: the run's held-out data identity). None for a run that tuned nothing.
+
+    Args:
+        summary (`dict`): the run's summary with its `lr_selection`.
+        evals (`list[EvalRecord]`): every held-out evaluation of the run.
+        heldout (`dict | None`): `summary["data"]["heldout"]`.
+
+    Returns:
+        `dict` with `fair`, `problems`, `how` (one sentence), `chosen` (`{arm: multiplier}`).
+    """
+    selection = summary.get("lr_selection") or {}
+    if not selection.get("tuned"):
+        return None
+    problems = []
+    if selection.get("split") != "val":
+        problems.append(f"the LRs were chosen on the {selection.get('split')!r} slice, not on the validation slice")
+    last: dict[tuple[str, int, str], tuple[int, float]] = {}
+    for record in evals:
+        key = (record.arm, record.seed, record.split)
+        if key not in last or record.step >= last[key][0]:
+            last[key] = (record.step, record.loss)
+    seeds = sorted({record.seed for record in evals})
+    chosen = {}
+    for name, info in selection.get("arms", {}).items():
+        means = {}
+        for point in info.get("grid", []):
+            losses = [last.get((point["label"], seed, "val"), (0, math.nan))[1] for seed in seeds]
+            if losses and all(math.isfinite(x) for x in losses):
+                means[point["lr_scale"]] = statistics.fmean(losses)
+        expected = min(means, key=lambda m: (means[m], abs(math.log(m)))) if means else None
+        chosen[name] = info.get("chosen")
+        if info.get("chosen") != expected:
+            problems.append(
+                f"{name}: LR multiplier {info.get('chosen')} was reported as chosen, but the validation losses pick "
+                f"{expected}"
+            )
+    heldout = heldout or {}
+    overlap = heldout.get("val_test_overlap")
+    if overlap:
+        problems.append(f"the validation and test slices share {overlap} examples")
+    val, test = heldout.get("val", {}), heldout.get("test", {})
+    how = (
+        "each arm's LR multiplier is the one with the lowest mean final validation loss over "
+        f"{len(seeds)} seed(s) (validation rows {val.get('rows')}, test rows {test.get('rows')}: no example in "
+        "both); the test slice only reports"
+    )
+    return {"fair": not problems, "problems": problems, "how": how, "chosen": chosen}

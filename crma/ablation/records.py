@@ -1,5 +1,6 @@
-"""What the engine yields: one `StepRecord` per arm and step, `Phase` messages between steps, a final `RunResult`;
-and how records go to and come back from `metrics.jsonl` / `metrics.csv`."""
+"""What the engine yields: one `StepRecord` per arm and step, an `EvalRecord` per arm, held-out split and evaluation,
+`Phase` messages between steps, a final `RunResult`; and how records go to and come back from `metrics.jsonl` /
+`metrics.csv` (one file for both kinds: an evaluation's line has `"kind": "eval"`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,44 @@ class StepRecord:
 
 _FLOAT_FIELDS = ("loss", "grad_norm_pre", "grad_norm_post")
 
+Split = Literal["val", "test"]
+
+
+@dataclass
+class EvalRecord:
+    """One arm's loss on a held-out slice at one step (0: before training), computed under `no_grad` in eval mode.
+
+    Args:
+        arm (`str`): arm label.
+        seed (`int`): the run's seed.
+        step (`int`): optimizer steps the arm had taken (0 = its initial state).
+        split (`"val" | "test"`): the validation slice (chooses LRs) or the test slice (reports).
+        loss (`float`): token-weighted mean NLL over the slice's response tokens, as training computes it (NaN when
+            not finite; `null` in JSON).
+        tokens (`int`): response tokens the loss averages over.
+        eval_s (`float`): wall time of the evaluation.
+    """
+
+    arm: str
+    seed: int
+    step: int
+    split: Split
+    loss: float
+    tokens: int
+    eval_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalRecord:
+        """Inverse of `to_dict()` (a `null` loss comes back as NaN)."""
+        values = {k: v for k, v in data.items() if k != "kind"}
+        if values.get("loss") is None:
+            values["loss"] = math.nan
+        return cls(**values)
+
 
 @dataclass
 class Phase:
@@ -106,17 +145,20 @@ class RunResult:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    evals: list[EvalRecord] = field(default_factory=list)
 
 
-Event = StepRecord | Phase | RunResult
+Record = StepRecord | EvalRecord
+Event = StepRecord | EvalRecord | Phase | RunResult
 
 
-def record_line(record: StepRecord) -> str:
-    """One `metrics.jsonl` line (strict JSON; non-finite floats as null)."""
-    return dumps(record.to_dict()) + "\n"
+def record_line(record: Record) -> str:
+    """One `metrics.jsonl` line (strict JSON; non-finite floats as null); an evaluation's has `"kind": "eval"`."""
+    data = record.to_dict()
+    return dumps({"kind": "eval", **data} if isinstance(record, EvalRecord) else data) + "\n"
 
 
-def write_metrics_jsonl(records: Iterable[StepRecord], path: str | os.PathLike[str], *, append: bool = False) -> Path:
+def write_metrics_jsonl(records: Iterable[Record], path: str | os.PathLike[str], *, append: bool = False) -> Path:
     """Write records as JSON lines (see `record_line`); `append` adds to an existing file (live logging)."""
     out = Path(path)
     with out.open("a" if append else "w", encoding="utf-8") as fh:
@@ -124,31 +166,44 @@ def write_metrics_jsonl(records: Iterable[StepRecord], path: str | os.PathLike[s
     return out
 
 
-def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[StepRecord]:
-    """Read a `metrics.jsonl` (blank lines skipped).
+def parse_record_line(line: str) -> Record:
+    """One `metrics.jsonl` line back as a `StepRecord` or an `EvalRecord` (`ValueError` if it is neither)."""
+    try:
+        data = json.loads(line)
+        return EvalRecord.from_dict(data) if data.get("kind") == "eval" else StepRecord.from_dict(data)
+    except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(f"not a metrics JSON line ({err})") from None
+
+
+def read_metrics_jsonl(path: str | os.PathLike[str]) -> tuple[list[StepRecord], list[EvalRecord]]:
+    """Read a `metrics.jsonl` (blank lines skipped): its training records and its held-out evaluations.
 
     Raises:
-        `ValueError`: a line is not JSON or not a `StepRecord`; the message names the file and line.
+        `ValueError`: a line is not a record; the message names the file and line.
     """
     src = Path(path)
-    out = []
+    steps: list[StepRecord] = []
+    evals: list[EvalRecord] = []
     with src.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                out.append(StepRecord.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
-                raise ValueError(f"{src.name}:{lineno}: not a StepRecord JSON line ({err})") from err
-    return out
+                record = parse_record_line(line)
+            except ValueError as err:
+                raise ValueError(f"{src.name}:{lineno}: {err}") from None
+            (evals if isinstance(record, EvalRecord) else steps).append(record)
+    return steps, evals
 
 
-def write_metrics_csv(records: Iterable[StepRecord], path: str | os.PathLike[str]) -> Path:
-    """Write the records as CSV for spreadsheets: one row per arm and step, CRMA diagnostics as `crma_*` columns."""
+def write_metrics_csv(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
+    """Write the records as CSV for spreadsheets: one row per arm and step (`kind` train) or evaluation (`kind`
+    eval, with its `split`), CRMA diagnostics as `crma_*` columns."""
     rows = []
     for r in records:
-        row = {k: v for k, v in r.to_dict().items() if k != "crma"}
-        row.update({f"crma_{k}": v for k, v in (r.crma or {}).items()})
+        row = {"kind": "eval" if isinstance(r, EvalRecord) else "train"}
+        row.update({k: v for k, v in r.to_dict().items() if k != "crma"})
+        row.update({f"crma_{k}": v for k, v in (getattr(r, "crma", None) or {}).items()})
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     out = Path(path)

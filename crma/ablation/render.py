@@ -165,45 +165,73 @@ def _effect_cell(stats: dict[str, Any]) -> str:
     return text
 
 
-def attribution_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """Header and rows of the attribution table (mean effect and 95 % CI per metric), None without the grid."""
+_SET_TITLES = {
+    "best_lr": "At each arm's own best LR (chosen on the validation slice)",
+    "shared_lr": "At the shared LR (every arm at ×1)",
+    "as_run": "At the LRs the arms trained with",
+}
+
+
+def attribution_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """`(title, header, rows)` per comparison set of the attribution: one row per headline metric, one column per
+    contrast (mean and 95 % CI over seeds); empty without an attribution."""
     block = summary.get("attribution") or {}
     if not block.get("available"):
-        return None
-    rows = [
-        [m["label"], *(_effect_cell(m[effect]) for effect in ("zclip", "mixing", "interaction"))]
-        for m in block["metrics"].values()
-    ]
-    return ["Metric", "ZClip effect", "Mixing effect", "Interaction"], rows
+        return []
+    out = []
+    for name, chosen in block["sets"].items():
+        contrasts = chosen["contrasts"]
+        metrics = list(dict.fromkeys(m for c in contrasts.values() for m in c["metrics"]))
+        header = ["Metric", *(c["name"] for c in contrasts.values())]
+        rows = []
+        for metric in metrics:
+            label = next(c["metrics"][metric]["label"] for c in contrasts.values() if metric in c["metrics"])
+            cells = [_effect_cell(c["metrics"].get(metric) or {}) for c in contrasts.values()]
+            rows.append([label, *cells])
+        out.append((_SET_TITLES.get(name, name), header, rows))
+    return out
 
 
 def attribution_sentences(summary: dict[str, Any]) -> list[str]:
-    """One plain sentence per metric about the mixing, then the ZClip ones whose interval excludes zero (on one seed
-    the ZClip effects stay in the table: without an interval a sentence per effect would only repeat it); or why
-    there is no attribution."""
+    """Plain sentences the numbers support: what the run's primary figure is (held-out or training, tuned LRs or
+    not), every contrast's effect on it, and the other effects whose interval excludes zero; or why there is no
+    attribution."""
     block = summary.get("attribution") or {}
-    arms = set(summary.get("arms", {}))
+    labels = set(summary.get("arms", {}))
     if not block.get("available"):
         out = []
-        if {"lora", "lora+crma"} <= arms:
+        if {"lora", "lora+crma"} <= labels:
             out.append(
                 "lora vs lora+crma changes two things at once (the mixing and the clipper: a fixed norm clip vs "
                 "ZClip): a difference cannot be credited to either; run the 2×2 grid to separate them."
             )
-        if block.get("reason") and arms != {"lora", "lora+crma"}:
+        if block.get("reason") and labels != {"lora", "lora+crma"}:
             out.append(block["reason"])
         return out
-    out = [m["mixing"]["sentence"] for m in block["metrics"].values()]
-    for m in block["metrics"].values():
-        stats = m["zclip"]
-        if stats["ci95"] is not None and not stats["ci95"][0] <= 0 <= stats["ci95"][1]:
-            out.append(stats["sentence"])
+    primary = block["primary"]
+    kind = (
+        "a held-out figure (the test slice)"
+        if block["primary_kind"] == "held-out"
+        else ("a training figure: no held-out slice was evaluated")
+    )
+    out = [f"Primary outcome: {_PRIMARY_NAMES.get(primary, primary)}, {kind}."]
+    for name, chosen in block["sets"].items():
+        prefix = f"{_SET_TITLES.get(name, name)}: " if len(block["sets"]) > 1 else ""
+        for contrast in chosen["contrasts"].values():
+            for metric, stats in contrast["metrics"].items():
+                excludes_zero = stats["ci95"] is not None and not stats["ci95"][0] <= 0 <= stats["ci95"][1]
+                if metric == primary or excludes_zero:
+                    out.append(prefix + stats["sentence"])
     return out
 
 
+_PRIMARY_NAMES = {"final_test_loss": "the final held-out (test) loss", "final_loss_ema": "the final training loss"}
+
+
 def attribution_markdown(summary: dict[str, Any], *, level: int = 3) -> str:
-    """The attribution of `summary` as Markdown: the effects table and one sentence per metric, or why there is no
-    attribution (e.g. the author's two-arm recipe changes two things at once); "" when there is nothing to say.
+    """The attribution of `summary` as Markdown: per comparison set a table of effects, then the sentences, or why
+    there is no attribution (e.g. the author's two-arm recipe changes two things at once); "" when there is nothing
+    to say.
 
     Args:
         summary (`dict`): a run's `summary.json` (with its `attribution` block).
@@ -212,18 +240,14 @@ def attribution_markdown(summary: dict[str, Any], *, level: int = 3) -> str:
     Returns:
         `str`: Markdown.
     """
-    table, sentences = attribution_table(summary), attribution_sentences(summary)
-    if table is None and not sentences:
+    tables, sentences = attribution_tables(summary), attribution_sentences(summary)
+    if not tables and not sentences:
         return ""
-    heading = "What the 2×2 grid attributes" if table is not None else "What can be credited to what"
-    parts = [f"{'#' * level} {heading}", ""] if level else []
-    if table is not None:
-        n = summary["attribution"]["n_seeds"]
-        if n == 1:
-            intro = "Effects on each metric on one seed (an interval needs two or more seeds):"
-        else:
-            intro = f"Effects on each metric, paired by seed: mean and 95 % CI over {n} seeds:"
-        parts += [intro, "", _md_table(*table), ""]
+    parts = [f"{'#' * level} What can be credited to what", ""] if level else []
+    n = (summary.get("attribution") or {}).get("n_seeds", 0)
+    for title, header, rows in tables:
+        how = "on one seed (an interval needs two or more)" if n == 1 else f"mean and 95 % CI over {n} seeds"
+        parts += [f"**{title}**: effects, paired by seed, {how}:", "", _md_table(header, rows), ""]
     parts += [f"- {line}" for line in sentences]
     return "\n".join(parts) + "\n"
 
@@ -372,12 +396,11 @@ def report_html(
     if status:
         parts.append(f'<p class="status"><strong>{html.escape(status)}</strong></p>')
     parts.append(_html_table(*_main_table(summary)))
-    table, sentences = attribution_table(summary), attribution_sentences(summary)
-    if table is not None or sentences:
-        heading = "What the 2×2 grid attributes" if table is not None else "What can be credited to what"
-        parts.append(f"<h2>{heading}</h2>")
-        if table is not None:
-            parts.append(_html_table(*table))
+    tables, sentences = attribution_tables(summary), attribution_sentences(summary)
+    if tables or sentences:
+        parts.append("<h2>What can be credited to what</h2>")
+        for title, header, rows in tables:
+            parts += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, rows)]
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in sentences) + "</ul>")
     if "seeds" in summary:
         n = len(summary["seed_list"])
@@ -516,3 +539,21 @@ def _tick(value: Any) -> str:
 
 def _setting_cell(value: Any) -> str:
     return "–" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The published study
+
+
+def study_markdown(study: dict[str, Any]) -> str:
+    """`study.md`: the protocol, the time, and per condition the LR choice and the run summary."""
+    p = study["protocol"]
+    lines = ["# CRMA Lab study", "", "```json", json.dumps(p, indent=1), "```", ""]
+    for name, summary in study["conditions"].items():
+        lines += [summary_markdown(summary, title=name)]
+    return "\n".join(lines)
+
+
+def study_charts(study: dict[str, Any], conditions: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    """The study's PNG charts (none yet)."""
+    return []

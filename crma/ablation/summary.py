@@ -13,9 +13,13 @@ from typing import Any
 
 from .arms import baseline_arm
 from .attribution import attribution
-from .records import StepRecord
+from .records import EvalRecord, StepRecord
+from .selection import select_lrs
 
 METRIC_KEYS = (
+    "final_test_loss",
+    "best_test_loss",
+    "final_val_loss",
     "final_loss",
     "final_loss_ema",
     "grad_norm_pre_peak",
@@ -137,8 +141,29 @@ def spike_steps(values: Sequence[float], *, window: int = 20, k: float = 6.0) ->
     return out
 
 
+def _heldout(evals: Sequence[EvalRecord], split: str) -> dict[str, Any]:
+    """The last and the lowest loss on one split (and their steps) of one arm and seed."""
+    points = sorted((e.step, e.loss) for e in evals if e.split == split)
+    finite = [(step, loss) for step, loss in points if math.isfinite(loss)]
+    if not points:
+        return {}
+    last_step, last = points[-1]
+    best = min(finite, key=lambda p: p[1]) if finite else (None, None)
+    return {
+        f"final_{split}_loss": last if math.isfinite(last) else None,
+        f"final_{split}_step": last_step,
+        f"best_{split}_loss": best[1],
+        f"best_{split}_step": best[0],
+        f"start_{split}_loss": points[0][1] if points[0][0] == 0 and math.isfinite(points[0][1]) else None,
+    }
+
+
 def summarize_arm(
-    records: Sequence[StepRecord], *, trainable_params: int | None = None, wall_s: float | None = None
+    records: Sequence[StepRecord],
+    *,
+    trainable_params: int | None = None,
+    wall_s: float | None = None,
+    evals: Sequence[EvalRecord] = (),
 ) -> dict[str, Any]:
     """Numbers of one arm of one seed.
 
@@ -146,9 +171,12 @@ def summarize_arm(
         records (`Sequence[StepRecord]`): the arm's records (one arm, one seed, any order).
         trainable_params (`int | None`): trainable parameter count of the arm, if known.
         wall_s (`float | None`): the arm's wall time; default the sum of `step_time_s`.
+        evals (`Sequence[EvalRecord]`): the arm's held-out evaluations of this seed.
 
     Returns:
-        `dict` with `arm`, `seed`, `final_loss` (last finite loss), `final_loss_ema` (debiased EMA 0.9 of the loss,
+        `dict` with `arm`, `seed`, the held-out figures of each split evaluated (`final_test_loss` at the last
+        evaluation, `best_test_loss` the lowest, their steps, `start_test_loss` at step 0; `..._val_...` likewise),
+        `final_loss` (last finite training loss), `final_loss_ema` (debiased EMA 0.9 of the loss,
         its last finite value), `grad_norm_pre_peak`, `grad_norm_pre_mean`, `grad_norm_post_peak`, `steps_clipped`,
         `spike_count` and `spike_at` (steps, see `spike_steps`), `steps`, `diverged`, `diverged_at` (first step with
         `diverged` set or a non-finite loss or grad norm), `tokens`, `wall_s`, `tokens_per_s`, `memory_mb_peak`,
@@ -198,6 +226,8 @@ def summarize_arm(
         "trainable_params": int(trainable_params) if trainable_params is not None else None,
     }
     out.update({key: as_number(latest.get(src)) for key, src in _CRMA_KEYS.items()})
+    for split in ("val", "test"):
+        out.update(_heldout(evals, split))
     return out
 
 
@@ -232,7 +262,11 @@ def _across(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | int |
 
 
 def summarize_run(
-    records: Sequence[StepRecord], *, baseline: str | None = "lora", arm_info: dict[str, dict[str, Any]] | None = None
+    records: Sequence[StepRecord],
+    *,
+    baseline: str | None = "lora",
+    arm_info: dict[str, dict[str, Any]] | None = None,
+    evals: Sequence[EvalRecord] = (),
 ) -> dict[str, Any]:
     """Summary of a whole run: per-arm numbers, deltas vs the baseline and, with several seeds, seed statistics.
 
@@ -241,6 +275,7 @@ def summarize_run(
         baseline (`str | None`): the arm deltas are taken against; None takes the first arm.
         arm_info (`dict[str, dict] | None`): per arm, optional `trainable_params` and `wall_s`. `wall_s` is used only
             for a single-seed run (per-seed wall time is always the sum of `step_time_s`).
+        evals (`Sequence[EvalRecord]`): the held-out evaluations of the run.
 
     Returns:
         `dict` with `baseline`, `seed_list`, `arms` (`{arm: summarize_arm(...)}`), `deltas`
@@ -264,6 +299,9 @@ def summarize_run(
     by_key: dict[tuple[str, int], list[StepRecord]] = {}
     for r in records:
         by_key.setdefault((r.arm, r.seed), []).append(r)
+    evals_by_key: dict[tuple[str, int], list[EvalRecord]] = {}
+    for e in evals:
+        evals_by_key.setdefault((e.arm, e.seed), []).append(e)
 
     def seed_arms(seed: int, with_wall: bool) -> dict[str, dict[str, Any]]:
         out = {}
@@ -275,6 +313,7 @@ def summarize_run(
                 by_key[(arm, seed)],
                 trainable_params=extra.get("trainable_params"),
                 wall_s=extra.get("wall_s") if with_wall else None,
+                evals=evals_by_key.get((arm, seed), ()),
             )
         return out
 
@@ -312,23 +351,29 @@ def build_summary(
     labels: list[str],
     receipts: list[dict[str, Any]],
     arm_info: dict[str, dict[str, Any]],
+    evals: Sequence[EvalRecord] = (),
 ) -> dict[str, Any]:
-    """`summary.json` of a run: `summarize_run` of its records, the baseline, and the fairness receipt(s).
+    """`summary.json` of a run: `summarize_run` of its records and evaluations, the baseline, each arm's chosen LR
+    (`lr_selection`, on the validation slice), the attribution and the fairness receipt(s).
 
     Args:
         records (`Sequence[StepRecord]`): every record of the run (may be empty when nothing trained).
         labels (`list[str]`): the run's arm labels (the baseline is chosen from them).
         receipts (`list[dict]`): one fairness receipt per seed that finished its set-up.
         arm_info (`dict[str, dict]`): per arm, `trainable_params` and `wall_s`.
+        evals (`Sequence[EvalRecord]`): every held-out evaluation of the run.
     """
     baseline = baseline_arm(labels)
     present = {r.arm for r in records}
     if records:
         info = {arm: v for arm, v in arm_info.items() if arm in present}
-        summary = summarize_run(records, baseline=baseline if baseline in present else None, arm_info=info)
+        summary = summarize_run(
+            records, baseline=baseline if baseline in present else None, arm_info=info, evals=evals
+        )
     else:
         summary = {"arms": {}, "deltas": {}, "seed_list": []}
     summary["baseline"] = summary.get("baseline") or baseline
+    summary["lr_selection"] = select_lrs(summary)
     summary["attribution"] = attribution(summary)
     summary["receipt"] = receipts[0] if len(receipts) == 1 else {"per_seed": receipts}
     return summary

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import AblationConfig
-from .records import StepRecord
+from .records import EvalRecord, StepRecord
 
 REPORT_TO = ("none", "trackio", "wandb", "tensorboard")
 ReportTo = Literal["none", "trackio", "wandb", "tensorboard"]
@@ -228,6 +228,10 @@ class Reporter:
     def log(self, record: StepRecord) -> None:
         """Log one record's `step_metrics` to its arm's run, at its step."""
         self.backend.log(self.runs[record.arm], step_metrics(record), record.step)
+
+    def log_eval(self, record: EvalRecord) -> None:
+        """Log one held-out loss (`eval/<split>_loss`) to its arm's run, at its step."""
+        self.backend.log(self.runs[record.arm], {f"eval/{record.split}_loss": record.loss}, record.step)
 
     def end_seed(self, receipt: dict[str, Any] | None) -> None:
         """Finish every run of the seed, with the seed's final receipt where the tracker can still take it."""

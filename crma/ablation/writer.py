@@ -23,7 +23,7 @@ from .arms import arm_labels
 from .config import AblationConfig
 from .distributed import data_parallel, world_size
 from .jsonio import dumps
-from .records import Event, Phase, RunResult, StepRecord, record_line, write_metrics_csv
+from .records import EvalRecord, Event, Phase, RunResult, StepRecord, record_line, write_metrics_csv
 from .render import report_html, summary_markdown, write_png_charts
 
 
@@ -105,7 +105,7 @@ class RunWriter:
         metrics = self.staging / "metrics.jsonl"
         metrics.touch()
         for event in events:
-            if isinstance(event, StepRecord):
+            if isinstance(event, (StepRecord, EvalRecord)):
                 # Appended and flushed per record: a crash keeps every finished step.
                 with metrics.open("a", encoding="utf-8") as fh:
                     fh.write(record_line(event))
@@ -146,7 +146,7 @@ class RunWriter:
         if not result.records:
             atomic_write_text(self.staging / "summary.md", f"# {title}\n\nNo step finished: {result.error}\n")
             return
-        write_metrics_csv(result.records, self.staging / "metrics.csv")
+        write_metrics_csv([*result.records, *result.evals], self.staging / "metrics.csv")
         atomic_write_text(self.staging / "summary.md", summary_markdown(summary, title=title))
         page = report_html(result.records, summary, title=title, config=cfg.to_dict())
         atomic_write_text(self.staging / "report.html", page)
