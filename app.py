@@ -30,14 +30,14 @@ except ImportError:  # pragma: no cover - spaces is in requirements.txt
 
 import gradio as gr
 
-from crma.ablation.arms import ARM_SPECS, AUTHOR_ARMS, GRID_ARMS
-from crma.ablation.config import AblationConfig
 from crma.ablation.data import MAX_UPLOAD_BYTES
+from crma.ablation.engine.records import RunResult
 from crma.ablation.models import describe_presets
-from crma.ablation.publish import PushError, push_results
-from crma.ablation.records import RunResult
-from crma.ablation.render import attribution_markdown, receipt_markdown
-from crma.ablation.schema import label
+from crma.ablation.output.publish import PushError, push_results
+from crma.ablation.report.render import attribution_markdown, receipt_markdown
+from crma.ablation.spec.arms import ARM_SPECS, AUTHOR_ARMS, GRID_ARMS
+from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.schema import label
 from crma.lab import estimates, form, published, runs, snippets, worker
 from crma.lab.live import LiveView, ViewRegistry
 from crma.lab.pump import PumpRegistry, RunPump
@@ -503,7 +503,7 @@ def build_results() -> Results:
                 gr.Markdown(
                     "Sign-in with Hugging Face works when this app runs as a Space. Running it yourself? Download "
                     "the archive and upload it with `hf upload`, or call "
-                    "`crma.ablation.publish.push_results(folder, repo_id, token=...)`."
+                    "`crma.ablation.output.publish.push_results(folder, repo_id, token=...)`."
                 )
             with gr.Row():
                 repo_name = gr.Textbox(label="Repository", value="crma-ablation", info="name or namespace/name")

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 def engine_worker(arms: list[str], model: str, steps: int) -> dict:
     import resource
 
-    from crma.ablation.config import AblationConfig
-    from crma.ablation.engine import run_ablation
-    from crma.ablation.records import StepRecord
+    from crma.ablation.engine.loop import run_ablation
+    from crma.ablation.engine.records import StepRecord
+    from crma.ablation.spec.config import AblationConfig
 
     cfg = AblationConfig(
         model=model,

@@ -64,7 +64,8 @@ def worker(model_name: str, n_arms: int, batch_size: int, seq_len: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     import crma
-    from crma.ablation.models import estimate_training_memory, load_model
+    from crma.ablation.models import load_model
+    from crma.lab.memory import estimate_training_memory
 
     arms = ARM_NAMES[:n_arms]
     base_rss = psutil.Process().memory_info().rss

@@ -30,9 +30,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
 
-    from crma.ablation.config import AblationConfig
-    from crma.ablation.engine import run_ablation
-    from crma.ablation.records import StepRecord
+    from crma.ablation.engine.loop import run_ablation
+    from crma.ablation.engine.records import StepRecord
+    from crma.ablation.spec.config import AblationConfig
     from crma.lab import estimates
 
     cfg = AblationConfig(

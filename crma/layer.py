@@ -127,7 +127,8 @@ class CRMAAdapter(nn.Module):
     """The trainable parameters of one CRMA adapter: every decoder block's, stacked along a leading depth axis l.
 
     Parameters (l = `num_layers`): `crma_A` (l, d, r), `crma_B` (l, r, d), `crma_log_mix` (l, n, n; absent when
-    `config.mixing` is `identity`), `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha` (l). They are at least float32: a
+    `config.mixing` is `identity`), `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha`
+    (l). They are at least float32: a
     cast of the model to bf16 / fp16 (`.to`, `.half()`, ...) leaves them float32, a cast to float64 makes them
     float64. They are not part of the model's `state_dict()` (so a base checkpoint saved with `save_pretrained`, merged
     or not, never holds them): save them with `crma.save`.

@@ -6,8 +6,8 @@ import os
 import time
 from collections.abc import Iterator
 
-from crma.ablation.records import Phase, RunResult, StepRecord
-from crma.ablation.writer import RunWriter
+from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.output.run_folder import RunWriter
 
 
 def _record(step: int) -> StepRecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from crma.ablation.records import StepRecord
+from crma.ablation.engine.records import StepRecord
 
 STEPS = 40
 SPIKE_STEP = 25

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from crma.ablation.arms import ARM_SPECS, GRID_ARMS
+from crma.ablation.spec.arms import ARM_SPECS, GRID_ARMS
 
 TINY = {"model": "tiny-random", "dataset": "bundled", "rows": 8, "seq_len": 512}  # byte tokenizer: long prompts
 TIMEOUT_S = 150
@@ -25,7 +25,7 @@ NO_PNG_NOTE = "PNG charts not written: no browser"
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
-    from crma.ablation import writer
+    from crma.ablation.output import run_folder as writer
 
     def no_browser(*args, **kwargs):
         raise RuntimeError("no browser")
@@ -116,7 +116,7 @@ def test_build_demo_builds_without_launching(app_module):
 def test_page_sections_and_form_wiring(app_module, page):
     import gradio as gr
 
-    from crma.ablation.schema import label
+    from crma.ablation.spec.schema import label
 
     assert isinstance(page, app_module.Page) and isinstance(page.demo, gr.Blocks)
     assert isinstance(page.form, app_module.Form) and isinstance(page.charts, app_module.Charts)
@@ -358,7 +358,7 @@ def test_push_handler_failures_say_why_and_keep_the_results(app_module, runs_dir
 
 def _fake_engine(records_before_failure: int):
     """A stand-in for the engine: some steps (the second arm diverges), then a failed RunResult, as after an OOM."""
-    from crma.ablation.records import Phase, RunResult, StepRecord
+    from crma.ablation.engine.records import Phase, RunResult, StepRecord
 
     def events(cfg, out_dir, stop_file, data_name=None):
         yield Phase("loading model tiny-random")
@@ -427,7 +427,7 @@ def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, page, monk
 
 
 def test_receipt_markdown_of_the_results_panel():
-    from crma.ablation.render import receipt_markdown
+    from crma.ablation.report.render import receipt_markdown
 
     summary = {
         "receipt": {
@@ -458,7 +458,7 @@ def toy_study(tmp_path_factory):
     """A toy study as `python -m crma study --toy` writes it (charts stood in by a PNG: only the files are read)."""
     import shutil
 
-    from crma.ablation.study import StudyProtocol, run_study
+    from crma.ablation.output.study import StudyProtocol, run_study
 
     root = tmp_path_factory.mktemp("study")
     for _ in run_study(StudyProtocol.toy(), root / "study", work_dir=root / "work", charts=False):
@@ -475,7 +475,7 @@ def _blocks_in_order(page):
 def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
     import gradio as gr
 
-    from crma.ablation.arms import AUTHOR_ARMS
+    from crma.ablation.spec.arms import AUTHOR_ARMS
 
     f, c = page.form, page.charts
     order = [b._id for b in _blocks_in_order(page)]

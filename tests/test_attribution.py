@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from crma.ablation.attribution import HEADLINE_METRICS, attribution, grid_effects, interval, sentence, t_quantile
-from crma.ablation.render import attribution_sentences, summary_markdown
+from crma.ablation.analysis.attribution import (
+    HEADLINE_METRICS,
+    attribution,
+    grid_effects,
+    interval,
+    sentence,
+    t_quantile,
+)
+from crma.ablation.report.render import attribution_sentences, summary_markdown
 
 # Student's t at 0.975 from the printed table (e.g. Fisher & Yates), for the degrees of freedom seeds give.
 T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045}
@@ -89,8 +96,8 @@ def test_a_seed_missing_a_figure_is_left_out_of_that_metric() -> None:
 
 
 def test_an_engine_run_of_the_grid_carries_attribution() -> None:
-    from crma.ablation.engine import run_ablation
-    from crma.ablation.schema import parse_config
+    from crma.ablation.engine.loop import run_ablation
+    from crma.ablation.spec.schema import parse_config
 
     arms = ["lora", "lora+zclip", "lora+mix", "lora+crma"]
     cfg = parse_config(dict(model="tiny-random", rows=8, steps=2, batch_size=2, seq_len=160, arms=arms, seeds=[1, 2]))

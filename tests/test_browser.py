@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from crma.ablation.arms import GRID_ARMS
-from crma.ablation.config import AblationConfig
-from crma.ablation.records import Phase
+from crma.ablation.engine.records import Phase
+from crma.ablation.spec.arms import GRID_ARMS
+from crma.ablation.spec.config import AblationConfig
 from crma.lab.live import LiveView
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ pytestmark = [
 @pytest.fixture
 def app_url(tmp_path, monkeypatch):
     """The app served in this process on a free 127.0.0.1 port; its run folders go to tmp_path."""
-    from crma.ablation import writer
+    from crma.ablation.output import run_folder as writer
 
     def no_browser(*args, **kwargs):
         raise RuntimeError("no browser")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import crma
-from crma.ablation.arm_set import ArmSet
 from crma.ablation.cli import run_cli
+from crma.ablation.engine.arm_set import ArmSet
 
 TINY = [
     "--model",
@@ -290,7 +290,7 @@ def test_sigterm_stops_cleanly_and_leaves_no_temp_folder(tmp_path, monkeypatch) 
 def test_a_read_only_out_folder_is_refused(tmp_path, capsys, monkeypatch) -> None:
     import os
 
-    from crma.ablation import writer
+    from crma.ablation.output import run_folder as writer
 
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import crma
-from crma.ablation.arm_set import ArmSet
-from crma.ablation.arms import arm_labels
-from crma.ablation.engine import run_ablation
-from crma.ablation.records import Phase, RunResult, StepRecord
-from crma.ablation.schema import parse_config
-from crma.ablation.writer import write_run
+from crma.ablation.engine.arm_set import ArmSet
+from crma.ablation.engine.loop import run_ablation
+from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.output.run_folder import write_run
+from crma.ablation.spec.arms import arm_labels
+from crma.ablation.spec.schema import parse_config
 
 FAST = dict(
     model="tiny-random",

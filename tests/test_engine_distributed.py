@@ -17,9 +17,9 @@ import torch
 from conftest import make_tiny_llama
 
 from crma.ablation.cli import run_cli
-from crma.ablation.config import AblationConfig
-from crma.ablation.distributed import DataParallel, data_parallel, loss_tokens
-from crma.ablation.writer import config_json
+from crma.ablation.engine.distributed import DataParallel, data_parallel, loss_tokens
+from crma.ablation.output.run_folder import config_json
+from crma.ablation.spec.config import AblationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ["lora", "lora+crma", "lora+zclip"]
@@ -78,7 +78,7 @@ def _grads_of(model: torch.nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_shards_split_each_batch_and_their_weighted_losses_and_gradients_sum_to_one_process() -> None:
-    from crma.ablation.arm_set import ArmSet
+    from crma.ablation.engine.arm_set import ArmSet
 
     model = make_tiny_llama().train()
     batch = _uneven_batch()
@@ -110,7 +110,7 @@ def test_shards_split_each_batch_and_their_weighted_losses_and_gradients_sum_to_
 
 
 def test_a_shard_without_loss_tokens_adds_zero_gradients_not_nan() -> None:
-    from crma.ablation.arm_set import ArmSet
+    from crma.ablation.engine.arm_set import ArmSet
 
     model = make_tiny_llama().train()
     batch = _uneven_batch()
@@ -139,8 +139,8 @@ def test_a_sharded_launch_is_refused_before_joining_any_group(env: str, name: st
 
 
 def test_a_batch_smaller_than_the_launch_fails_before_training(monkeypatch) -> None:
-    import crma.ablation.engine as engine
-    from crma.ablation.schema import parse_config
+    import crma.ablation.engine.loop as engine
+    from crma.ablation.spec.schema import parse_config
 
     four = DataParallel(rank=0, world_size=4, backend="gloo", device=torch.device("cpu"))
     monkeypatch.setattr(engine, "data_parallel", lambda device: four)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from crma.ablation.arms import ARM_SPECS, GRID_ARMS
+from crma.ablation.spec.arms import ARM_SPECS, GRID_ARMS
 from crma.lab import estimates, form
 
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from crma.ablation.arms import ARM_SPECS
-from crma.ablation.config import AblationConfig
 from crma.ablation.data import DataError
-from crma.ablation.schema import ConfigError
+from crma.ablation.spec.arms import ARM_SPECS
+from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.schema import ConfigError
 from crma.lab import form
 
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from crma.ablation import plots
-from crma.ablation.arms import ARM_SPECS
-from crma.ablation.config import AblationConfig
-from crma.ablation.records import Phase, RunResult, StepRecord, write_metrics_jsonl
+from crma.ablation.engine.records import Phase, RunResult, StepRecord, write_metrics_jsonl
+from crma.ablation.report import plots
+from crma.ablation.spec.arms import ARM_SPECS
+from crma.ablation.spec.config import AblationConfig
 from crma.lab.live import LiveView, ViewRegistry
 from crma.lab.runs import new_run
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from crma.ablation import writer
-from crma.ablation.records import RunResult, StepRecord
+from crma.ablation.engine.records import RunResult, StepRecord
+from crma.ablation.output import run_folder as writer
 from crma.lab import form, runs
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from crma.ablation.arms import ARM_SPECS
 from crma.ablation.cli import build_parser, config_from_args
-from crma.ablation.config import AblationConfig
-from crma.ablation.records import Phase, RunResult, StepRecord
-from crma.ablation.schema import config_to_values
+from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.spec.arms import ARM_SPECS
+from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.schema import config_to_values
 from crma.lab import form, snippets
 
 # Every setting away from its default (seed instead of seeds): each flag and payload key is exercised.

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from crma.ablation.records import Phase, RunResult, StepRecord
-from crma.ablation.schema import parse_config
+from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.spec.schema import parse_config
 from crma.lab.runs import StopSignal
 from crma.lab.worker import run_cut_off
 

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from crma.ablation import models
-from crma.ablation.models import (
-    ModelLoadError,
-    check_training_fits,
-    estimate_training_memory,
-    preset_config,
-)
+from crma.ablation.models import ModelLoadError, preset_config
+from crma.lab.memory import check_training_fits, estimate_training_memory
 
 GIB = 2**30
 

@@ -10,7 +10,8 @@ import transformers.utils.hub
 from hub_standin import HubStandIn, TokenInfo
 
 from crma.ablation import models
-from crma.ablation.models import ModelLoadError, check_model, estimate_training_memory, load_model
+from crma.ablation.models import ModelLoadError, check_model, load_model
+from crma.lab.memory import estimate_training_memory
 
 HOST = "hf_HOST_space_owner_secret_0123"  # stands for the Space owner's HF_TOKEN
 VISITOR = "hf_visitor_bob_456789abcdef"
@@ -112,7 +113,7 @@ def test_the_apps_runs_never_send_the_hosts_token(hub, tmp_path):
     has `HF_TOKEN` set, and cannot reach the host's private repos with it."""
     from dataclasses import replace
 
-    from crma.ablation.schema import parse_config
+    from crma.ablation.spec.schema import parse_config
     from crma.lab import form, runs
 
     cfg = parse_config(

@@ -8,14 +8,14 @@ import zlib
 import pytest
 from synthetic import CRMA_CLIPPED, DIVERGE_STEP, SPIKE_STEP, STEPS, _diag, _pre, _rec
 
-from crma.ablation.plots import (
+from crma.ablation.analysis.summary import smooth
+from crma.ablation.report.plots import (
     arm_style,
     make_delta_figure,
     make_grad_norm_figure,
     make_loss_figure,
     make_mixing_figure,
 )
-from crma.ablation.summary import smooth
 
 
 def _trace(fig, name: str):

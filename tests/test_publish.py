@@ -1,4 +1,4 @@
-"""`crma.ablation.publish`: push a run folder through the real `huggingface_hub` client to a local Hub stand-in.
+"""`crma.ablation.output.publish`: push a run folder through the real `huggingface_hub` client to a local Hub stand-in.
 
 The folder holds the files a run writes: config and metrics from the records module, a PEFT LoRA adapter saved by peft
 and the CRMA files saved by `crma.save`, so the pushed bytes are loaded back the way the model card says."""
@@ -21,11 +21,11 @@ from hub_standin import HubStandIn, TokenInfo
 from huggingface_hub import ModelCard
 
 import crma
-from crma.ablation.config import AblationConfig
+from crma.ablation.engine.records import StepRecord, write_metrics_jsonl
 from crma.ablation.jsonio import write_json
 from crma.ablation.models import PRESETS
-from crma.ablation.publish import PushError, hub_model_id, model_card, push_results
-from crma.ablation.records import StepRecord, write_metrics_jsonl
+from crma.ablation.output.publish import PushError, hub_model_id, model_card, push_results
+from crma.ablation.spec.config import AblationConfig
 
 # huggingface_hub's own LFS PUT passes `data=` to httpx2, which warns; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import crma
-from crma.ablation.arm_set import ArmSet
-from crma.ablation.engine import run_ablation
-from crma.ablation.render import receipt_markdown
-from crma.ablation.schema import parse_config
+from crma.ablation.engine.arm_set import ArmSet
+from crma.ablation.engine.loop import run_ablation
+from crma.ablation.report.render import receipt_markdown
+from crma.ablation.spec.schema import parse_config
 
 GRID = ["lora", "lora+zclip", "lora+mix", "lora+crma"]
 FAST = dict(

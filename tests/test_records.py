@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from crma.ablation.records import read_metrics_jsonl, write_metrics_jsonl
+from crma.ablation.engine.records import read_metrics_jsonl, write_metrics_jsonl
 
 
 def test_metrics_jsonl_round_trip(records, tmp_path):

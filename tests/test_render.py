@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from crma.ablation.attribution import attribution
-from crma.ablation.render import (
+from crma.ablation.analysis.attribution import attribution
+from crma.ablation.analysis.summary import summarize_run
+from crma.ablation.report.render import (
     attribution_markdown,
     receipt_html,
     report_html,
@@ -17,7 +18,6 @@ from crma.ablation.render import (
     summary_markdown,
     write_png_charts,
 )
-from crma.ablation.summary import summarize_run
 
 
 def test_summary_markdown_table(records, records2):

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from crma import CRMAConfig, ZClipConfig
-from crma.ablation.config import AblationConfig
-from crma.ablation.schema import LABELS, LEGACY_KEYS, ConfigError, config_to_values, parse_config, schema
+from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.schema import LABELS, LEGACY_KEYS, ConfigError, config_to_values, parse_config, schema
 
 
 def test_every_field_has_a_label_a_help_text_and_a_flag() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from crma.ablation.arms import STUDY_ARMS
 from crma.ablation.cli import run_cli
-from crma.ablation.study import StudyProtocol
+from crma.ablation.output.study import StudyProtocol
+from crma.ablation.spec.arms import STUDY_ARMS
 
 
 def test_the_protocol_is_the_grid_plus_capacity_control_over_five_seeds() -> None:

@@ -9,7 +9,7 @@ import statistics
 import pytest
 from synthetic import DIVERGE_STEP, SPIKE_STEP, STEPS
 
-from crma.ablation.summary import smooth, spike_steps, summarize_arm, summarize_run
+from crma.ablation.analysis.summary import smooth, spike_steps, summarize_arm, summarize_run
 
 
 def test_smooth_debiased_ema_and_nan_safe():

@@ -17,8 +17,8 @@ import types
 import pytest
 
 from crma.ablation.cli import run_cli
-from crma.ablation.records import StepRecord
-from crma.ablation.trackers import (
+from crma.ablation.engine.records import StepRecord
+from crma.ablation.output.trackers import (
     TrackerConfig,
     TrackerUnavailableError,
     open_reporter,
@@ -31,8 +31,8 @@ ARMS = ["lora", "lora+crma"]
 
 
 def _engine_run(tracker: TrackerConfig) -> list[StepRecord]:
-    from crma.ablation.engine import run_ablation
-    from crma.ablation.schema import parse_config
+    from crma.ablation.engine.loop import run_ablation
+    from crma.ablation.spec.schema import parse_config
 
     cfg = parse_config({**FAST, "arms": ARMS, "zclip": {"warmup_steps": 2}, "diag_every": 1})
     events = list(run_ablation(cfg, tracker=tracker))
@@ -107,7 +107,7 @@ def test_tracker_config_is_checked(kwargs: dict, message: str) -> None:
 
 
 def test_none_opens_no_reporter() -> None:
-    from crma.ablation.config import AblationConfig
+    from crma.ablation.spec.config import AblationConfig
 
     assert open_reporter(TrackerConfig("none"), AblationConfig()) is None
     assert open_reporter(None, AblationConfig()) is None

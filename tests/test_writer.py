@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from crma.ablation import writer as writer_module
-from crma.ablation.records import RunResult, StepRecord
-from crma.ablation.schema import parse_config
-from crma.ablation.writer import RunFolderError, RunWriter, write_run
+from crma.ablation.engine.records import RunResult, StepRecord
+from crma.ablation.output import run_folder as writer_module
+from crma.ablation.output.run_folder import RunFolderError, RunWriter, write_run
+from crma.ablation.spec.schema import parse_config
 
 CFG = dict(model="tiny-random", rows=8, steps=2, batch_size=2, seq_len=160, arms=["lora"], save_adapters=False)
 

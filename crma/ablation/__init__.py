@@ -5,10 +5,10 @@ Imports transformers, peft and plotly lazily through its submodules; never gradi
 
 from __future__ import annotations
 
-from .arms import ARM_NAMES, ARM_SPECS, GRID_ARMS
-from .config import AblationConfig
-from .records import Phase, RunResult, StepRecord
-from .schema import ConfigError, parse_config
+from .engine.records import Phase, RunResult, StepRecord
+from .spec.arms import ARM_NAMES, ARM_SPECS, GRID_ARMS
+from .spec.config import AblationConfig
+from .spec.schema import ConfigError, parse_config
 
 __all__ = [
     "ARM_NAMES",
@@ -27,7 +27,7 @@ __all__ = [
 def __getattr__(name: str):
     # The engine imports torch; `from crma.ablation import AblationConfig` should not have to.
     if name == "run_ablation":
-        from .engine import run_ablation
+        from .engine.loop import run_ablation
 
         return run_ablation
     raise AttributeError(name)

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import LAUNCH_KEYS, AblationConfig
-from .records import Phase, RunResult, StepRecord
-from .schema import ConfigError, field_spec, parse_config, schema
-from .trackers import REPORT_TO, TrackerConfig, require_tracker
+from .engine.records import Phase, RunResult, StepRecord
+from .output.trackers import REPORT_TO, TrackerConfig, require_tracker
+from .spec.config import LAUNCH_KEYS, AblationConfig
+from .spec.schema import ConfigError, field_spec, parse_config, schema
 
 EXIT_OK, EXIT_STOPPED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -156,8 +156,8 @@ def _graceful_stop(stop: threading.Event) -> Iterator[list[str]]:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .distributed import data_parallel
-    from .writer import RunWriter
+    from .engine.distributed import data_parallel
+    from .output.run_folder import RunWriter
 
     try:
         cfg = config_from_args(args)
@@ -196,7 +196,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
 def _follow(cfg: AblationConfig, parallel: Any) -> int:
     """A data-parallel process other than the main one: train every step, write and print nothing."""
-    from .engine import run_ablation
+    from .engine.loop import run_ablation
 
     stop = threading.Event()
     result = None
@@ -214,8 +214,8 @@ def _lead(args: argparse.Namespace, cfg: AblationConfig, writer: Any, tracker: T
     """The only process (or the main one of a launch): train, show progress, write the files, print the summary."""
     from tqdm import tqdm
 
-    from .arms import arm_labels
-    from .engine import run_ablation
+    from .engine.loop import run_ablation
+    from .spec.arms import arm_labels
 
     stop = threading.Event()
     total = cfg.steps * len(cfg.arms) * len(cfg.seed_list)
@@ -262,7 +262,7 @@ def _lead(args: argparse.Namespace, cfg: AblationConfig, writer: Any, tracker: T
 def _study(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .study import CONDITIONS, StudyProtocol, run_study
+    from .output.study import CONDITIONS, StudyProtocol, run_study
 
     try:
         protocol = StudyProtocol.toy() if args.toy else StudyProtocol()

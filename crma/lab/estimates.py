@@ -9,7 +9,7 @@ import re
 import time
 from dataclasses import replace
 
-from crma.ablation.config import AblationConfig
+from crma.ablation.spec.config import AblationConfig
 
 GPU_SECONDS_RANGE = (60, 1500)
 _SIZE_IN_NAME = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([bBmM])(?![A-Za-z])")

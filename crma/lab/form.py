@@ -1,6 +1,6 @@
 """The page's form and API input to a run config: dataset choice, Space caps, names, and the data preview.
 
-Values go through the one config parser (`crma.ablation.schema.parse_config`); this module adds only what a public
+Values go through the one config parser (`crma.ablation.spec.schema.parse_config`); this module adds only what a public
 Space needs on top: the upload stands in for a file path, caps bound every size, and names can never reach a path.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from crma.ablation.config import AblationConfig
-from crma.ablation.schema import ConfigError, coerce, config_to_values, field_spec, label, parse_config
+from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.schema import ConfigError, coerce, config_to_values, field_spec, label, parse_config
 
 DATASET_CHOICES = ("alpaca", "bundled", "upload")
 PREVIEW_CELL_CHARS = 300
@@ -167,9 +167,10 @@ def check_memory(cfg: AblationConfig, *, model_config: Any = None, zero_gpu: boo
     """
     import torch
 
-    from crma.ablation.arms import ARM_SPECS
-    from crma.ablation.models import PRESETS, check_training_fits, estimate_training_memory
+    from crma.ablation.models import PRESETS
+    from crma.ablation.spec.arms import ARM_SPECS
 
+    from .memory import check_training_fits, estimate_training_memory
     from .runs import VISITOR_HUB
 
     device: str | torch.device = cfg.device

@@ -13,9 +13,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from crma.ablation.arms import arm_labels, baseline_arm
-from crma.ablation.config import AblationConfig
-from crma.ablation.records import Phase, RunResult, StepRecord
+from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.spec.arms import arm_labels, baseline_arm
+from crma.ablation.spec.config import AblationConfig
 
 from .runs import get_run, load_result
 
@@ -149,7 +149,7 @@ class LiveView:
     def figures(self, smoothing: float | None = None, log_scale: bool | None = None) -> tuple[Any, Any, Any]:
         """(loss, grad norm, loss delta) Plotly figures of the records so far. While a multi-seed run goes on, the
         charts show the current seed; once it ended, the mean over seeds with a band."""
-        from crma.ablation.plots import make_delta_figure, make_grad_norm_figure, make_loss_figure
+        from crma.ablation.report.plots import make_delta_figure, make_grad_norm_figure, make_loss_figure
 
         if smoothing is not None:
             self.smoothing = smoothing
@@ -170,7 +170,7 @@ class LiveView:
 
     def mixing_figure(self) -> Any:
         """CRMA mixing diagnostics over steps (all seeds)."""
-        from crma.ablation.plots import make_mixing_figure
+        from crma.ablation.report.plots import make_mixing_figure
 
         return make_mixing_figure(self.records[:])
 
@@ -296,7 +296,7 @@ class ViewRegistry:
         folder = get_run(run_id, root)
         if folder is None or not (folder.out_dir / "metrics.jsonl").is_file():
             return None
-        from crma.ablation.records import read_metrics_jsonl
+        from crma.ablation.engine.records import read_metrics_jsonl
 
         cfg = AblationConfig.from_json((folder.out_dir / "config.json").read_text())
         view = LiveView(cfg)

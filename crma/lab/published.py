@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crma.ablation.render import attribution_markdown
+from crma.ablation.report.render import attribution_markdown
 
 STUDY_DIR_ENV = "CRMA_STUDY_DIR"
 _REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def _duration(seconds: float) -> str:
 
 
 def _missing_message() -> str:
-    from crma.ablation.study import StudyProtocol
+    from crma.ablation.output.study import StudyProtocol
 
     p = StudyProtocol()
     return (

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from crma.ablation.records import Event, RunResult
+from crma.ablation.engine.records import Event, RunResult
 
 
 class RunPump:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crma.ablation.config import AblationConfig
-from crma.ablation.records import Event, RunResult
+from crma.ablation.engine.records import Event, RunResult
+from crma.ablation.spec.config import AblationConfig
 
 RUNS_ENV = "CRMA_RUNS_DIR"
 # How the app's runs reach the Hub: a visitor's model id is downloaded with no token (never the host's `HF_TOKEN`,
@@ -105,7 +105,7 @@ def get_run(run_id: Any, root: str | os.PathLike[str] | None = None) -> RunFolde
 def load_result(folder: RunFolder) -> RunResult | None:
     """The `RunResult` of a run that ended, read back from its folder (after a page reload, say); None while it runs,
     or when its files cannot be read."""
-    from crma.ablation.records import read_metrics_jsonl
+    from crma.ablation.engine.records import read_metrics_jsonl
 
     out = folder.out_dir
     if not folder.finished():
@@ -187,7 +187,7 @@ def run_events(cfg: AblationConfig, out_dir: str, stop_file: str, data_name: str
     and its events are pickled back to the app's process. `data_name` is what the run calls an uploaded file (its
     own name, never the server path).
     """
-    from crma.ablation.writer import write_run
+    from crma.ablation.output.run_folder import write_run
 
     yield from write_run(cfg, out_dir, stop=StopSignal(stop_file), data_name=data_name, **VISITOR_HUB)
 

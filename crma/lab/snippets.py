@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crma.ablation.config import AblationConfig
+from crma.ablation.engine.records import Phase, RunResult, StepRecord
 from crma.ablation.jsonio import plain
-from crma.ablation.records import Phase, RunResult, StepRecord
-from crma.ablation.schema import config_to_values, field_spec
+from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.schema import config_to_values, field_spec
 
 
 def cli_command(cfg: AblationConfig, *, out: str | None = None) -> str:

@@ -20,14 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from crma.ablation.config import AblationConfig
-from crma.ablation.records import Event, Phase, RunResult
+from crma.ablation.engine.records import Event, Phase, RunResult
+from crma.ablation.spec.config import AblationConfig
 
 from .runs import StopSignal, run_events
 
 # The server process forks each run's child from a clean interpreter that has torch and the engine imported already:
 # no per-run import cost (spawn) and no fork of the app's threads (fork).
-_PRELOAD = ["torch", "crma.ablation.engine", "crma.ablation.writer", "crma.lab.runs"]
+_PRELOAD = ["torch", "crma.ablation.engine.loop", "crma.ablation.output.run_folder", "crma.lab.runs"]
 _DONE = "__done__"
 
 
@@ -144,10 +144,10 @@ def run_cut_off(
 def salvage(cfg: AblationConfig, out: Path, *, status: str, error: str, data_name: str | None = None) -> RunResult:
     """Finish a run whose process is gone: summarise the steps in its staging folder's `metrics.jsonl`, write the
     reports with `status` and `error`, and move the folder into place (see `RunWriter`)."""
-    from crma.ablation.arms import arm_labels
-    from crma.ablation.records import read_metrics_jsonl
-    from crma.ablation.summary import build_summary
-    from crma.ablation.writer import RunWriter
+    from crma.ablation.analysis.summary import build_summary
+    from crma.ablation.engine.records import read_metrics_jsonl
+    from crma.ablation.output.run_folder import RunWriter
+    from crma.ablation.spec.arms import arm_labels
 
     partial = sorted(out.parent.glob(f".{out.name}.partial-*"), key=lambda p: p.stat().st_mtime)
     records = []

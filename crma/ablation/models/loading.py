@@ -19,10 +19,10 @@ from . import hub, offline
 from .configs import ModelRef, check_architecture, fetch_config, hub_access, resolve_name
 from .devices import resolve_device, resolve_dtype
 from .errors import ModelLoadError
-from .estimate import check_weights_fit, weight_bytes
 from .hub import Token
 from .presets import OFFLINE_PRESETS, ModelPreset, preset_config
 from .tokenizer import build_byte_tokenizer, prepare_tokenizer
+from .weights import check_weights_fit, weight_bytes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast

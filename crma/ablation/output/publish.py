@@ -26,8 +26,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
-from .data import ALPACA_REPO
-from .render import receipt_markdown
+from ..data import ALPACA_REPO
+from ..report.render import receipt_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def hub_model_id(model: str | None) -> str | None:
     """The Hub id of a preset name or Hub id; None for config-built presets and anything that is not a repo id."""
     if model is None:
         return None
-    from .models import PRESETS
+    from ..models import PRESETS
 
     if model in PRESETS:
         return PRESETS[model].hub_id

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .arms import allowed_facets, parse_arm
+from ..spec.arms import allowed_facets, parse_arm
 
 # Optimizer hyperparameters worth comparing (torch.optim names); `params` and bookkeeping keys are left out.
 _OPTIMIZER_KEYS = (

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
+from ..analysis.summary import build_summary
+from ..output.trackers import TrackerConfig, open_reporter
+from ..spec.config import AblationConfig
 from .arm_set import ArmSet, Batch
-from .config import AblationConfig
 from .distributed import DataParallel, data_parallel
 from .evaluation import EvalSet, build_eval_set
 from .records import EvalRecord, Event, Phase, RunResult, StepRecord
-from .summary import build_summary
-from .trackers import TrackerConfig, open_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class StepBatches:
         device: Any,
         parallel: DataParallel | None = None,
     ):
-        from .data import batch_order, order_hash
+        from ..data import batch_order, order_hash
 
         self.examples, self.cfg, self.seed = examples, cfg, seed
         self.pad_id, self.vocab_size, self.device, self.parallel = pad_id, vocab_size, device, parallel
@@ -72,7 +72,7 @@ class StepBatches:
     def at(self, step: int) -> Batch:
         """The batch of 1-based `step` (the corrupted one, with its loss scale, at the spike stress step); in a
         data-parallel run with this process's shard of it."""
-        from .data import IGNORE_INDEX, collate, corrupt_batch
+        from ..data import IGNORE_INDEX, collate, corrupt_batch
 
         indices = self.order[step - 1]
         tensors = collate(self.examples, indices, pad_id=self.pad_id)
@@ -190,7 +190,7 @@ class _Run:
 def _heldout_sets(run: _Run, loaded: Any, train: Any, data_name: str | None) -> Iterator[Event]:
     """Read and tokenise the validation and test slices like the training slice (a generator: it yields phases and
     returns the `EvalSet`s); records their identity and any overlap with the training examples in the run's data."""
-    from .data import build_example_set, describe_source, load_instruction_rows
+    from ..data import build_example_set, describe_source, load_instruction_rows
     from .evaluation import example_hash
 
     cfg, out = run.cfg, []
@@ -291,8 +291,8 @@ def _train(
     tracker: TrackerConfig | None,
     hub: dict[str, Any],
 ) -> Iterator[Event]:
-    from .data import build_example_set, describe_source, load_instruction_rows
-    from .models import load_model
+    from ..data import build_example_set, describe_source, load_instruction_rows
+    from ..models import load_model
 
     cfg, reporter = run.cfg, None
     try:

@@ -8,7 +8,7 @@ import math
 import statistics
 from typing import Any
 
-from .arms import parse_arm
+from ..spec.arms import parse_arm
 
 SELECTION_SPLIT = "val"
 SELECTION_METRIC = "final_val_loss"

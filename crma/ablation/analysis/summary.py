@@ -11,9 +11,9 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .arms import baseline_arm
+from ..engine.records import EvalRecord, StepRecord
+from ..spec.arms import baseline_arm
 from .attribution import attribution
-from .records import EvalRecord, StepRecord
 from .selection import select_lrs
 
 METRIC_KEYS = (

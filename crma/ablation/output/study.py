@@ -31,10 +31,10 @@ from typing import Any
 
 from crma.config import JSONConfig
 
-from .arms import STUDY_ARMS, format_scale, parse_arm
-from .config import AblationConfig
-from .jsonio import write_json
-from .records import EvalRecord, Event, Phase, RunResult, StepRecord, read_metrics_jsonl
+from ..engine.records import EvalRecord, Event, Phase, RunResult, StepRecord, read_metrics_jsonl
+from ..jsonio import write_json
+from ..spec.arms import STUDY_ARMS, format_scale, parse_arm
+from ..spec.config import AblationConfig
 
 # The multipliers a grid is drawn from and extended along (about half a decade apart).
 LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -170,7 +170,7 @@ def _commit() -> str | None:
 
 def _run_cell(cell: Cell, protocol: StudyProtocol, work: Path, *, charts: bool) -> Iterator[Event]:
     """Run one cell into its folder (replacing an unfinished one) and mark it finished with its commit and time."""
-    from .writer import write_run
+    from .run_folder import write_run
 
     folder = cell.folder(work)
     began = time.perf_counter()
@@ -243,8 +243,8 @@ def cells_consistent(receipts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def condition_summary(cells: list[Cell], work: Path, protocol: StudyProtocol) -> dict[str, Any] | None:
     """One run summary of a condition's finished cells (None when none finished)."""
-    from .receipt import check_selection
-    from .summary import build_summary
+    from ..analysis.summary import build_summary
+    from ..engine.receipt import check_selection
 
     merged = _read_cells(cells, work)
     if not merged["records"]:
@@ -337,7 +337,7 @@ def publish_study(
     protocol: StudyProtocol, conditions: dict[str, dict[str, Any]], out: Path, *, wall_s: float, charts: bool
 ) -> dict[str, Any]:
     """Write `summary.json`, `study.md` and the charts of a study into `out`; return the study's summary."""
-    from .render import study_charts, study_markdown
+    from ..report.render import study_charts, study_markdown
 
     cells = [c for summary in conditions.values() for c in summary.get("cells", [])]
     compute = sum(c.get("wall_s") or 0.0 for c in cells)

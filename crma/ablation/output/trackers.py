@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import AblationConfig
-from .records import EvalRecord, StepRecord
+from ..engine.records import EvalRecord, StepRecord
+from ..spec.config import AblationConfig
 
 REPORT_TO = ("none", "trackio", "wandb", "tensorboard")
 ReportTo = Literal["none", "trackio", "wandb", "tensorboard"]

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import AblationConfig
-from .jsonio import dumps
+from ..jsonio import dumps
+from ..spec.config import AblationConfig
 
 Status = Literal["finished", "stopped", "failed"]
 

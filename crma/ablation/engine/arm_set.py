@@ -26,8 +26,8 @@ import torch
 import crma
 from crma import ZClip, clip_by_norm
 
-from .arms import ArmSpec, parse_arm
-from .config import AblationConfig
+from ..spec.arms import ArmSpec, parse_arm
+from ..spec.config import AblationConfig
 from .distributed import DataParallel, Shard
 from .evaluation import EvalSet, heldout_loss
 from .receipt import (

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from .arms import arm_labels
-from .config import AblationConfig
-from .distributed import data_parallel, world_size
-from .jsonio import dumps
-from .records import EvalRecord, Event, Phase, RunResult, StepRecord, record_line, write_metrics_csv
-from .render import report_html, summary_markdown, write_png_charts
+from ..engine.distributed import data_parallel, world_size
+from ..engine.records import EvalRecord, Event, Phase, RunResult, StepRecord, record_line, write_metrics_csv
+from ..jsonio import dumps
+from ..report.render import report_html, summary_markdown, write_png_charts
+from ..spec.arms import arm_labels
+from ..spec.config import AblationConfig
 
 
 class RunFolderError(ValueError):
@@ -175,7 +175,7 @@ def write_run(
 ) -> Iterator[Event]:
     """`run_ablation(cfg, **engine)` with every file written to `out_dir` (see `RunWriter`). In a data-parallel
     launch only the main process writes; the others train and yield their `RunResult`."""
-    from .engine import run_ablation
+    from ..engine.loop import run_ablation
 
     parallel = data_parallel(cfg.device)
     writer, error = None, None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, collate
+from ..data import IGNORE_INDEX, collate
 
 
 @dataclass

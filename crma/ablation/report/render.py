@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .arms import baseline_arm
+from ..analysis.summary import FINAL_LOSS_EMA_WEIGHT, as_number
+from ..engine.records import StepRecord
+from ..spec.arms import baseline_arm
 from .plots import make_delta_figure, make_grad_norm_figure, make_loss_figure, make_mixing_figure
-from .records import StepRecord
-from .summary import FINAL_LOSS_EMA_WEIGHT, as_number
 
 _DASH = "–"
 _CHROMIUM = "/usr/bin/chromium"

@@ -18,8 +18,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from .records import StepRecord
-from .summary import check_weight, smooth, spike_steps
+from ..analysis.summary import check_weight, smooth, spike_steps
+from ..engine.records import StepRecord
 
 # Okabe–Ito palette (colour-blind safe). The four named arms get fixed colours; anything else is hashed
 # (crc32, stable across processes, unlike `hash`) onto the rest.

@@ -224,7 +224,7 @@ def data_parallel(device: str = "auto") -> DataParallel | None:
             )
     from accelerate import PartialState
 
-    from .models import resolve_device
+    from ..models import resolve_device
 
     state = PartialState(cpu=resolve_device(device).type == "cpu")
     if state.num_processes < 2:
