@@ -155,9 +155,28 @@ def _graceful_stop(stop: threading.Event) -> Iterator[list[str]]:
             signal.signal(sig, old)
 
 
+class _ProgressBar:
+    """The CLI's observer of a run: a tqdm bar over every arm's steps."""
+
+    def __init__(self, total: int, *, disable: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", disable=disable, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, Phase):
+            self.bar.set_description(event.message[:40])
+        elif isinstance(event, StepRecord):
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{event.arm} loss {event.loss:.3f} |g| {event.grad_norm_pre:.2f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from .engine.distributed import data_parallel
-    from .output.run_folder import RunWriter
+    from .output.run_folder import RunFolderError, run_to_folder
 
     try:
         cfg = config_from_args(args)
@@ -166,92 +185,52 @@ def _ablate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    writer, error = None, None
-    if parallel is None or parallel.is_main:
-        try:
-            out = args.out if args.out is not None else default_out_dir(cfg)
-            writer = RunWriter(out, overwrite=args.overwrite, charts=not args.no_charts)
-        except ValueError as exc:
-            error = exc
-            print(f"error: {exc}", file=sys.stderr)
-    # Every process learns whether the main one can write before any of them trains (or the others would wait).
-    failed = error is not None
-    if parallel is not None:
-        failed = parallel.any(failed)
-    if failed:
-        if parallel is not None:
-            parallel.close()
-        return EXIT_BAD_INPUT
-    try:
-        if writer is None:
-            return _follow(cfg, parallel)
-        tracker = TrackerConfig(
-            args.report_to, args.report_project, group=writer.out.name, log_dir=writer.staging / "tensorboard"
-        )
-        return _lead(args, cfg, writer, tracker)
-    finally:
-        if parallel is not None:
-            parallel.close()
-
-
-def _follow(cfg: AblationConfig, parallel: Any) -> int:
-    """A data-parallel process other than the main one: train every step, write and print nothing."""
-    from .engine.loop import run_ablation
-
+    main = parallel is None or parallel.is_main
+    out = args.out if args.out is not None else default_out_dir(cfg)
+    bar = _ProgressBar(cfg.steps * len(cfg.arm_labels) * len(cfg.seed_list), disable=args.no_progress or not main)
+    tracker = TrackerConfig(args.report_to, args.report_project, group=out.name)
     stop = threading.Event()
-    result = None
-    with _graceful_stop(stop):
-        for event in run_ablation(cfg, stop=stop):
-            result = event
-    if isinstance(result, RunResult) and result.status != "failed":
-        return EXIT_OK
-    # A failure here must end the launch (non-zero exit): the main process would otherwise wait for this one.
-    print(f"error (process {parallel.rank}): {getattr(result, 'error', None)}", file=sys.stderr)
-    return EXIT_STOPPED
-
-
-def _lead(args: argparse.Namespace, cfg: AblationConfig, writer: Any, tracker: TrackerConfig) -> int:
-    """The only process (or the main one of a launch): train, show progress, write the files, print the summary."""
-    from tqdm import tqdm
-
-    from .engine.loop import run_ablation
-    from .spec.arms import arm_labels
-
-    stop = threading.Event()
-    total = cfg.steps * len(cfg.arms) * len(cfg.seed_list)
-    bar = tqdm(total=total, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
-    result: RunResult | None = None
     try:
         with _graceful_stop(stop) as caught:
-            events = run_ablation(cfg, stop=stop, adapters_dir=writer.adapters_dir, tracker=tracker)
-            for event in writer.wrap(cfg, events):
-                if isinstance(event, Phase):
-                    bar.set_description(event.message[:40])
-                elif isinstance(event, StepRecord):
-                    bar.update(1)
-                    bar.set_postfix_str(f"{event.arm} loss {event.loss:.3f} |g| {event.grad_norm_pre:.2f}")
-                elif isinstance(event, RunResult):
-                    result = event
+            result = run_to_folder(
+                cfg,
+                out,
+                overwrite=args.overwrite,
+                charts=not args.no_charts,
+                observers=(bar,),
+                tracker=tracker,
+                stop=stop,
+            )
+    except RunFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        bar.close()
-        print(f"aborted; the steps so far are in {writer.staging}/metrics.jsonl", file=sys.stderr)
+        print(f"aborted; the steps so far are in the staging folder beside {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         bar.close()
-    if result is None:  # pragma: no cover - run_ablation always ends with a RunResult
-        return EXIT_STOPPED
+        if parallel is not None:
+            parallel.close()
+    if not main:  # a failure here must end the launch (non-zero exit): the main process would otherwise wait
+        if result.status == "failed":
+            print(f"error (process {parallel.rank}): {result.error}", file=sys.stderr)
+        return EXIT_OK if result.status != "failed" else EXIT_STOPPED
+    return _report(args, result, caught)
+
+
+def _report(args: argparse.Namespace, result: RunResult, caught: list[str]) -> int:
+    """Print what the run left (its summary.md, notes, where) and the exit code of how it ended."""
     if args.out is None and result.out_dir is not None:
         _link_latest(Path(result.out_dir))
     if result.status == "failed" and not result.records:
         print(f"error: {result.error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    summary_md = Path(result.out_dir or writer.staging) / "summary.md"
-    if summary_md.exists():
-        print(summary_md.read_text())
+    where = Path(result.out_dir) if result.out_dir else None
+    if where is not None and (where / "summary.md").exists():
+        print((where / "summary.md").read_text())
     for note in result.notes:
         print(f"note: {note}")
-    where = result.out_dir or writer.staging
-    print(f"{result.status}: {len(result.records)} records of {', '.join(arm_labels(cfg.arms))} in {where}/")
+    print(f"{result.status}: {len(result.records)} records of {', '.join(result.config.arm_labels)} in {where}/")
     if result.status == "failed":
         print(f"error: {result.error}", file=sys.stderr)
     if caught:
@@ -260,8 +239,6 @@ def _lead(args: argparse.Namespace, cfg: AblationConfig, writer: Any, tracker: T
 
 
 def _study(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .output.study import CONDITIONS, StudyProtocol, run_study
 
     try:
@@ -274,33 +251,17 @@ def _study(args: argparse.Namespace) -> int:
             protocol.spike_at = args.spike_at
         for name in CONDITIONS:  # every cell's config is valid before anything runs
             protocol.config(name, protocol.seeds[0], [f"{a}@x{s:g}" for a in protocol.arms for s in protocol.lr_grid])
-        events = run_study(protocol, args.out, work_dir=args.work, overwrite=args.overwrite)
-        first = next(events)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     total = protocol.steps * len(protocol.arms) * len(protocol.seeds) * (len(protocol.lr_grid) + 1)
-    bar = tqdm(total=total, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
-    statuses = []
+    bar = _ProgressBar(total, disable=args.no_progress)
     try:
-        for event in _chain(first, events):
-            if isinstance(event, Phase):
-                bar.set_description(event.message[:40])
-            elif isinstance(event, StepRecord):
-                bar.update(1)
-            elif isinstance(event, RunResult):
-                statuses.append(event.status)
-                if event.status == "failed":
-                    print(f"error: {event.error}", file=sys.stderr)
+        study = run_study(protocol, args.out, work_dir=args.work, overwrite=args.overwrite, observers=(bar,))
     finally:
         bar.close()
     print((args.out / "study.md").read_text() if (args.out / "study.md").exists() else "no study written")
-    return EXIT_OK if all(s == "finished" for s in statuses) else EXIT_STOPPED
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
+    return EXIT_OK if study["status"] and all(s == "finished" for s in study["status"].values()) else EXIT_STOPPED
 
 
 def run_cli(argv: list[str] | None = None) -> int:

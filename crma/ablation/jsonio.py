@@ -1,4 +1,5 @@
-"""The one JSON convention of every file and API event: strict JSON, with non-finite floats written as `null`.
+"""The one JSON convention of every file and API event — strict JSON, with non-finite floats written as `null` — and
+the one way a run's files are written (atomically: a reader never sees half a file).
 
 A diverged step keeps its meaning through `StepRecord.diverged`; `null` is what every JSON reader (a browser's
 included) understands, where `NaN` is not JSON at all.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,18 @@ def dumps(value: Any, *, indent: int | None = None) -> str:
     return json.dumps(plain(value), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
-def write_json(path: str | os.PathLike[str], value: Any) -> Path:
-    """Write `value` as indented strict JSON."""
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` through a temp file and a rename: a reader never sees half a file."""
     out = Path(path)
-    out.write_text(dumps(value, indent=2) + "\n", encoding="utf-8")
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> Path:
+    """Write `value` as indented strict JSON (atomically)."""
+    return atomic_write_text(path, dumps(value, indent=2) + "\n")

@@ -26,8 +26,8 @@ def default_config(has_gpu: bool, *, cpu_flops: float | None = None) -> tuple[Ab
     Returns:
         `(AblationConfig, str)`: on a GPU the author's setting (TinyLlama-1.1B on 200 Alpaca rows, seed 42, 100
         steps, batch 4 x 256 tokens); on CPU a setting that finishes in a few minutes on 2 idle cores (SmolLM2-135M on
-        200 bundled rows, seed 42, 30 steps, batch 2 x 128 tokens). Both train the 2x2 grid of arms. The note is
-        `default_note(cfg, ...)`.
+        200 bundled rows, seed 42, 30 steps, batch 2 x 128 tokens, 16 held-out rows evaluated at steps 0, 15 and 30).
+        Both train the 2x2 grid of arms at the shared LR. The note is `default_note(cfg, ...)`.
     """
     if has_gpu:
         cfg = AblationConfig(
@@ -35,7 +35,15 @@ def default_config(has_gpu: bool, *, cpu_flops: float | None = None) -> tuple[Ab
         )
     else:
         cfg = AblationConfig(
-            model="smollm2-135m", dataset="bundled", rows=200, seed=42, steps=30, batch_size=2, seq_len=128
+            model="smollm2-135m",
+            dataset="bundled",
+            rows=200,
+            seed=42,
+            steps=30,
+            batch_size=2,
+            seq_len=128,
+            eval_rows=16,
+            eval_every=15,
         )
     return cfg, default_note(cfg, has_gpu=has_gpu, cpu_flops=cpu_flops)
 
@@ -51,6 +59,8 @@ def default_note(cfg: AblationConfig, *, has_gpu: bool, cpu_flops: float | None 
     """
     seeds = f"seed {cfg.seed}" if len(cfg.seed_list) == 1 else f"seeds {', '.join(map(str, cfg.seed_list))}"
     setting = f"{seeds}, {cfg.steps} steps, batch {cfg.batch_size} × {cfg.seq_len} tokens, {len(cfg.arms)} arms"
+    if cfg.eval_rows:
+        setting += f", {cfg.eval_rows} held-out rows"
     warmup = cfg.zclip.warmup_steps
     zclip = ""
     if cfg.steps <= 2 * warmup:
@@ -183,15 +193,28 @@ def estimate_step_seconds(cfg: AblationConfig, *, gpu: bool, cpu_flops: float | 
     return 0.02 + 4 * params * tokens / (CPU_STEP_EFFICIENCY * (cpu_flops or REFERENCE_CPU_FLOPS))
 
 
+def evaluations_per_seed(cfg: AblationConfig) -> int:
+    """How often every arm is evaluated on the held-out slices in one seed: at step 0, every `eval_every` steps and
+    after the last one (0 without a held-out slice)."""
+    if not cfg.eval_rows and not cfg.val_rows:
+        return 0
+    during = cfg.steps // cfg.eval_every if cfg.eval_every else 0
+    return 1 + during + (0 if cfg.eval_every and cfg.steps % cfg.eval_every == 0 else 1)
+
+
 def estimate_run_seconds(cfg: AblationConfig, *, gpu: bool, cpu_flops: float | None = None) -> float:
-    """Rough wall time of a whole run: load, per-seed set-up, the lockstep steps, saving and the report
-    (`cpu_flops` as in `estimate_step_seconds`)."""
+    """Rough wall time of a whole run: load, per-seed set-up, the lockstep steps, the held-out evaluations, saving
+    and the report (`cpu_flops` as in `estimate_step_seconds`)."""
     params, _ = _model_size(cfg.model)
+    arms = len(cfg.arm_labels)
     load = 10 + 20 * params / 1e9  # download + load, ~20 s per billion parameters
     setup = 2 + (3 if gpu else 15) * params / 1e9  # PiSSA's SVD of every target matrix, once per seed
-    steps = cfg.steps * len(cfg.arms) * estimate_step_seconds(cfg, gpu=gpu, cpu_flops=cpu_flops)
-    finish = 15 + 3 * len(cfg.arms)  # adapters, report.html and the PNG charts (a headless browser starts)
-    return load + len(cfg.seed_list) * (setup + steps) + finish
+    step = estimate_step_seconds(cfg, gpu=gpu, cpu_flops=cpu_flops)
+    steps = cfg.steps * arms * step
+    # A forward pass is about a third of a training step (no backward); a held-out row costs a batch row's share.
+    evals = evaluations_per_seed(cfg) * arms * (cfg.val_rows + cfg.eval_rows) * step / (3 * cfg.batch_size)
+    finish = 15 + 3 * arms  # adapters, report.html and the PNG charts (a headless browser starts)
+    return load + len(cfg.seed_list) * (setup + steps + evals) + finish
 
 
 def estimate_gpu_seconds(cfg: AblationConfig) -> int:
@@ -204,7 +227,7 @@ def estimate_gpu_seconds(cfg: AblationConfig) -> int:
 def fit_wall_cap(cfg: AblationConfig, gpu_seconds: float) -> AblationConfig:
     """`cfg` with `max_wall_s` inside the GPU lease, leaving time to save: ZeroGPU kills a call that overruns, and a
     killed run would lose every file, whereas a capped run stops cleanly with partial results."""
-    reserve = 20 + 5 * len(cfg.arms)
+    reserve = 20 + 5 * len(cfg.arm_labels)
     cap = max(30.0, gpu_seconds - reserve)
     return replace(cfg, max_wall_s=min(cfg.max_wall_s or cap, cap))
 

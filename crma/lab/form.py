@@ -30,7 +30,10 @@ SPACE_CAPS: Mapping[str, int | float] = MappingProxyType(
         "seq_len": 2048,
         "batch_size": 32,
         "seeds": 5,  # number of seeds in one run
-        "arms": 5,  # number of arms in one run (A/A copies included)
+        "arms": 6,  # number of arms in one run (A/A copies included)
+        "arm_labels": 18,  # arms times LR multipliers: the adapters trained side by side
+        "eval_rows": 500,
+        "val_rows": 500,
         "lora_r": 256,
         "crma.n_streams": 16,
         "crma.rank": 64,
@@ -41,6 +44,9 @@ SPACE_CAPS: Mapping[str, int | float] = MappingProxyType(
         "tokens_per_step": 16384,
     }
 )
+# "Tune the LR per arm" on the page: every arm at these multipliers, each chosen on a validation slice of this size.
+TUNE_LR_GRID = (0.3, 1.0, 3.0)
+TUNE_VAL_ROWS = 32
 # What a ZeroGPU lease gives one workload (the Hub's ZeroGPU docs: an H200 slice, 70 GB of VRAM); this process has
 # no GPU before the lease, so the estimate is checked against this figure.
 ZERO_GPU_MEMORY_BYTES = 70 * 10**9
@@ -96,6 +102,13 @@ def config_from_form(
         data["dataset"] = resolve_dataset(data.get("dataset"), upload)
     if data.get("spike_at") in (0, 0.0, "0"):
         data["spike_at"] = None  # 0 in a number box means "off"
+    if data.get("eval_dataset") not in (None, "", "alpaca", "bundled"):  # never a server path
+        raise ConfigError(
+            "eval_dataset", "Held-out data must be 'alpaca' or 'bundled' on this Space, or empty (the training data)"
+        )
+    if data.pop("tune_lr", False) is True:  # the page's one control for "each arm at its own best LR"
+        data.setdefault("lr_grid", list(TUNE_LR_GRID))
+        data.setdefault("val_rows", TUNE_VAL_ROWS)
     if caps is not None and "max_wall_s" in caps and data.get("max_wall_s") in (None, ""):
         data["max_wall_s"] = float(caps["max_wall_s"])
     cfg = parse_config(data)
@@ -134,9 +147,17 @@ def check_caps(cfg: AblationConfig, caps: Mapping[str, int | float] = SPACE_CAPS
             value = len(cfg.seed_list)
         elif key == "arms":
             value = len(cfg.arms)
+        elif key == "arm_labels":
+            value = len(cfg.arm_labels)
         else:
             value = values[key]
         if value is not None and value > cap:
+            if key == "arm_labels":
+                raise ConfigError(
+                    "arms",
+                    f"{label('arms')} × {label('lr_grid')} must be at most {cap:g} arms trained side by side on this "
+                    f"Space; got {len(cfg.arms)} × {len(cfg.lr_grid)} = {value}",
+                )
             shown = f"{value} of them" if key in ("seeds", "arms") else repr(value)
             raise ConfigError(key, f"{label(key)} must be at most {cap:g} on this Space; got {shown}")
 
@@ -168,7 +189,7 @@ def check_memory(cfg: AblationConfig, *, model_config: Any = None, zero_gpu: boo
     import torch
 
     from crma.ablation.models import PRESETS
-    from crma.ablation.spec.arms import ARM_SPECS
+    from crma.ablation.spec.arms import parse_arm
 
     from .memory import check_training_fits, estimate_training_memory
     from .runs import VISITOR_HUB
@@ -184,8 +205,8 @@ def check_memory(cfg: AblationConfig, *, model_config: Any = None, zero_gpu: boo
         cfg.model if model_config is None else model_config,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
-        n_arms=len(cfg.arms),
-        crma_arms=sum(1 for arm in cfg.arms if ARM_SPECS[arm].crma),
+        n_arms=len(cfg.arm_labels),
+        crma_arms=sum(1 for label_ in cfg.arm_labels if parse_arm(label_).spec.crma),
         lora_r=cfg.lora_r,
         lora_targets=cfg.lora_targets,
         lora_dropout=cfg.lora_dropout,
@@ -206,10 +227,13 @@ def check_data(cfg: AblationConfig, data_name: str | None = None) -> None:
     """
     from crma.ablation.data import DataError, load_instruction_rows
 
-    try:
-        load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows, display_name=data_name)
-    except DataError as exc:
-        raise DataError(_hide_dir(str(exc), cfg.dataset)) from None
+    for split, (dataset, start, rows) in cfg.slices().items():
+        try:
+            name = data_name if dataset == cfg.dataset else None
+            load_instruction_rows(dataset, start=start, rows=rows, display_name=name)
+        except DataError as exc:
+            where = "" if split == "train" else f"the held-out {split} slice (rows {start}–{start + rows - 1}): "
+            raise DataError(where + _hide_dir(str(exc), dataset)) from None
 
 
 def _hide_dir(message: str, source: str) -> str:

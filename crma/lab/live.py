@@ -1,31 +1,31 @@
-"""`LiveView`: turns engine events into what the page shows, and decides when the page should redraw;
-`ViewRegistry`: the live views of the runs of this process, by run id."""
+"""`LiveView`: what the page shows of a run — progress line, clocks, ETA, charts — fed from the run's folder as it
+grows (`follow`), and when the page should redraw. Any page follows any run this way: the one that pressed Run, the
+same page after a reload, an `/ablate` client; none of them is needed for the run to go on."""
 
 from __future__ import annotations
 
 import html
 import math
-import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from crma.ablation.engine.records import Phase, RunResult, StepRecord
-from crma.ablation.spec.arms import arm_labels, baseline_arm
+from crma.ablation.engine.records import EvalRecord, Phase, StepRecord
+from crma.ablation.output.run_folder import FolderTail
+from crma.ablation.spec.arms import baseline_arm
 from crma.ablation.spec.config import AblationConfig
-
-from .runs import get_run, load_result
 
 
 class LiveView:
-    """Turns engine events into what the page shows, and decides when the page should redraw.
+    """Turns a run's records and phases into what the page shows, and decides when the page should redraw.
 
     `update(event)` is O(1) per event (counters only); figures are built from the records only when a redraw is due:
     at most one per `min_interval_s` (and never more often than three times the last drawing cost, so drawing cannot
-    eat more than a quarter of a fast run's time), always on a `Phase` and on the final `RunResult`.
+    eat more than a quarter of a fast run's time), always on a `Phase` and at the end (`finish`).
 
     The ETA is the smoothed wall time of one lockstep step (a debiased EMA with weight `ETA_WEIGHT` over the gaps
     between steps; a gap that spans a phase such as a seed's set-up is left out) times the steps left, plus the
@@ -35,11 +35,12 @@ class LiveView:
         cfg (`AblationConfig`): the run's config.
         device (`str`): device label for the progress line.
         min_interval_s (`float`): the throttle.
-        clock (`Callable[[], float]`): monotonic clock (injected in tests).
+        clock (`Callable[[], float]`): the clock, in seconds since the epoch like `progress.json`'s `started_at`
+            (injected in tests).
         smoothing (`float`): EMA weight for the charts (the raw line stays faint behind).
         log_scale (`bool`): logarithmic grad-norm axis.
-        started (`float | None`): when the run started, on `clock` (another view's, for a page that re-attaches);
-            None: now.
+        started (`float | None`): when the run started, on `clock` (`progress.json`'s `started_at`, for a page that
+            re-attaches); None: now.
     """
 
     ETA_WEIGHT = 0.8
@@ -50,20 +51,21 @@ class LiveView:
         *,
         device: str = "CPU",
         min_interval_s: float = 0.35,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         smoothing: float = 0.6,
         log_scale: bool = False,
         started: float | None = None,
     ):
         self.cfg, self.device, self.min_interval_s, self.clock = cfg, device, min_interval_s, clock
         self.smoothing, self.log_scale = smoothing, log_scale
-        self.labels = arm_labels(cfg.arms)
+        self.labels = cfg.arm_labels
         self.baseline = baseline_arm(self.labels)
         self.seeds = cfg.seed_list
         self.total_steps = cfg.steps * len(self.seeds)
         self.records: list[StepRecord] = []
+        self.evals: list[EvalRecord] = []
         self.phase = "waiting for the GPU queue"
-        self.result: RunResult | None = None
+        self.result: dict[str, Any] | None = None  # summary.json once the run ended
         self.done = 0  # global step index (seed i, step s -> i * steps + s) of the newest record
         self.seed: int | None = None
         self.memory_mb: float | None = None
@@ -73,7 +75,7 @@ class LiveView:
         self.redraws = 0
         self._arms_seen: set[str] = set()
         self._tokens_at: dict[tuple[str, int], int] = {}
-        self._started = clock() if started is None else started
+        self.started = clock() if started is None else started  # on `clock`
         self._step_at: float | None = None  # when `done` last grew (None right after a phase: no gap to measure)
         self._step_ema, self._step_n = 0.0, 0  # EMA state of the seconds per lockstep step, and gaps seen
         self._setup_began: float | None = None  # when the current seed's set-up phase began
@@ -85,17 +87,17 @@ class LiveView:
         self.revision = uuid.uuid4().hex[:12]
 
     # -- events ------------------------------------------------------------------------------------------------
-    @property
-    def started(self) -> float:
-        """When the run started, on `clock`."""
-        return self._started
+    def finish(self, summary: dict[str, Any]) -> bool:
+        """The run ended (its `summary.json`): always redraw."""
+        self.result = summary
+        self.phase = summary.get("status") or "finished"
+        return self._mark()
 
-    def update(self, event: Phase | StepRecord | RunResult) -> bool:
-        """Take one engine event; return True when the page should redraw now."""
-        if isinstance(event, RunResult):
-            self.result = event
-            self.phase = event.status
-            return self._mark()
+    def update(self, event: Phase | StepRecord | EvalRecord) -> bool:
+        """Take one record or phase; return True when the page should redraw now."""
+        if isinstance(event, EvalRecord):
+            self.evals.append(event)
+            return False
         if isinstance(event, Phase):
             self.phase = event.message
             self._step_at = None  # the next gap includes this phase's work: not a step time
@@ -146,38 +148,38 @@ class LiveView:
         return True
 
     # -- charts ------------------------------------------------------------------------------------------------
-    def figures(self, smoothing: float | None = None, log_scale: bool | None = None) -> tuple[Any, Any, Any]:
-        """(loss, grad norm, loss delta) Plotly figures of the records so far. While a multi-seed run goes on, the
-        charts show the current seed; once it ended, the mean over seeds with a band."""
-        from crma.ablation.report.plots import make_delta_figure, make_grad_norm_figure, make_loss_figure
+    def figures(self, smoothing: float | None = None, log_scale: bool | None = None) -> dict[str, Any]:
+        """`{chart key: figure or None}` of every chart (`charts.CHARTS`) from the records so far. While a
+        multi-seed run goes on, the charts show the current seed; once it ended, the mean over seeds with a band."""
+        from crma.ablation.report.charts import ChartData, draw_charts
 
         if smoothing is not None:
             self.smoothing = smoothing
         if log_scale is not None:
             self.log_scale = log_scale
         started = self.clock()
-        records = self.records[:]  # a snapshot: the run may append while a slider redraws from another thread
+        records = self.records[:]  # a snapshot: a slider may redraw from another thread
         seed = self.seed if self.result is None and len(self.seeds) > 1 else None
-        loss = make_loss_figure(records, smoothing=self.smoothing, seed=seed)
-        grad = make_grad_norm_figure(records, smoothing=self.smoothing, log_scale=self.log_scale, seed=seed)
-        # The delta chart needs the baseline's records; before its first step the chart says so.
-        delta_records = records if self.baseline in self._arms_seen else []
-        delta = make_delta_figure(delta_records, baseline=self.baseline, smoothing=self.smoothing, seed=seed)
-        for fig in (loss, grad, delta):
-            fig.layout.uirevision = f"{fig.layout.uirevision}:{self.revision}"
+        data = ChartData(
+            records,
+            self.evals[:],
+            self.result,
+            smoothing=self.smoothing,
+            log_scale=self.log_scale,
+            seed=seed,
+            baseline=self.baseline,
+        )
+        figures = draw_charts(data)
+        for fig in figures.values():
+            if fig is not None:
+                fig.layout.uirevision = f"{fig.layout.uirevision}:{self.revision}"
         self._draw_cost = self.clock() - started
-        return loss, grad, delta
-
-    def mixing_figure(self) -> Any:
-        """CRMA mixing diagnostics over steps (all seeds)."""
-        from crma.ablation.report.plots import make_mixing_figure
-
-        return make_mixing_figure(self.records[:])
+        return figures
 
     # -- progress ----------------------------------------------------------------------------------------------
     def fraction(self) -> float:
         """Share of the run's steps done, in [0, 1]."""
-        if self.result is not None and self.result.status == "finished":
+        if self.result is not None and self.result.get("status") == "finished":
             return 1.0
         return min(1.0, self.done / self.total_steps) if self.total_steps else 0.0
 
@@ -193,18 +195,18 @@ class LiveView:
 
     def _progress_parts(self) -> list[str | _Tick]:
         """The progress line as text and clocks (a clock keeps ticking in the browser between two updates)."""
-        elapsed = self.clock() - self._started
+        elapsed = self.clock() - self.started
         head: list[str | _Tick]
         if self.result is not None:
-            r = self.result
+            status, error = self.result.get("status"), self.result.get("error")
             where = f"step {self.done}/{self.total_steps}"
-            if r.status == "finished":
-                took = _clock(r.wall_s or elapsed)
+            if status == "finished":
+                took = _clock(self.result.get("wall_s") or elapsed)
                 head = [f"Finished {self.total_steps} steps x {len(self.labels)} arms in {took}"]
-            elif r.status == "stopped":
-                head = [f"Stopped at {where} ({r.error or 'stopped by request'}); partial results kept"]
+            elif status == "stopped":
+                head = [f"Stopped at {where} ({error or 'stopped by request'}); partial results kept"]
             else:
-                head = [f"Failed at {where}: {r.error}"]
+                head = [f"Failed at {where}: {error}"]
         elif not self.records:
             head = [f"{self.phase} (", _Tick(elapsed, up=True), ")"]
         else:
@@ -239,7 +241,7 @@ class LiveView:
         `<span class="crma-tick" data-s=... data-dir="up|down">` that the page's script advances every second, so
         the elapsed time keeps moving through a long set-up or step."""
         pct = 100 * self.fraction()
-        failed = self.result is not None and self.result.status == "failed"
+        failed = self.result is not None and self.result.get("status") == "failed"
         colour = "#d55e00" if failed or self.diverged else "#0072b2"
         text = "".join(
             f'<span class="crma-tick" data-s="{p.seconds:.1f}" data-dir="{"up" if p.up else "down"}">'
@@ -269,42 +271,42 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-class ViewRegistry:
-    """Live views by run id, so a smoothing or log-scale change can redraw a visitor's run (running or ended)
-    without re-running it. Bounded: the oldest views are dropped (their records stay in `metrics.jsonl`)."""
+@dataclass
+class Look:
+    """What one look at a run folder found: a new phase (or None), the records added since, the summary once the run
+    ended."""
 
-    def __init__(self, max_views: int = 16):
-        self.max_views = max_views
-        self._views: OrderedDict[str, LiveView] = OrderedDict()
-        self._lock = threading.Lock()
+    phase: Phase | None
+    records: list[Any]
+    summary: dict[str, Any] | None
+    started_at: float | None
 
-    def add(self, run_id: str, view: LiveView) -> None:
-        with self._lock:
-            self._views[run_id] = view
-            while len(self._views) > self.max_views:
-                self._views.popitem(last=False)
 
-    def get(self, run_id: Any) -> LiveView | None:
-        with self._lock:
-            return self._views.get(run_id) if isinstance(run_id, str) else None
+def watch(out: str | Path, *, interval_s: float = 0.5) -> Iterator[Look]:
+    """Look at run folder `out` every `interval_s` as the run writes it; ends after the look that found its
+    `summary.json`. Any follower — a page, a reloaded page, an API client — is a loop over this."""
+    tail, phase, pause = FolderTail(out), None, threading.Event()
+    while True:
+        update = tail.poll()
+        new_phase = None
+        if update.progress.get("phase") and update.progress["phase"] != phase:
+            phase = update.progress["phase"]
+            new_phase = Phase(phase, seed=update.progress.get("seed"))
+        yield Look(new_phase, update.records, update.summary, update.progress.get("started_at"))
+        if update.summary is not None:
+            return
+        pause.wait(interval_s)
 
-    def view_for(self, run_id: Any, root: str | os.PathLike[str] | None = None) -> LiveView | None:
-        """The live view of `run_id`, else one rebuilt from the run's `config.json` and `metrics.jsonl`."""
-        view = self.get(run_id)
-        if view is not None:
-            return view
-        folder = get_run(run_id, root)
-        if folder is None or not (folder.out_dir / "metrics.jsonl").is_file():
-            return None
-        from crma.ablation.engine.records import read_metrics_jsonl
 
-        cfg = AblationConfig.from_json((folder.out_dir / "config.json").read_text())
-        view = LiveView(cfg)
-        for record in read_metrics_jsonl(folder.out_dir / "metrics.jsonl"):
-            view.update(record)
-        ended = load_result(folder)  # how the run ended, from its summary.json
-        if ended is not None:
-            view.update(ended)
-        else:
-            view.result = RunResult(status="finished", error=None, config=cfg, records=view.records, summary={})
-        return view
+def follow(out: str | Path, view: LiveView, *, interval_s: float = 0.5) -> Iterator[bool]:
+    """Feed `view` from run folder `out` (`watch`), yielding whether the page should redraw after each look (a look
+    without news yields False: the page's clocks move anyway); the last look, with the summary, calls `finish`."""
+    for look in watch(out, interval_s=interval_s):
+        if look.started_at:
+            view.started = float(look.started_at)
+        redraw = view.update(look.phase) if look.phase is not None else False
+        for record in look.records:
+            redraw = view.update(record) or redraw
+        if look.summary is not None:
+            redraw = view.finish(look.summary)
+        yield redraw

@@ -1,11 +1,11 @@
-"""Run folders of the app: one private folder per run id, the stop flag beside it, clean-up, the download archive.
+"""Run folders of the app: one private folder per run id (the run folder inside it, the stop flag beside it),
+clean-up, the download archive.
 
 A run id is 32 hex digits (uuid4): unguessable, so it is also the key to stop, re-attach to or push a run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -14,13 +14,9 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from crma.ablation.engine.records import Event, RunResult
-from crma.ablation.spec.config import AblationConfig
 
 RUNS_ENV = "CRMA_RUNS_DIR"
 # How the app's runs reach the Hub: a visitor's model id is downloaded with no token (never the host's `HF_TOKEN`,
@@ -102,34 +98,6 @@ def get_run(run_id: Any, root: str | os.PathLike[str] | None = None) -> RunFolde
     return folder if folder.root.is_dir() else None
 
 
-def load_result(folder: RunFolder) -> RunResult | None:
-    """The `RunResult` of a run that ended, read back from its folder (after a page reload, say); None while it runs,
-    or when its files cannot be read."""
-    from crma.ablation.engine.records import read_metrics_jsonl
-
-    out = folder.out_dir
-    if not folder.finished():
-        return None
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        cfg = AblationConfig.from_json((out / "config.json").read_text(encoding="utf-8"))
-        metrics = out / "metrics.jsonl"
-        records = read_metrics_jsonl(metrics) if metrics.is_file() else []
-    except (OSError, ValueError):
-        return None
-    return RunResult(
-        status=summary.get("status") or "finished",
-        error=summary.get("error"),
-        config=cfg,
-        records=records,
-        summary=summary,
-        out_dir=str(out),
-        files=[p.relative_to(out).as_posix() for p in sorted(out.rglob("*")) if p.is_file()],
-        notes=list(summary.get("notes") or []),
-        wall_s=float(summary.get("wall_s") or 0.0),
-    )
-
-
 def request_stop(run_id: Any, root: str | os.PathLike[str] | None = None) -> bool:
     """Ask the run to stop at its next step boundary; False when there is no such run or it already ended."""
     folder = get_run(run_id, root)
@@ -178,18 +146,6 @@ def cleanup_runs(
 def _last_change(path: Path) -> float:
     # The newest mtime inside: a long run keeps touching metrics.jsonl, so it never looks old while it trains.
     return max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
-
-
-def run_events(cfg: AblationConfig, out_dir: str, stop_file: str, data_name: str | None = None) -> Iterator[Event]:
-    """The engine's events for one visitor's run, with its files written to `out_dir` (Hub access: `VISITOR_HUB`).
-
-    Plain, picklable arguments: on ZeroGPU this generator runs in a forked worker (the app wraps it in `spaces.GPU`)
-    and its events are pickled back to the app's process. `data_name` is what the run calls an uploaded file (its
-    own name, never the server path).
-    """
-    from crma.ablation.output.run_folder import write_run
-
-    yield from write_run(cfg, out_dir, stop=StopSignal(stop_file), data_name=data_name, **VISITOR_HUB)
 
 
 def make_archive(out_dir: str | os.PathLike[str]) -> Path:

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.engine.records import EvalRecord, Phase, StepRecord
 from crma.ablation.jsonio import plain
+from crma.ablation.output.run_folder import StoredRun
 from crma.ablation.spec.config import AblationConfig
 from crma.ablation.spec.schema import config_to_values, field_spec
 
@@ -52,23 +53,29 @@ def _number(value: float) -> str:
     return short if float(short) == value else repr(value)
 
 
-def event_json(event: Phase | StepRecord | RunResult, *, run_id: str) -> dict[str, Any]:
-    """One engine event as the `/ablate` API streams it: `{"type": "phase" | "record" | "result", ...}`."""
+def event_json(event: Phase | StepRecord | EvalRecord, *, run_id: str) -> dict[str, Any]:
+    """One record or phase of a run as the `/ablate` API streams it: `{"type": "phase" | "record" | "eval", ...}`."""
     if isinstance(event, StepRecord):
         return plain({"type": "record", "run_id": run_id, **event.to_dict()})
-    if isinstance(event, Phase):
-        return {"type": "phase", "run_id": run_id, "message": event.message, "seed": event.seed}
+    if isinstance(event, EvalRecord):
+        return plain({"type": "eval", "run_id": run_id, **event.to_dict()})
+    return {"type": "phase", "run_id": run_id, "message": event.message, "seed": event.seed}
+
+
+def result_json(run: StoredRun, *, run_id: str) -> dict[str, Any]:
+    """The last event of an `/ablate` stream: how the run ended, its summary and its files, read from its folder."""
+    summary = run.summary or {}
     return plain(
         {
             "type": "result",
             "run_id": run_id,
-            "status": event.status,
-            "error": event.error,
-            "records": len(event.records),
-            "wall_s": event.wall_s,
-            "summary": event.summary,
-            "files": event.files,
-            "notes": event.notes,
+            "status": run.status,
+            "error": summary.get("error"),
+            "records": len(run.records),
+            "wall_s": summary.get("wall_s"),
+            "summary": summary,
+            "files": run.files,
+            "notes": summary.get("notes") or [],
         }
     )
 

@@ -190,6 +190,38 @@ def launched_world_size() -> int:
         return 1
 
 
+def _requested_processes() -> int | None:
+    """How many processes `accelerate launch` was asked for, read from its command line (the parent process): its
+    simple launcher, used for `--cpu` without mpirun, starts one process and tells it nothing."""
+    if "ACCELERATE_USE_CPU" not in os.environ:  # not started by accelerate's simple launcher
+        return None
+    try:
+        import psutil
+
+        argv = psutil.Process(os.getppid()).cmdline()
+    except Exception:  # no such process, no permission, no psutil: nothing to say
+        return None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value.isdigit():
+                return int(value)
+    return None
+
+
+def launch_mismatch_note(parallel: DataParallel | None) -> str | None:
+    """A sentence when the launcher asked for more processes than this run sees (None when they agree)."""
+    requested, seen = _requested_processes(), parallel.world_size if parallel is not None else 1
+    if requested is None or requested <= seen:
+        return None
+    return (
+        f"accelerate launch was asked for {requested} processes, but this run sees {seen}: accelerate starts "
+        "multi-process CPU runs only through mpirun (its --mpirun_hostfile); use `torchrun --nproc-per-node "
+        f"{requested} -m crma ablate --device cpu ...` for {requested} CPU processes. This run trained in {seen}."
+    )
+
+
 def world_size() -> int:
     """The world size of this process's group: the initialised process group's, else 1."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -2,18 +2,21 @@
 
     for seed in seeds:
         with ArmSet(cfg, loaded, seed) as arms:        # same LoRA init in every arm; CRMA / ZClip per arm
+            evaluate(arms, step=0)                     # every arm on the held-out slices, before training
             for step in steps:
                 batch = batches.at(step)               # one batch, handed to every arm
                 for arm in arms:
-                    yield arms.train_step(arm, batch)  # a StepRecord
+                    emit(arms.train_step(arm, batch))  # forward, backward, clip, step: a StepRecord
+                if eval_due(step):
+                    evaluate(arms, step)               # EvalRecords, under no_grad, RNG untouched
 
-Events go to whoever iterates: the CLI's progress bar, the app's live charts, and `RunWriter` (which writes the
-files), and, with a `TrackerConfig`, to trackio / W&B / TensorBoard. Failures end the run as a `RunResult` with status
-`failed` and a one-line error; they are not raised.
+`train` hands every event to its observers — `RunWriter` (the run folder), a tracker `Reporter`, the CLI's progress
+bar — and returns the `RunResult`; nothing else reads a run while it trains. Failures end the run as a `RunResult`
+with status `failed` and a one-line error; they are not raised.
 
 Under `accelerate launch` / `torchrun` with several processes the same loop runs data-parallel (see `distributed`):
-each process trains every arm on its rows of each step's batch; only the main process yields records, saves adapters
-and reports to trackers; the others yield only their final `RunResult`.
+each process trains every arm on its rows of each step's batch; only the main process has observers and saves
+adapters.
 """
 
 from __future__ import annotations
@@ -21,19 +24,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..analysis.summary import build_summary
-from ..output.trackers import TrackerConfig, open_reporter
 from ..spec.config import AblationConfig
 from .arm_set import ArmSet, Batch
-from .distributed import DataParallel, data_parallel
+from .distributed import DataParallel, data_parallel, launch_mismatch_note
 from .evaluation import EvalSet, build_eval_set
-from .records import EvalRecord, Event, Phase, RunResult, StepRecord
+from .records import EvalRecord, Event, Phase, RunResult, SeedEnd, SeedStart, StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +108,14 @@ def _failure_message(exc: Exception) -> str:
     return f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
 
 
-class _Run:
-    """What one run accumulates: records, receipts, per-arm totals, notes, and how it ended."""
+Observer = Callable[[Event], None]
 
-    def __init__(self, cfg: AblationConfig, stop: threading.Event):
-        self.cfg, self.stop = cfg, stop
+
+class _Run:
+    """What one run accumulates — records, receipts, per-arm totals, notes, how it ended — and who hears of it."""
+
+    def __init__(self, cfg: AblationConfig, stop: threading.Event, observers: Sequence[Observer]):
+        self.cfg, self.stop, self.observers = cfg, stop, list(observers)
         self.parallel: DataParallel | None = None
         self.shards: dict[int, dict[str, Any]] = {}  # per seed: what each process trained on (data parallel)
         self.started = time.perf_counter()
@@ -124,8 +129,18 @@ class _Run:
 
     @property
     def is_main(self) -> bool:
-        """This process yields records, saves adapters and reports (always, without a launcher)."""
+        """This process has observers and saves adapters (always, without a launcher)."""
         return self.parallel is None or self.parallel.is_main
+
+    def emit(self, event: Event) -> None:
+        """Keep a record, and hand `event` to every observer (main process only)."""
+        if isinstance(event, StepRecord):
+            self.records.append(event)
+        elif isinstance(event, EvalRecord):
+            self.evals.append(event)
+        if self.is_main:
+            for observe in self.observers:
+                observe(event)
 
     def should_stop(self) -> bool:
         """Stop requested or the wall cap reached: mark the run stopped and say so. Data parallel: a collective (every
@@ -137,6 +152,16 @@ class _Run:
         if self.parallel is not None and self.parallel.any(self.status != "finished") and self.status == "finished":
             self.status, self.error = "stopped", "stopped by another process of the launch"
         return self.status != "finished"
+
+    def eval_due(self, step: int) -> bool:
+        """Held-out evaluation after `step`: every `eval_every` steps and after the last one."""
+        return step == self.cfg.steps or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
+
+    def evaluate(self, arms: ArmSet, eval_sets: list[EvalSet], step: int) -> None:
+        """Every arm still training, on every held-out slice, at `step` (0: before the first step)."""
+        for eval_set in eval_sets:
+            for arm in arms:
+                self.emit(arms.evaluate(arm, eval_set, step))
 
     def end_seed(self, arms: ArmSet, batches: StepBatches, consumed: list[list[int]]) -> None:
         self.receipts.append(arms.receipt(batches.order_sha256))
@@ -161,11 +186,7 @@ class _Run:
         from .receipt import check_selection
 
         summary = build_summary(
-            self.records,
-            labels=self.cfg.arm_labels,
-            receipts=self.receipts,
-            arm_info=self.arm_info,
-            evals=self.evals,
+            self.records, labels=self.cfg.arm_labels, receipts=self.receipts, arm_info=self.arm_info, evals=self.evals
         )
         summary["notes"] = list(self.notes)
         summary["data"] = self.data
@@ -187,85 +208,32 @@ class _Run:
         )
 
 
-def _heldout_sets(run: _Run, loaded: Any, train: Any, data_name: str | None) -> Iterator[Event]:
-    """Read and tokenise the validation and test slices like the training slice (a generator: it yields phases and
-    returns the `EvalSet`s); records their identity and any overlap with the training examples in the run's data."""
-    from ..data import build_example_set, describe_source, load_instruction_rows
-    from .evaluation import example_hash
-
-    cfg, out = run.cfg, []
-    train_hashes = {example_hash(e) for e in train.examples}
-    heldout: dict[str, Any] = {}
-    for split, (dataset, start, rows) in cfg.slices().items():
-        if split == "train":
-            continue
-        name = data_name if dataset == cfg.dataset else None
-        source = describe_source(dataset, display_name=name)
-        yield Phase(f"reading the {split} slice: {rows} rows of {source.name} from row {start}")
-        try:
-            rows_read = load_instruction_rows(dataset, start=start, rows=rows, display_name=name)
-        except ValueError as exc:
-            raise ValueError(f"the held-out {split} slice (rows {start}–{start + rows - 1}): {exc}") from None
-        fitted = build_example_set(rows_read, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=start)
-        eval_set = build_eval_set(
-            split,
-            fitted,
-            source.to_dict(),
-            batch_size=cfg.batch_size,
-            pad_id=loaded.tokenizer.pad_token_id,
-            device=loaded.device,
-        )
-        out.append(eval_set)
-        heldout[split] = {**eval_set.describe(), "overlap_with_train": len(eval_set.example_hashes & train_hashes)}
-    if len(out) == 2:
-        heldout["val_test_overlap"] = len(out[0].example_hashes & out[1].example_hashes)
-    for split, info in heldout.items():
-        if isinstance(info, dict) and info["overlap_with_train"]:
-            run.notes.append(
-                f"{info['overlap_with_train']} examples of the {split} slice also occur in the training slice "
-                "(same text): the held-out figure is partly a training figure"
-            )
-    run.data["heldout"] = heldout
-    return out
-
-
-def _evaluate(run: _Run, arms: ArmSet, eval_sets: list[EvalSet], step: int, reporter: Any) -> Iterator[Event]:
-    """Every arm still training, on every held-out slice, at `step` (0: before the first step)."""
-    for eval_set in eval_sets:
-        for arm in arms:
-            record = arms.evaluate(arm, eval_set, step)
-            run.evals.append(record)
-            if reporter is not None:
-                reporter.log_eval(record)
-            yield record
-
-
-def run_ablation(
+def train(
     cfg: AblationConfig,
     *,
+    observers: Sequence[Observer] = (),
     stop: threading.Event | None = None,
     loaded: Any = None,
     adapters_dir: str | Path | None = None,
     data_name: str | None = None,
-    tracker: TrackerConfig | None = None,
     token: str | bool | None = None,
     allow_local: bool = True,
-) -> Iterator[Event]:
-    """Run the paired ablation and yield `Phase` messages, one `StepRecord` per arm per step, then a `RunResult`.
+) -> RunResult:
+    """Train every arm of `cfg` in lockstep, hand each event to `observers`, and return the run's `RunResult`.
 
     Started by `accelerate launch` / `torchrun` with several processes, it runs data-parallel (see `distributed`):
-    the main process yields every event and saves the adapters; the others yield only their `RunResult`.
+    only the main process has observers and saves the adapters.
 
     Args:
         cfg (`AblationConfig`): what to run.
+        observers (`Sequence[Callable[[Event], None]]`): called with every `Phase`, `SeedStart`, `StepRecord`,
+            `EvalRecord`, `SeedEnd` and, last, the `RunResult` (e.g. `RunWriter`, a tracker `Reporter`).
         stop (`threading.Event | None`): when set, every arm stops at the next step boundary; results so far are kept.
         loaded (`LoadedModel | None`): an already loaded model to reuse (its weights are restored afterwards).
         adapters_dir (`str | Path | None`): where each arm's adapter is saved (`<arm>/`, or `seed-<s>/<arm>/` with
             several seeds) when `cfg.save_adapters`; nothing is saved when None.
         data_name (`str | None`): what messages and the summary call a local data file (e.g. an upload's own name,
             so no server path is shown); the path itself by default.
-        tracker (`TrackerConfig | None`): also hand every step's metrics to trackio, W&B or TensorBoard (one run per
-            arm and seed; main process only).
         token (`str | bool | None`): Hub token for the model download, as `load_model` reads it: None uses this
             machine's login (the CLI), False sends none (a hosted app loading a visitor's model id), a string sends
             that token only.
@@ -273,101 +241,128 @@ def run_ablation(
             never reads the server's files).
 
     Returns:
-        An iterator of events; the last one is always a `RunResult` (status finished / stopped / failed). Errors
-        in the config, the model or the data end the run as `failed` with a one-line message; they are not raised.
+        `RunResult` (status finished / stopped / failed). Errors in the config, the model or the data end the run as
+        `failed` with a one-line message; they are not raised.
     """
-    run = _Run(cfg, stop or threading.Event())
-    hub = {"token": token, "allow_local": allow_local}
-    for event in _train(run, loaded, adapters_dir, data_name, tracker, hub):
-        if run.is_main or isinstance(event, RunResult):
-            yield event
-
-
-def _train(
-    run: _Run,
-    loaded: Any,
-    adapters_dir: str | Path | None,
-    data_name: str | None,
-    tracker: TrackerConfig | None,
-    hub: dict[str, Any],
-) -> Iterator[Event]:
-    from ..data import build_example_set, describe_source, load_instruction_rows
-    from ..models import load_model
-
-    cfg, reporter = run.cfg, None
+    run = _Run(cfg, stop or threading.Event(), observers)
     try:
-        run.parallel = parallel = data_parallel(cfg.device)
-        if parallel is not None and cfg.batch_size < parallel.world_size:
-            raise ValueError(
-                f"Batch size ({cfg.batch_size}) is smaller than the number of processes ({parallel.world_size}): "
-                "every process needs at least one row of each step's batch"
-            )
-        if run.is_main:
-            reporter = open_reporter(tracker, cfg, world_size=parallel.world_size if parallel else 1)
+        run.parallel = _join_launch(run)
         if loaded is None:
-            yield Phase(f"loading model {cfg.model}")
-            device = cfg.device
-            if parallel is not None:  # each process on its own GPU (cuda:<local rank>), or the CPU
-                device = "cpu" if parallel.device.type == "cpu" else str(parallel.device)
-            loaded = load_model(cfg.model, device=device, dtype=cfg.dtype, **hub)
-        source = describe_source(cfg.dataset, display_name=data_name)
-        run.data["source"] = source.to_dict()
-        yield Phase(f"reading {cfg.rows} rows of {source.name} from row {cfg.start}")
-        rows = load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows, display_name=data_name)
-        fitted = build_example_set(rows, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=cfg.start)
-        run.data["fit"] = fitted.to_dict()
-        run.notes.extend(fitted.notes())
-        examples = fitted.examples
-        eval_sets = yield from _heldout_sets(run, loaded, fitted, data_name)
-        vocab = loaded.model.get_input_embeddings().weight.shape[0]
+            run.emit(Phase(f"loading model {cfg.model}"))
+            loaded = _load(run, token=token, allow_local=allow_local)
+        examples, eval_sets = _read_data(run, loaded, data_name)
         for seed in cfg.seed_list:
             if run.should_stop():
                 break
-            yield Phase(f"seed {seed}: setting up {len(cfg.arms)} arms", seed=seed)
-            batches = StepBatches(
-                examples,
-                cfg,
-                seed,
-                pad_id=loaded.tokenizer.pad_token_id,
-                vocab_size=vocab,
-                device=loaded.device,
-                parallel=parallel,
-            )
-            consumed: list[list[int]] = []  # the examples this process trained on, per step
-            with ArmSet(cfg, loaded, seed, notes=run.notes, parallel=parallel) as arms:
-                if reporter is not None:
-                    reporter.start_seed(seed, [a.label for a in arms.arms], arms.setup_receipt(batches.order_sha256))
-                yield from _evaluate(run, arms, eval_sets, 0, reporter)
-                for step in range(1, cfg.steps + 1):
-                    if run.should_stop():
-                        break
-                    batch = batches.at(step)
-                    consumed.append(batch.shard.indices if batch.shard is not None else list(batch.indices))
-                    for arm in arms:
-                        record = arms.train_step(arm, batch)
-                        run.records.append(record)
-                        if reporter is not None:
-                            reporter.log(record)
-                        yield record
-                    if arms.all_diverged:
-                        run.notes.append(f"seed {seed}: every arm diverged by step {step}")
-                        break
-                    if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                        yield from _evaluate(run, arms, eval_sets, step, reporter)
-                run.end_seed(arms, batches, consumed)
-                if reporter is not None:
-                    reporter.end_seed(run.receipts[-1])
-                if adapters_dir is not None and cfg.save_adapters and run.is_main:
-                    yield Phase(f"seed {seed}: saving adapters", seed=seed)
-                    root = Path(adapters_dir)
-                    arms.save_adapters(root if len(cfg.seed_list) == 1 else root / f"seed-{seed}")
+            _train_seed(run, loaded, examples, eval_sets, seed, adapters_dir)
             if run.status != "finished":
                 break
     except Exception as exc:  # anything still ends as a failed run whose finished steps are kept
         run.status, run.error = "failed", _failure_message(exc)
     finally:
-        if reporter is not None:
-            reporter.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    yield run.result()
+    result = run.result()
+    run.emit(result)
+    return result
+
+
+def _join_launch(run: _Run) -> DataParallel | None:
+    parallel = data_parallel(run.cfg.device)
+    if parallel is not None and run.cfg.batch_size < parallel.world_size:
+        raise ValueError(
+            f"Batch size ({run.cfg.batch_size}) is smaller than the number of processes ({parallel.world_size}): "
+            "every process needs at least one row of each step's batch"
+        )
+    note = launch_mismatch_note(parallel)
+    if note:
+        run.notes.append(note)
+    return parallel
+
+
+def _load(run: _Run, *, token: str | bool | None, allow_local: bool) -> Any:
+    from ..models import load_model
+
+    device = run.cfg.device
+    if run.parallel is not None:  # each process on its own GPU (cuda:<local rank>), or the CPU
+        device = "cpu" if run.parallel.device.type == "cpu" else str(run.parallel.device)
+    return load_model(run.cfg.model, device=device, dtype=run.cfg.dtype, token=token, allow_local=allow_local)
+
+
+def _read_data(run: _Run, loaded: Any, data_name: str | None) -> tuple[list[Any], list[EvalSet]]:
+    """The training examples and the held-out `EvalSet`s, tokenised alike; their identity goes into the run's data."""
+    from ..data import build_example_set, describe_source, load_instruction_rows
+    from .evaluation import example_hash
+
+    cfg = run.cfg
+    source = describe_source(cfg.dataset, display_name=data_name)
+    run.data["source"] = source.to_dict()
+    run.emit(Phase(f"reading {cfg.rows} rows of {source.name} from row {cfg.start}"))
+    rows = load_instruction_rows(cfg.dataset, start=cfg.start, rows=cfg.rows, display_name=data_name)
+    fitted = build_example_set(rows, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=cfg.start)
+    run.data["fit"] = fitted.to_dict()
+    run.notes.extend(fitted.notes())
+    train_hashes = {example_hash(e) for e in fitted.examples}
+    eval_sets, heldout = [], {}
+    for split, (dataset, start, n_rows) in cfg.slices().items():
+        if split == "train":
+            continue
+        name = data_name if dataset == cfg.dataset else None
+        held = describe_source(dataset, display_name=name)
+        run.emit(Phase(f"reading the {split} slice: {n_rows} rows of {held.name} from row {start}"))
+        try:
+            held_rows = load_instruction_rows(dataset, start=start, rows=n_rows, display_name=name)
+        except ValueError as exc:
+            raise ValueError(f"the held-out {split} slice (rows {start}–{start + n_rows - 1}): {exc}") from None
+        held_fit = build_example_set(held_rows, loaded.tokenizer, seq_len=cfg.seq_len, row_offset=start)
+        pad_id = loaded.tokenizer.pad_token_id
+        eval_set = build_eval_set(
+            split, held_fit, held.to_dict(), batch_size=cfg.batch_size, pad_id=pad_id, device=loaded.device
+        )
+        eval_sets.append(eval_set)
+        overlap = len(eval_set.example_hashes & train_hashes)
+        heldout[split] = {**eval_set.describe(), "overlap_with_train": overlap}
+        if overlap:
+            run.notes.append(
+                f"{overlap} examples of the {split} slice also occur in the training slice (same text): its "
+                "held-out figure is partly a training figure"
+            )
+    if len(eval_sets) == 2:
+        heldout["val_test_overlap"] = len(eval_sets[0].example_hashes & eval_sets[1].example_hashes)
+    run.data["heldout"] = heldout
+    return fitted.examples, eval_sets
+
+
+def _train_seed(
+    run: _Run, loaded: Any, examples: list[Any], eval_sets: list[EvalSet], seed: int, adapters_dir: Any
+) -> None:
+    """One seed: set up its arms, train them in lockstep, record the receipt, save the adapters."""
+    cfg = run.cfg
+    run.emit(Phase(f"seed {seed}: setting up {len(cfg.arm_labels)} arms", seed=seed))
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    pad_id = loaded.tokenizer.pad_token_id
+    batches = StepBatches(
+        examples, cfg, seed, pad_id=pad_id, vocab_size=vocab, device=loaded.device, parallel=run.parallel
+    )
+    consumed: list[list[int]] = []  # the examples this process trained on, per step
+    with ArmSet(cfg, loaded, seed, notes=run.notes, parallel=run.parallel) as arms:
+        run.emit(SeedStart(seed, [a.label for a in arms.arms], arms.setup_receipt(batches.order_sha256)))
+        run.evaluate(arms, eval_sets, 0)
+        for step in range(1, cfg.steps + 1):
+            if run.should_stop():
+                break
+            batch = batches.at(step)
+            consumed.append(batch.shard.indices if batch.shard is not None else list(batch.indices))
+            for arm in arms:
+                run.emit(arms.train_step(arm, batch))
+            if arms.all_diverged:
+                run.notes.append(f"seed {seed}: every arm diverged by step {step}")
+                break
+            if run.eval_due(step):
+                run.evaluate(arms, eval_sets, step)
+        run.end_seed(arms, batches, consumed)
+        run.emit(SeedEnd(seed, run.receipts[-1]))
+        if adapters_dir is not None and cfg.save_adapters and run.is_main:
+            run.emit(Phase(f"seed {seed}: saving adapters", seed=seed))
+            root = Path(adapters_dir)
+            arms.save_adapters(root if len(cfg.seed_list) == 1 else root / f"seed-{seed}")

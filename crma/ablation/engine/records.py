@@ -121,6 +121,23 @@ class Phase:
 
 
 @dataclass
+class SeedStart:
+    """A seed's arms are set up: their labels and the receipt of their starting state (trackers open runs here)."""
+
+    seed: int
+    labels: list[str]
+    receipt: dict[str, Any]
+
+
+@dataclass
+class SeedEnd:
+    """A seed ended (finished, stopped or diverged): its final receipt (None when its set-up failed)."""
+
+    seed: int
+    receipt: dict[str, Any] | None
+
+
+@dataclass
 class RunResult:
     """The end of a run: always yielded last, also when the run stopped or failed (partial records kept).
 
@@ -149,7 +166,7 @@ class RunResult:
 
 
 Record = StepRecord | EvalRecord
-Event = StepRecord | EvalRecord | Phase | RunResult
+Event = StepRecord | EvalRecord | Phase | SeedStart | SeedEnd | RunResult
 
 
 def record_line(record: Record) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 from crma.config import JSONConfig
 
-from ..engine.records import EvalRecord, Event, Phase, RunResult, StepRecord, read_metrics_jsonl
+from ..engine.records import EvalRecord, Event, RunResult, StepRecord, read_metrics_jsonl
 from ..jsonio import write_json
 from ..spec.arms import STUDY_ARMS, format_scale, parse_arm
 from ..spec.config import AblationConfig
@@ -291,10 +291,11 @@ def run_study(
     work_dir: str | Path,
     overwrite: bool = False,
     charts: bool = True,
-) -> Iterator[Event]:
+    observers: tuple = (),
+) -> dict[str, Any]:
     """Run every unfinished cell (all of them with `overwrite`), then publish the study into `out_dir`:
     `summary.json` (protocol, the cells with their commits and times, both conditions' merged summaries), `study.md`
-    and the charts. Yields every event of the cells it runs."""
+    and the charts. `observers` see every event of the cells it runs. Returns the study's summary."""
     out, work = Path(out_dir), Path(work_dir)
     if overwrite and work.exists():
         shutil.rmtree(work)
@@ -305,8 +306,7 @@ def run_study(
         cells = grid_cells(protocol, scales)
         for cell in cells:
             if not _finished(cell.folder(work)):
-                yield Phase(f"study cell {cell.condition}/seed{cell.seed}/{cell.name}")
-                yield from _run_cell(cell, protocol, work, charts=False)
+                _run_cell(cell, protocol, work, observers)
         plain = condition_summary(cells, work, protocol)
         if plain is None or plain["status"] != "finished":
             break
@@ -323,14 +323,11 @@ def run_study(
         ]
         for cell in spike_cells:
             if not _finished(cell.folder(work)):
-                yield Phase(f"study cell spike/seed{cell.seed}/chosen")
-                yield from _run_cell(cell, protocol, work, charts=False)
+                _run_cell(cell, protocol, work, observers)
         spike = condition_summary(spike_cells, work, protocol)
         if spike is not None:
             conditions["spike"] = spike
-    yield Phase("writing the study")
-    study = publish_study(protocol, conditions, out, wall_s=time.perf_counter() - started, charts=charts)
-    yield Phase(f"study written to {out} ({', '.join(f'{k}: {v}' for k, v in study['status'].items())})")
+    return publish_study(protocol, conditions, out, wall_s=time.perf_counter() - started, charts=charts)
 
 
 def publish_study(

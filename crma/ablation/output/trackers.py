@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..engine.records import EvalRecord, StepRecord
+from ..engine.records import EvalRecord, Event, RunResult, SeedEnd, SeedStart, StepRecord
 from ..spec.config import AblationConfig
 
 REPORT_TO = ("none", "trackio", "wandb", "tensorboard")
@@ -192,7 +192,9 @@ _BACKENDS = {"trackio": _Trackio, "wandb": _WandB, "tensorboard": _TensorBoard}
 
 
 class Reporter:
-    """The engine's tracker runs: one per arm and seed, opened after the seed's set-up, closed at its end.
+    """The engine's tracker runs, an observer of the engine (`train(cfg, observers=[reporter])`): one run per arm
+    and seed, opened at its `SeedStart`, logged at each record, closed at its `SeedEnd` (or at the `RunResult` of a
+    run that stopped inside a seed).
 
     Args:
         tracker (`TrackerConfig`): which tracker, project, group.
@@ -207,6 +209,18 @@ class Reporter:
         self.tracker, self.cfg, self.world_size = tracker, cfg, world_size
         self.backend = _BACKENDS[tracker.report_to](module, tracker)
         self.runs: dict[str, Any] = {}
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, SeedStart):
+            self.start_seed(event.seed, event.labels, event.receipt)
+        elif isinstance(event, StepRecord):
+            self.log(event)
+        elif isinstance(event, EvalRecord):
+            self.log_eval(event)
+        elif isinstance(event, SeedEnd):
+            self.end_seed(event.receipt)
+        elif isinstance(event, RunResult):
+            self.close()
 
     def run_name(self, label: str, seed: int) -> str:
         """`<group>-<arm>-seed<seed>`: unique within the project for each ablation group."""

@@ -19,7 +19,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from ..analysis.summary import check_weight, smooth, spike_steps
-from ..engine.records import StepRecord
+from ..engine.records import EvalRecord, StepRecord
 
 # Okabe–Ito palette (colour-blind safe). The four named arms get fixed colours; anything else is hashed
 # (crc32, stable across processes, unlike `hash`) onto the rest.
@@ -28,9 +28,20 @@ _ARM_COLOURS = {
     "lora+crma": "#D55E00",  # vermillion
     "lora+zclip": "#009E73",  # bluish green
     "lora+mix": "#CC79A7",  # reddish purple
+    "lora+crma-nomix": "#E69F00",  # orange
+    "lora-matched": "#56B4E9",  # sky blue
 }
-_SPARE_COLOURS = ("#E69F00", "#56B4E9", "#000000", "#F0E442")
-_ARM_DASHES = {"lora": "solid", "lora+crma": "dash", "lora+zclip": "dashdot", "lora+mix": "longdash"}
+_SPARE_COLOURS = ("#000000", "#F0E442")
+_ARM_DASHES = {
+    "lora": "solid",
+    "lora+crma": "dash",
+    "lora+zclip": "dashdot",
+    "lora+mix": "longdash",
+    "lora+crma-nomix": "dot",
+    "lora-matched": "longdashdot",
+}
+# An arm at several LR multipliers keeps its colour; the multiplier picks the dash.
+_SCALE_DASHES = {0.03: "2px,5px", 0.1: "dot", 0.3: "dashdot", 1.0: "solid", 3.0: "dash", 10.0: "longdash"}
 _SPARE_DASHES = ("solid", "dash", "dashdot", "longdash")
 # A/A copies (`lora#2`, `lora#3`, ...) keep their arm's colour and take one of these instead; "dot" is left to the
 # post-clip gradient-norm lines.
@@ -50,17 +61,21 @@ def arm_style(arm: str) -> dict[str, str]:
     """Fixed plotting style of an arm label: `{"color": "#RRGGBB", "dash": plotly dash}`.
 
     Args:
-        arm (`str`): arm label such as `lora+crma`; an A/A copy `lora#2` keeps `lora`'s colour with another dash.
+        arm (`str`): arm label such as `lora+crma`; an A/A copy `lora#2` keeps `lora`'s colour with another dash, and
+            so does an arm at an LR multiplier (`lora+crma@x3`: the multiplier picks the dash).
 
     Returns:
         `dict` with `color` (Okabe–Ito hex colour) and `dash` (a plotly `line.dash` value).
     """
     base, _, copy = arm.partition("#")
+    base, at, scale = base.partition("@x")
     if base in _ARM_COLOURS:
         colour, dash = _ARM_COLOURS[base], _ARM_DASHES[base]
     else:
         idx = zlib.crc32(base.encode("utf-8"))
         colour, dash = _SPARE_COLOURS[idx % len(_SPARE_COLOURS)], _SPARE_DASHES[idx % len(_SPARE_DASHES)]
+    if at:
+        dash = _SCALE_DASHES.get(float(scale), "longdashdot")
     if copy:
         n = int(copy) if copy.isdigit() else zlib.crc32(copy.encode("utf-8"))
         dash = _COPY_DASHES[(max(n, 2) - 2) % len(_COPY_DASHES)]
@@ -292,11 +307,46 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
 # figures
 
 
-def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, seed: int | None = None) -> go.Figure:
-    """Training loss vs step, every arm overlaid.
+def _heldout_traces(evals: Sequence[EvalRecord], seed: int | None, arms: list[str]) -> list[go.Scatter]:
+    """Per arm, its test-slice loss at each evaluation (mean over the seeds evaluated): diamonds, dotted line."""
+    chosen = [e for e in evals if e.split == "test" and (seed is None or e.seed == seed)]
+    out = []
+    for arm in arms:
+        by_step: dict[int, list[float]] = {}
+        for e in chosen:
+            if e.arm == arm and math.isfinite(e.loss):
+                by_step.setdefault(e.step, []).append(e.loss)
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        style = arm_style(arm)
+        out.append(
+            go.Scatter(
+                x=steps,
+                y=[sum(by_step[s]) / len(by_step[s]) for s in steps],
+                mode="lines+markers",
+                name=f"{arm} held-out",
+                legendgroup=arm,
+                line=dict(color=style["color"], dash="dot", width=1.5),
+                marker=dict(symbol="diamond", size=9, color=style["color"]),
+                hovertemplate="held-out %{y:.4f}",
+            )
+        )
+    return out
+
+
+def make_loss_figure(
+    records: Sequence[StepRecord],
+    evals: Sequence[EvalRecord] = (),
+    *,
+    smoothing: float = 0.6,
+    seed: int | None = None,
+) -> go.Figure:
+    """Training loss vs step, every arm overlaid, with each arm's held-out (test) loss at its evaluations.
 
     Args:
         records (`Sequence[StepRecord]`): the run's records (any arms, any seeds).
+        evals (`Sequence[EvalRecord]`): the run's held-out evaluations (its test split is drawn, ◆ on dotted lines).
         smoothing (`float`): debiased EMA weight in [0, 1); when > 0 the raw line is drawn faint behind the smoothed.
         seed (`int | None`): plot this seed only; None with several seeds plots the mean over seeds and a min–max band.
 
@@ -326,11 +376,14 @@ def make_loss_figure(records: Sequence[StepRecord], *, smoothing: float = 0.6, s
         mark = _diverged_trace(arm, s, y)
         if mark is not None:
             marks.append(mark)
-    fig.add_traces(bands + raws + lines + marks)
+    heldout = _heldout_traces(evals, seed, list(_group(recs)))
+    fig.add_traces(bands + raws + lines + marks + heldout)
     if not lines:
         _empty(fig, "No records yet")
-    lines = [_smoothing_line(smoothing), _seed_note(multi, seed, recs)]
-    return _layout(fig, title="Training loss", lines=lines, y_title="loss", revision="loss")
+    notes = [_smoothing_line(smoothing, "training: "), _seed_note(multi, seed, recs)]
+    if heldout:
+        notes.insert(1, "◆ dotted: held-out (test) loss")
+    return _layout(fig, title="Loss", lines=notes, y_title="loss", revision="loss")
 
 
 def make_grad_norm_figure(
@@ -578,4 +631,70 @@ def make_mixing_figure(records: Sequence[StepRecord], *, seed: int | None = None
     fig.update_xaxes(title_text="step", row=len(_CRMA_METRICS), col=1)
     # The first panel's own title sits where the figure's title would: lift the figure's title above it.
     fig.update_layout(height=720, title_pad_b=30)
+    return fig
+
+
+def make_lr_figure(selection: dict[str, Any]) -> go.Figure:
+    """The LR-sensitivity figure of a tuned run: each arm's final validation loss against its LR multiplier (log
+    axis), mean over seeds with a min–max bar, the chosen multiplier ringed.
+
+    Args:
+        selection (`dict`): a summary's `lr_selection` block (`tuned` True).
+
+    Returns:
+        `go.Figure`.
+    """
+    fig = go.Figure()
+    for arm, info in (selection.get("arms") or {}).items():
+        style = arm_style(arm)
+        points = [p for p in info["grid"] if p["mean"] is not None]
+        if not points:
+            continue
+        x = [p["lr_scale"] for p in points]
+        y = [p["mean"] for p in points]
+        spread = [[v for v in p["per_seed"] if v is not None] for p in points]
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=arm,
+                legendgroup=arm,
+                line=dict(color=style["color"], dash=_ARM_DASHES.get(arm, "solid"), width=2),
+                marker=dict(size=8),
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[max(s) - m for s, m in zip(spread, y, strict=True)],
+                    arrayminus=[m - min(s) for s, m in zip(spread, y, strict=True)],
+                    thickness=1,
+                ),
+                hovertemplate="×%{x:g}: validation loss %{y:.4f}",
+            )
+        )
+        if info.get("chosen") is not None:
+            best = next(p for p in points if p["lr_scale"] == info["chosen"])
+            fig.add_trace(
+                go.Scatter(
+                    x=[best["lr_scale"]],
+                    y=[best["mean"]],
+                    mode="markers",
+                    name=f"{arm} chosen",
+                    legendgroup=arm,
+                    showlegend=False,
+                    marker=dict(symbol="circle-open", size=18, line=dict(width=2, color=style["color"])),
+                    hovertemplate=f"{arm}: chosen ×%{{x:g}}<extra></extra>",
+                )
+            )
+    if not fig.data:
+        _empty(fig, "No arm was trained at several learning rates")
+    n = max((len(p["per_seed"]) for info in (selection.get("arms") or {}).values() for p in info["grid"]), default=0)
+    _layout(
+        fig,
+        title="LR sensitivity",
+        lines=[f"final validation loss, mean of {n} seed(s) (bar: min–max)", "○ the multiplier each arm is judged at"],
+        y_title="validation loss",
+        revision="lr",
+    )
+    fig.update_xaxes(type="log", title_text="LR multiplier (× the run's LRs)", dtick=None)
     return fig

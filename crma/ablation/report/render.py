@@ -1,6 +1,8 @@
-"""Renderers of a run's summary: the Markdown table, the self-contained HTML report, PNG charts, the receipt.
+"""Renderers of a run: one document of blocks (headings, paragraphs, tables, lists, charts) built once from
+`summary.json`, written as Markdown (`summary.md`, the page, the model card) or as one self-contained HTML page
+(`report.html`), and the PNG export of the charts (`charts.CHARTS`).
 
-Numbers come from `summary.py`, figures from `plots.py`; nothing here computes a metric.
+Numbers come from `analysis/`, figures from `charts.py`; nothing here computes a metric.
 """
 
 from __future__ import annotations
@@ -10,16 +12,145 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..analysis.summary import FINAL_LOSS_EMA_WEIGHT, as_number
-from ..engine.records import StepRecord
-from ..spec.arms import baseline_arm
-from .plots import make_delta_figure, make_grad_norm_figure, make_loss_figure, make_mixing_figure
+from .charts import CHARTS, ChartData, draw_charts
 
 _DASH = "–"
 _CHROMIUM = "/usr/bin/chromium"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The document model: what both renderers draw
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Para:
+    """A paragraph; `code` and **bold** are the only markup."""
+
+    text: str
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    wrap: bool = False  # long text cells wrap (at spaces) instead of scrolling
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Figure:
+    """A chart of `charts.CHARTS`, by key (drawn in HTML only)."""
+
+    key: str
+
+
+@dataclass
+class Code:
+    text: str
+
+
+Block = Heading | Para | Table | Bullets | Figure | Code
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (pipes inside cells escaped)."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
+
+
+def to_markdown(blocks: Sequence[Block]) -> str:
+    """The document as Markdown (charts are left out: Markdown readers get the PNGs)."""
+    parts = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Para):
+            parts.append(block.text)
+        elif isinstance(block, Table):
+            parts.append(md_table(block.header, block.rows))
+        elif isinstance(block, Bullets):
+            parts.append("\n".join(f"- {item}" for item in block.items))
+        elif isinstance(block, Code):
+            parts.append(f"```\n{block.text}\n```")
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+_CODE = re.compile(r"`([^`]*)`")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
+def _inline_html(text: str) -> str:
+    """Escape `text` and render the two bits of Markdown the documents use: `code` and **bold**."""
+    out = html.escape(text, quote=False)
+    return _BOLD.sub(r"<strong>\1</strong>", _CODE.sub(r"<code>\1</code>", out))
+
+
+def _html_table(table: Table) -> str:
+    """A table in a horizontally scrolling box: on a narrow screen the table scrolls, its cells never break a word or
+    a number (`wrap` lets long text cells wrap at spaces)."""
+    head = "".join(f"<th>{_inline_html(h)}</th>" for h in table.header)
+    body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    cls = ' class="wrap"' if table.wrap else ""
+    return f'<div class="table-wrap"><table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def to_html(blocks: Sequence[Block], figures: dict[str, Any], *, title: str) -> str:
+    """The document as one self-contained page (plotly.js inlined once, with the first chart; no network)."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    ]
+    first_chart = True
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Para):
+            cls = ' class="status"' if block.text.startswith("**This run") else ""
+            out.append(f"<p{cls}>{_inline_html(block.text)}</p>")
+        elif isinstance(block, Table):
+            out.append(_html_table(block))
+        elif isinstance(block, Bullets):
+            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, Code):
+            out.append(f"<pre>{html.escape(block.text, quote=False)}</pre>")
+        elif isinstance(block, Figure) and figures.get(block.key) is not None:
+            fig = figures[block.key]
+            div = fig.to_html(
+                full_html=False,
+                include_plotlyjs=first_chart,
+                include_mathjax=False,
+                default_width="100%",
+                default_height=f"{int(fig.layout.height or 480)}px",
+                config={"displaylogo": False, "responsive": True},
+            )
+            first_chart = False
+            out.append(f'<div class="figure" id="chart-{block.key}">{div}</div>')
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run's document
 
 
 def _fmt_int(x: float) -> str:
@@ -31,8 +162,11 @@ def _fmt_int(x: float) -> str:
 # percentage measures the cap, not the arm) and the mixing figures (which the baseline has none of) differ in absolute
 # terms.
 _ROWS = (
-    ("Final loss", "final_loss", lambda x: f"{x:.4f}", True),
-    (f"Final loss (EMA {FINAL_LOSS_EMA_WEIGHT:g})", "final_loss_ema", lambda x: f"{x:.4f}", True),
+    ("Held-out loss (final)", "final_test_loss", lambda x: f"{x:.4f}", True),
+    ("Held-out loss (best)", "best_test_loss", lambda x: f"{x:.4f}", True),
+    ("Validation loss (final)", "final_val_loss", lambda x: f"{x:.4f}", True),
+    ("Final training loss", "final_loss", lambda x: f"{x:.4f}", True),
+    (f"Final training loss (EMA {FINAL_LOSS_EMA_WEIGHT:g})", "final_loss_ema", lambda x: f"{x:.4f}", True),
     ("Peak grad norm (pre-clip)", "grad_norm_pre_peak", lambda x: f"{x:.2f}", True),
     ("Peak grad norm (post-clip)", "grad_norm_post_peak", lambda x: f"{x:.2f}", False),
     ("Mean grad norm", "grad_norm_pre_mean", lambda x: f"{x:.2f}", True),
@@ -80,6 +214,8 @@ def _main_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["Metric", *arms] + (["Delta"] if len(others) == 1 else [f"Δ {a}" for a in others])
     rows = []
     for label, key, fmt, relative in _ROWS:
+        if all(as_number(summary["arms"][a].get(key)) is None for a in arms):
+            continue  # a figure no arm has (no validation slice, no CRMA arm): no row of dashes
         row = [label] + [_metric_cell(summary["arms"][a], key, fmt) for a in arms]
         row += [_delta_cell(summary["deltas"].get(a, {}).get(key), fmt, relative) for a in others]
         rows.append(row)
@@ -90,6 +226,8 @@ def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     arms, n_seeds = list(summary["arms"]), len(summary["seed_list"])
     rows = []
     for label, key, fmt, _ in _ROWS:
+        if all(summary["across_seeds"][arm].get(key) is None for arm in arms):
+            continue
         row = [label]
         for arm in arms:
             stat = summary["across_seeds"][arm].get(key)
@@ -149,12 +287,6 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _effect_cell(stats: dict[str, Any]) -> str:
     if stats.get("mean") is None:
         return _DASH
@@ -168,7 +300,6 @@ def _effect_cell(stats: dict[str, Any]) -> str:
 _SET_TITLES = {
     "best_lr": "At each arm's own best LR (chosen on the validation slice)",
     "shared_lr": "At the shared LR (every arm at ×1)",
-    "as_run": "At the LRs the arms trained with",
 }
 
 
@@ -188,7 +319,7 @@ def attribution_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], li
             label = next(c["metrics"][metric]["label"] for c in contrasts.values() if metric in c["metrics"])
             cells = [_effect_cell(c["metrics"].get(metric) or {}) for c in contrasts.values()]
             rows.append([label, *cells])
-        out.append((_SET_TITLES.get(name, name), header, rows))
+        out.append((_SET_TITLES.get(name) or f"At the {chosen['lr']}", header, rows))
     return out
 
 
@@ -228,28 +359,68 @@ def attribution_sentences(summary: dict[str, Any]) -> list[str]:
 _PRIMARY_NAMES = {"final_test_loss": "the final held-out (test) loss", "final_loss_ema": "the final training loss"}
 
 
-def attribution_markdown(summary: dict[str, Any], *, level: int = 3) -> str:
-    """The attribution of `summary` as Markdown: per comparison set a table of effects, then the sentences, or why
-    there is no attribution (e.g. the author's two-arm recipe changes two things at once); "" when there is nothing
-    to say.
-
-    Args:
-        summary (`dict`): a run's `summary.json` (with its `attribution` block).
-        level (`int`): Markdown level of the section's heading (0: no heading).
-
-    Returns:
-        `str`: Markdown.
-    """
+def attribution_blocks(summary: dict[str, Any], *, level: int = 3) -> list[Block]:
+    """The attribution: per comparison set a table of effects, then the sentences, or why there is no attribution
+    (e.g. the author's two-arm recipe changes two things at once); [] when there is nothing to say."""
     tables, sentences = attribution_tables(summary), attribution_sentences(summary)
     if not tables and not sentences:
-        return ""
-    parts = [f"{'#' * level} What can be credited to what", ""] if level else []
+        return []
+    blocks: list[Block] = [Heading("What can be credited to what", level)] if level else []
     n = (summary.get("attribution") or {}).get("n_seeds", 0)
+    how = "on one seed (an interval needs two or more)" if n == 1 else f"mean and 95 % CI over {n} seeds"
     for title, header, rows in tables:
-        how = "on one seed (an interval needs two or more)" if n == 1 else f"mean and 95 % CI over {n} seeds"
-        parts += [f"**{title}**: effects, paired by seed, {how}:", "", _md_table(header, rows), ""]
-    parts += [f"- {line}" for line in sentences]
-    return "\n".join(parts) + "\n"
+        blocks += [Para(f"**{title}**: effects, paired by seed, {how}:"), Table(header, rows)]
+    if sentences:
+        blocks.append(Bullets(sentences))
+    return blocks
+
+
+def attribution_markdown(summary: dict[str, Any], *, level: int = 3) -> str:
+    """`attribution_blocks` as Markdown; "" when there is nothing to say."""
+    blocks = attribution_blocks(summary, level=level)
+    return to_markdown(blocks) if blocks else ""
+
+
+def lr_selection_blocks(summary: dict[str, Any]) -> list[Block]:
+    """How each arm's LR was chosen: the mean final validation loss at each multiplier (± sd over seeds), the
+    chosen one in bold, a warning where it sits at the edge of the grid; [] for a run that tuned nothing."""
+    selection = summary.get("lr_selection") or {}
+    if not selection.get("tuned"):
+        return []
+    scales = sorted({p["lr_scale"] for info in selection["arms"].values() for p in info["grid"]})
+    rows, edges = [], []
+    for arm, info in selection["arms"].items():
+        cells = {p["lr_scale"]: p for p in info["grid"]}
+        row = [arm]
+        for scale in scales:
+            point = cells.get(scale)
+            if point is None:
+                row.append(_DASH)
+                continue
+            text = _DASH if point["mean"] is None else f"{point['mean']:.4f}"
+            if point["sd"] is not None:
+                text += f" ± {point['sd']:.4f}"
+            row.append(f"**{text}**" if scale == info.get("chosen") else text)
+        rows.append(row)
+        if info.get("at_edge"):
+            edges.append(f"{arm} (×{info['chosen']:g})")
+    blocks: list[Block] = [
+        Heading("Each arm's learning rate", 3),
+        Para(
+            "Every arm trained at each LR multiplier (all of its optimizer groups scaled together) on the same "
+            "batches; the **bold** one has the lowest mean final *validation* loss and is the one the held-out "
+            "comparison uses. The test slice played no part in the choice."
+        ),
+        Table(["Arm", *(f"×{s:g}" for s in scales)], rows),
+    ]
+    if edges:
+        blocks.append(
+            Para(
+                f"At the edge of the grid: {', '.join(edges)}: a multiplier beyond it might be better still, so "
+                "these arms' tuned figures are a bound, not an optimum."
+            )
+        )
+    return blocks
 
 
 def status_note(summary: dict[str, Any]) -> str | None:
@@ -268,63 +439,92 @@ def status_note(summary: dict[str, Any]) -> str | None:
     )
 
 
-def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA") -> str:
-    """Markdown report of `summarize_run(...)`: the metric table with signed deltas, the attribution, seed statistics,
-    footnotes; a stopped or failed run says so under the title.
-
-    Args:
-        summary (`dict`): the output of `summarize_run` (plus the engine's `status` / `error`, when known).
-        title (`str`): heading of the report.
-
-    Returns:
-        `str`: Markdown; "–" marks values that do not apply (e.g. mixing figures of an arm without CRMA).
-    """
+def run_document(summary: dict[str, Any], *, title: str) -> list[Block]:
+    """The blocks of a run's report: status, the metric table with signed deltas, the attribution, the LR choice,
+    seed statistics, footnotes and the fairness receipt."""
     if "arms" not in summary or "baseline" not in summary:
         raise ValueError("`summary` must be the dict returned by summarize_run (keys 'arms', 'baseline')")
-    parts = [f"## {title}", ""]
+    blocks: list[Block] = [Heading(title, 2)]
     status = status_note(summary)
     if status:
-        parts += [f"**{status}**", ""]
+        blocks.append(Para(f"**{status}**"))
     n_seeds = len(summary.get("seed_list", []))
     if "seeds" in summary:
-        parts += [
-            f"Mean over {n_seeds} seeds ({', '.join(map(str, summary['seed_list']))}); deltas vs "
-            f"{summary['baseline']}.",
-            "",
-        ]
+        seeds = ", ".join(map(str, summary["seed_list"]))
+        blocks.append(Para(f"Mean over {n_seeds} seeds ({seeds}); deltas vs {summary['baseline']}."))
     elif n_seeds == 1:
-        parts += [f"Seed {summary['seed_list'][0]}; deltas vs {summary['baseline']}.", ""]
-    parts += [_md_table(*_main_table(summary)), ""]
-    attributed = attribution_markdown(summary)
-    if attributed:
-        parts += [attributed]
+        blocks.append(Para(f"Seed {summary['seed_list'][0]}; deltas vs {summary['baseline']}."))
+    if summary["arms"]:
+        blocks.append(Table(*_main_table(summary)))
+    blocks += attribution_blocks(summary)
+    blocks += lr_selection_blocks(summary)
     if "seeds" in summary:
-        parts += [f"### Mean ± sample std (n − 1) over {n_seeds} seeds", "", _md_table(*_seed_table(summary)), ""]
-    parts += [f"- {note}" for note in _notes(summary)]
-    return "\n".join(parts) + "\n"
+        blocks += [Heading(f"Mean ± sample std (n − 1) over {n_seeds} seeds", 3), Table(*_seed_table(summary))]
+    blocks.append(Bullets(_notes(summary)) if summary["arms"] else Para("No step finished."))
+    blocks += [Heading("Fairness receipt: what is identical between the arms", 3), *receipt_blocks(summary)]
+    return blocks
 
 
-_CODE = re.compile(r"`([^`]*)`")
-_BOLD = re.compile(r"\*\*(.+?)\*\*")
+def summary_markdown(summary: dict[str, Any], *, title: str = "LoRA vs LoRA+CRMA") -> str:
+    """`summary.md`: the run's document as Markdown ("–" marks values that do not apply, e.g. mixing figures of an
+    arm without CRMA)."""
+    return to_markdown(run_document(summary, title=title))
 
 
-def _inline_html(text: str) -> str:
-    """Escape `text` and render the two bits of Markdown the receipt uses: `code` and **bold**."""
-    out = html.escape(text, quote=False)
-    return _BOLD.sub(r"<strong>\1</strong>", _CODE.sub(r"<code>\1</code>", out))
+def report_html(
+    records: Sequence[Any],
+    summary: dict[str, Any],
+    *,
+    evals: Sequence[Any] = (),
+    title: str = "LoRA vs LoRA+CRMA",
+    config: dict[str, Any] | None = None,
+    smoothing: float = 0.6,
+) -> str:
+    """`report.html`: the run's document and every chart of `CHARTS`, self-contained (it opens offline).
+
+    Args:
+        records (`Sequence[StepRecord]`), evals (`Sequence[EvalRecord]`): the run's records.
+        summary (`dict`): `summary.json`.
+        title (`str`): page title and heading.
+        config (`dict | None`): the run config, shown as JSON at the end.
+        smoothing (`float`): EMA weight of the charts.
+    """
+    figures = draw_charts(ChartData(records, evals, summary, smoothing=smoothing, baseline=summary.get("baseline")))
+    blocks = run_document(summary, title=title)
+    blocks[0] = Heading(title, 1)
+    blocks += [Heading("Charts", 2), *(Figure(chart.key) for chart in CHARTS)]
+    if config is not None:
+        blocks += [Heading("Config", 2), Code(json.dumps(config, indent=2, sort_keys=True, default=str))]
+    return to_html(blocks, figures, title=title)
 
 
-def _html_table(header: list[str], rows: list[list[str]], *, wrap: bool = False) -> str:
-    """A table in a horizontally scrolling box: on a narrow screen the table scrolls, its cells never break a word or
-    a number (`wrap` lets long text cells wrap at spaces)."""
-    head = "".join(f"<th>{_inline_html(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
-    cls = ' class="wrap"' if wrap else ""
-    return f'<div class="table-wrap"><table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+def run_title(cfg: Any) -> str:
+    """`lora vs lora+crma on smollm2-135m`: what a run's files are headed with."""
+    return f"{' vs '.join(cfg.arm_labels)} on {cfg.model}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# files
+def write_reports(folder: Path, result: Any, cfg: Any, *, charts: bool = True) -> None:
+    """Write `metrics.csv`, `summary.md`, `report.html` and (with `charts`) the PNG charts of a finished run into
+    its folder; a missing browser for the PNGs becomes a note of the run, not a failure."""
+    from ..engine.records import write_metrics_csv
+    from ..jsonio import atomic_write_text
+
+    title = run_title(cfg)
+    summary = {**result.summary, "status": result.status, "error": result.error, "notes": list(result.notes)}
+    if not result.records:
+        (folder / "summary.md").write_text(f"# {title}\n\nNo step finished: {result.error}\n", encoding="utf-8")
+        return
+    write_metrics_csv([*result.records, *result.evals], folder / "metrics.csv")
+    atomic_write_text(folder / "summary.md", summary_markdown(summary, title=title))
+    page = report_html(result.records, summary, evals=result.evals, title=title, config=cfg.to_dict())
+    atomic_write_text(folder / "report.html", page)
+    if charts:
+        figures = draw_charts(ChartData(result.records, result.evals, summary, baseline=summary.get("baseline")))
+        try:
+            write_png_charts(figures, folder)
+        except RuntimeError as exc:  # no Chrome for static export: the HTML report still has every chart
+            result.notes.append(f"PNG charts not written: {exc}")
+
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:1.5em auto;
 padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em;overflow-wrap:anywhere}
@@ -337,106 +537,28 @@ code{background:#f6f8fa;padding:0 .2em;overflow-wrap:anywhere}
 pre{background:#f6f8fa;padding:1em;overflow:auto}.figure{margin:1.5em 0}"""
 
 
-def _figures(records: Sequence[StepRecord], smoothing: float, baseline: str | None) -> list[tuple[str, Any]]:
-    """(file stem, figure) of the standard charts; the delta chart needs two arms."""
-    arms = list(dict.fromkeys(r.arm for r in records))
-    figs = [
-        ("loss", make_loss_figure(records, smoothing=smoothing)),
-        ("grad_norm", make_grad_norm_figure(records, smoothing=0.0)),
-    ]
-    if len(arms) > 1:
-        base = baseline if baseline in arms else baseline_arm(arms)
-        figs.append(("loss_delta", make_delta_figure(records, baseline=base, smoothing=smoothing)))
-    return figs
-
-
-def report_html(
-    records: Sequence[StepRecord],
-    summary: dict[str, Any],
-    *,
-    title: str = "LoRA vs LoRA+CRMA",
-    config: dict[str, Any] | None = None,
-    smoothing: float = 0.6,
-) -> str:
-    """One self-contained HTML page: charts (plotly.js inlined once), the summary table, the receipt, the config.
-
-    Args:
-        records (`Sequence[StepRecord]`): the run's records.
-        summary (`dict`): `summarize_run(records, ...)` plus the engine's keys (receipt, status, notes).
-        title (`str`): page title and heading.
-        config (`dict | None`): the run config (e.g. `AblationConfig.to_dict()`), shown as JSON in a `<pre>` block.
-        smoothing (`float`): EMA weight of the loss and delta charts.
-
-    Returns:
-        `str`: the page. It opens offline: no script or style is loaded from the network.
-    """
-    figs = _figures(records, smoothing, summary.get("baseline"))
-    if any(r.crma for r in records):
-        figs.append(("mixing", make_mixing_figure(records)))
-    divs = []
-    for i, (stem, fig) in enumerate(figs):
-        # plotly.js (~4.8 MB) goes in once, with the first figure; the later ones reuse the global `Plotly`.
-        div = fig.to_html(
-            full_html=False,
-            include_plotlyjs=i == 0,
-            include_mathjax=False,
-            default_width="100%",
-            default_height=f"{int(fig.layout.height or 480)}px",
-            config={"displaylogo": False, "responsive": True},
-        )
-        divs.append(f'<div class="figure" id="chart-{stem}">{div}</div>')
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    status = status_note(summary)
-    if status:
-        parts.append(f'<p class="status"><strong>{html.escape(status)}</strong></p>')
-    parts.append(_html_table(*_main_table(summary)))
-    tables, sentences = attribution_tables(summary), attribution_sentences(summary)
-    if tables or sentences:
-        parts.append("<h2>What can be credited to what</h2>")
-        for title, header, rows in tables:
-            parts += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, rows)]
-        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in sentences) + "</ul>")
-    if "seeds" in summary:
-        n = len(summary["seed_list"])
-        parts += [f"<h2>Mean ± sample std (n − 1) over {n} seeds</h2>", _html_table(*_seed_table(summary))]
-    parts.append("<ul>" + "".join(f"<li>{_inline_html(n)}</li>" for n in _notes(summary)) + "</ul>")
-    parts += ["<h2>Fairness receipt: what is identical between the arms</h2>", receipt_html(summary)]
-    parts += ["<h2>Charts</h2>", *divs]
-    if config is not None:
-        text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        parts += ["<h2>Config</h2>", f"<pre>{html.escape(text, quote=False)}</pre>"]
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def write_png_charts(
-    records: Sequence[StepRecord],
+    figures: dict[str, Any],
     out_dir: str | os.PathLike[str],
     *,
-    smoothing: float = 0.6,
-    baseline: str | None = "lora",
     width: int = 1100,
     height: int = 520,
     scale: float = 2.0,
+    prefix: str = "",
 ) -> list[Path]:
-    """Export `loss.png`, `grad_norm.png` and (with two or more arms) `loss_delta.png` with kaleido.
+    """Export every chart of `figures` (`charts.draw_charts`; None entries are skipped) as `<prefix><key>.png` with
+    kaleido.
 
     kaleido renders through a Chrome/Chromium. When `BROWSER_PATH` is unset and `/usr/bin/chromium` exists, it is
     used (and `BROWSER_PATH` is set for the process). All figures go through one `plotly.io.write_images` call: one
     browser session instead of one per figure, which is most of the export's time.
 
     Args:
-        records (`Sequence[StepRecord]`): the run's records.
+        figures (`dict[str, Figure | None]`): the charts by key.
         out_dir (`str | PathLike`): folder to write into (created).
-        smoothing (`float`): EMA weight of the loss and delta charts.
-        baseline (`str | None`): delta baseline; falls back to `lora`, then the first arm, when absent.
-        width, height (`int`): layout size in pixels; `scale` multiplies the output resolution.
+        width, height (`int`): layout size in pixels (a figure with its own height keeps it); `scale` multiplies the
+            output resolution.
+        prefix (`str`): put before each file name (the published study's `plain_loss.png`).
 
     Returns:
         `list[Path]` of the written files.
@@ -444,18 +566,21 @@ def write_png_charts(
     Raises:
         `RuntimeError`: static export is impossible (no Chrome/Chromium found, or kaleido failed to drive it).
     """
-    if not records:
-        raise ValueError("`records` is empty: no chart to export")
+    chosen = {key: fig for key, fig in figures.items() if fig is not None}
+    if not chosen:
+        raise ValueError("no chart to export")
     import plotly.io as pio
 
     if not os.environ.get("BROWSER_PATH") and os.path.exists(_CHROMIUM):
         os.environ["BROWSER_PATH"] = _CHROMIUM
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    figs = _figures(records, smoothing, baseline)
-    paths = [folder / f"{stem}.png" for stem, _ in figs]
+    paths = [folder / f"{prefix}{key}.png" for key in chosen]
+    heights = [int(fig.layout.height or height) for fig in chosen.values()]
     try:
-        pio.write_images([fig for _, fig in figs], paths, format="png", width=width, height=height, scale=scale)
+        for fig, h in zip(chosen.values(), heights, strict=True):
+            fig.update_layout(height=h)
+        pio.write_images(list(chosen.values()), paths, format="png", width=width, height=heights, scale=scale)
     except Exception as err:  # kaleido/choreographer raise RuntimeError, ChromeNotFoundError, OSError, timeouts...
         raise RuntimeError(
             "PNG export failed: kaleido needs a Chrome or Chromium browser (install Debian's `chromium`, on a Space "
@@ -469,12 +594,12 @@ def write_png_charts(
 # The fairness receipt
 
 
-def _receipt_parts(summary: dict[str, Any]) -> list[str | tuple[list[str], list[list[str]], bool]]:
-    """The receipt as paragraphs (Markdown-lite strings) and tables `(header, rows, wrap)`, for both renderers."""
+def receipt_blocks(summary: dict[str, Any]) -> list[Block]:
+    """The fairness receipt of `summary.json`: same LoRA init, same batches, how the LRs were chosen, what differs."""
     receipt = summary.get("receipt") or {}
-    per_seed = receipt.get("per_seed") or ([receipt] if receipt else [])
+    per_seed = receipt.get("per_seed") or ([receipt] if receipt.get("seed") is not None else [])
     if not per_seed:
-        return ["No fairness receipt: no seed finished its set-up."]
+        return [Para("No fairness receipt: no seed finished its set-up.")]
     header = ["Seed", "Same LoRA init", "Same batches", "Only the adapter differs", "Batch order sha256"]
     rows = [
         [
@@ -486,51 +611,41 @@ def _receipt_parts(summary: dict[str, Any]) -> list[str | tuple[list[str], list[
         ]
         for r in per_seed
     ]
-    parts: list[str | tuple[list[str], list[list[str]], bool]] = [(header, rows, False)]
+    blocks: list[Block] = [Table(header, rows)]
+    choice = receipt.get("lr_choice")
     problems = list(dict.fromkeys(p for r in per_seed for p in r.get("problems") or []))
+    problems += (choice or {}).get("problems") or []
     if problems:
-        parts.append("**Problems found:** " + "; ".join(problems))
+        blocks.append(Para("**Problems found:** " + "; ".join(problems)))
+    if choice:
+        verdict = "✅" if choice.get("fair") else "❌"
+        blocks.append(Para(f"{verdict} How each arm's LR was chosen: {choice['how']}."))
     first = per_seed[0]
     matched = first.get("matched_rank")
     if matched:
-        parts.append(
-            f"lora-matched: LoRA rank {matched['lora_r']} → **{matched['rank']}** ({matched['params']:,} trainable "
-            f"parameters, ≥ lora+crma's {matched['lora_crma_params']:,})."
+        blocks.append(
+            Para(
+                f"lora-matched: LoRA rank {matched['lora_r']} → **{matched['rank']}** ({matched['params']:,} "
+                f"trainable parameters, ≥ lora+crma's {matched['lora_crma_params']:,})."
+            )
         )
     inits = first.get("lora_init_sha256") or {}
     if inits:
-        parts.append("LoRA init sha256 per arm: " + ", ".join(f"{a} `{h[:12]}…`" for a, h in inits.items()))
+        blocks.append(Para("LoRA init sha256 per arm: " + ", ".join(f"{a} `{h[:12]}…`" for a, h in inits.items())))
     diff = first.get("config_diff") or {}
     if diff:
         arms = list(next(iter(diff.values())))
-        parts.append("What differs between the arms (everything else is identical):")
-        diff_rows = [[key, *(_setting_cell(values.get(a)) for a in arms)] for key, values in diff.items()]
-        parts.append((["Setting", *arms], diff_rows, True))
-    return parts
+        rows = [[key, *(_setting_cell(values.get(a)) for a in arms)] for key, values in diff.items()]
+        blocks += [
+            Para("What differs between the arms (everything else is identical):"),
+            Table(["Setting", *arms], rows, True),
+        ]
+    return blocks
 
 
 def receipt_markdown(summary: dict[str, Any]) -> str:
-    """The fairness receipt of `summary.json` as Markdown: same LoRA init, same batches, config diff."""
-    blocks = []
-    for part in _receipt_parts(summary):
-        if isinstance(part, str):
-            blocks.append(part)
-        else:
-            header, rows, _ = part
-            blocks.append(_md_table(header, [[c.replace("|", "\\|") for c in row] for row in rows]))
-    return "\n\n".join(blocks)
-
-
-def receipt_html(summary: dict[str, Any]) -> str:
-    """The fairness receipt of `summary.json` as HTML (the same content as `receipt_markdown`)."""
-    blocks = []
-    for part in _receipt_parts(summary):
-        if isinstance(part, str):
-            blocks.append(f"<p>{_inline_html(part)}</p>")
-        else:
-            header, rows, wrap = part
-            blocks.append(_html_table(header, rows, wrap=wrap))
-    return "\n".join(blocks)
+    """The fairness receipt of `summary.json` as Markdown."""
+    return to_markdown(receipt_blocks(summary))
 
 
 def _tick(value: Any) -> str:
@@ -539,21 +654,3 @@ def _tick(value: Any) -> str:
 
 def _setting_cell(value: Any) -> str:
     return "–" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The published study
-
-
-def study_markdown(study: dict[str, Any]) -> str:
-    """`study.md`: the protocol, the time, and per condition the LR choice and the run summary."""
-    p = study["protocol"]
-    lines = ["# CRMA Lab study", "", "```json", json.dumps(p, indent=1), "```", ""]
-    for name, summary in study["conditions"].items():
-        lines += [summary_markdown(summary, title=name)]
-    return "\n".join(lines)
-
-
-def study_charts(study: dict[str, Any], conditions: dict[str, dict[str, Any]], out: Path) -> list[Path]:
-    """The study's PNG charts (none yet)."""
-    return []
