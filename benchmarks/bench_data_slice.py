@@ -1,13 +1,13 @@
-"""Peak memory of reading a small slice of a big data file: the streaming reader against the whole-file reader.
+"""Peak memory of reading a small slice of a big JSON lines file: the streaming reader against the whole-file reader.
 
-Writes a ~N MB file of Alpaca-style rows (JSON lines, and the same rows as one JSON array), then in a fresh
-subprocess per measurement calls `load_instruction_rows(path, start=..., rows=20)` -- what the app's data preview
-does -- with the current `crma.ablation.data` ("after") and with `crma/ablation/data.py` as it was before the data
-layer streamed ("before", read from git). Prints the peak RSS during the call (Linux VmHWM, reset just before it
-through /proc/self/clear_refs), its growth over the RSS before the call, and the call's wall time, as medians over
-interleaved runs.
+Writes a ~N MB .jsonl file of Alpaca-style rows, then in a fresh subprocess per measurement calls
+`load_instruction_rows(path, start=..., rows=20)` -- what the app's data preview does -- with the current
+`crma.ablation.data` ("after") and with `crma/ablation/data.py` as it was before the data layer streamed ("before",
+read from git). Prints the peak RSS during the call (Linux VmHWM, reset just before it through /proc/self/clear_refs),
+its growth over the RSS before the call, and the call's wall time, as medians over interleaved runs. (A .json file is
+parsed whole by design: uploads are capped at 64 MB.)
 
-    python benchmarks/bench_data_slice.py [--mb 500] [--rows 20] [--repeats 2] [--formats jsonl,json]
+    python benchmarks/bench_data_slice.py [--mb 500] [--rows 20] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ print(json.dumps({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "growt
 """
 
 
-def write_files(folder: Path, megabytes: int, formats: list[str]) -> tuple[dict[str, Path], int]:
+def write_file(folder: Path, megabytes: int) -> tuple[Path, int]:
     rng = random.Random(0)
     words = [f"w{i}" for i in range(2000)]
 
@@ -61,24 +61,13 @@ def write_files(folder: Path, megabytes: int, formats: list[str]) -> tuple[dict[
         return {"instruction": f"Row {i}: rewrite this.", "input": text, "output": text[::-1]}
 
     target = megabytes * 2**20
-    paths: dict[str, Path] = {}
-    jsonl = folder / "big.jsonl"
+    path = folder / "big.jsonl"
     n = 0
-    with jsonl.open("w", encoding="utf-8") as f:
+    with path.open("w", encoding="utf-8") as f:
         while f.tell() < target:
             f.write(json.dumps(row(n)) + "\n")
             n += 1
-    if "jsonl" in formats:
-        paths["jsonl"] = jsonl
-    if "json" in formats:
-        array = folder / "big.json"
-        with jsonl.open(encoding="utf-8") as src, array.open("w", encoding="utf-8") as dst:
-            dst.write("[\n")
-            for i, line in enumerate(src):
-                dst.write(("" if i == 0 else ",\n") + line.rstrip("\n"))
-            dst.write("\n]\n")
-        paths["json"] = array
-    return paths, n
+    return path, n
 
 
 def before_module(folder: Path) -> Path:
@@ -117,27 +106,25 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=500)
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--formats", default="jsonl,json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        paths, n_rows = write_files(folder, args.mb, args.formats.split(","))
+        path, n_rows = write_file(folder, args.mb)
         impls = {"before": str(before_module(folder)), "after": "after"}
-        for fmt, path in paths.items():
-            size_mb = path.stat().st_size / 2**20
-            for label, start in (("first rows", 0), ("last rows", n_rows - args.rows)):
-                results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-                for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-                    for name, impl in impls.items():
-                        results[name].append(measure(impl, path, start, args.rows))
-                for name in ("before", "after"):
-                    growth = statistics.median(r["growth_mb"] for r in results[name])
-                    peak = statistics.median(r["peak_mb"] for r in results[name])
-                    seconds = statistics.median(r["seconds"] for r in results[name])
-                    print(
-                        f"{fmt:5s} {size_mb:6.0f} MB, {n_rows} rows, {args.rows} {label} (start {start}): "
-                        f"{name:6s} peak RSS {peak:7.0f} MB (+{growth:7.1f} MB during the call), {seconds:6.2f} s"
-                    )
+        size_mb = path.stat().st_size / 2**20
+        for label, start in (("first rows", 0), ("last rows", n_rows - args.rows)):
+            results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+            for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+                for name, impl in impls.items():
+                    results[name].append(measure(impl, path, start, args.rows))
+            for name in ("before", "after"):
+                growth = statistics.median(r["growth_mb"] for r in results[name])
+                peak = statistics.median(r["peak_mb"] for r in results[name])
+                seconds = statistics.median(r["seconds"] for r in results[name])
+                print(
+                    f"jsonl {size_mb:6.0f} MB, {n_rows} rows, {args.rows} {label} (start {start}): "
+                    f"{name:6s} peak RSS {peak:7.0f} MB (+{growth:7.1f} MB during the call), {seconds:6.2f} s"
+                )
 
 
 if __name__ == "__main__":

@@ -127,11 +127,12 @@ class CRMAAdapter(nn.Module):
     """The trainable parameters of one CRMA adapter: every decoder block's, stacked along a leading depth axis l.
 
     Parameters (l = `num_layers`): `crma_A` (l, d, r), `crma_B` (l, r, d), `crma_log_mix` (l, n, n; absent when
-    `config.mixing` is `identity`), `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha`
-    (l). They are at least float32: a
-    cast of the model to bf16 / fp16 (`.to`, `.half()`, ...) leaves them float32, a cast to float64 makes them
-    float64. They are not part of the model's `state_dict()` (so a base checkpoint saved with `save_pretrained`, merged
-    or not, never holds them): save them with `crma.save`.
+    `config.mixing` is `identity`), `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha` (l).
+    They are at least float32: a cast of the model to bf16 / fp16 (`.to`, `.half()`, ...) leaves them float32, a
+    cast to float64 makes them float64. They are part of the model's `state_dict()` (under `...crma.<adapter>.crma_A`, ...), so a generic
+    checkpoint (`torch.save(model.state_dict())`, `accelerate`'s `save_state`) keeps them; `crma.attach` lists them in
+    the HF model's `_keys_to_ignore_on_save`, so `save_pretrained` of the base model (merged or not) writes a clean
+    base checkpoint. `crma.save` / `crma.load` move one adapter on its own.
 
     Args:
         config (`CRMAConfig`): shared settings.
@@ -221,18 +222,6 @@ class CRMAAdapter(nn.Module):
         # model.to(torch.bfloat16) / .half() would round the side channel's parameters to 8 mantissa bits: keep them
         # at least float32 (a float64 cast still applies; device moves and to_empty() pass through unchanged).
         return super()._apply(_no_lower_than_fp32(fn), recurse)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # Not part of the model's checkpoint: `save_pretrained` of a (merged) model must not carry CRMA keys, which
-        # the base model would drop as unexpected on reload. `crma.save` / `crma.load` keep CRMA.
-        return
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        # A base checkpoint has no CRMA keys: not "missing". A state_dict that has them (e.g. built by hand) loads.
-        if any(key.startswith(prefix) for key in state_dict):
-            super()._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-            )
 
     # -- the mixing and the per-step operands ---------------------------------------------------------------------
     def mixing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,9 +4,11 @@ Letters: `l` layers, `i`/`j` streams.
 
 CRMA lives beside the model rather than around it: the module holding the decoder blocks (e.g. `LlamaModel`) gets a
 `crma` ModuleDict (adapter name -> `CRMAAdapter`, every block's parameters stacked along depth) and every decoder
-block one forward hook. Module paths and state_dict keys of the base model and of peft's LoRA stay unchanged (CRMA's
-parameters are not in the state_dict at all), so `PeftModel.save_pretrained` / `from_pretrained` and
-`save_pretrained` of a merged model keep working; CRMA itself is saved with `crma.save`. The hook runs in the
+block one forward hook. Module paths and state_dict keys of the base model and of peft's LoRA stay unchanged; CRMA's
+parameters join the state_dict under the blocks' parent (`model.crma.<adapter>.crma_A`, ...), so a generic
+checkpoint round trip keeps them, while the HF model's `_keys_to_ignore_on_save` lists them, so `save_pretrained` of
+the base (merged or not) stays a clean base checkpoint and `PeftModel.save_pretrained` writes LoRA only. CRMA itself
+is saved with `crma.save`. The hook runs in the
 block's `__call__`, i.e. outside transformers' gradient-checkpointed `forward`, so the side state that flows from
 block to block keeps its gradient under (reentrant) checkpointing too.
 
@@ -180,7 +182,25 @@ def _install(
             # prepend: later hooks (e.g. transformers' output_hidden_states capture) see the CRMA output.
             channel.handles.append(layer.register_forward_hook(_crma_hook, with_kwargs=True, prepend=True))
     channel.adapters[name] = adapter
+    _ignore_on_save(model, adapter, add=True)
     set_active(model, name)
+
+
+def _ignore_on_save(model: nn.Module, adapter: CRMAAdapter, *, add: bool) -> None:
+    """List (or unlist) `adapter`'s state_dict keys in `_keys_to_ignore_on_save` of every HF model holding it, so
+    `save_pretrained` writes the base without CRMA (the base model would drop the keys as unexpected on reload)."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    where = paths[id(adapter)]
+    for path, module in model.named_modules():
+        ignored = module.__dict__.get("_keys_to_ignore_on_save")  # its own, not one forwarded (peft)
+        if not isinstance(ignored, set) or not (path == "" or where.startswith(path + ".")):
+            continue
+        inner = where[len(path) + 1 :] if path else where
+        keys = {f"{inner}.{key}" for key, _ in adapter.named_parameters()}
+        if add:
+            ignored |= keys
+        else:
+            ignored -= keys
 
 
 def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
@@ -190,6 +210,7 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     for name in names:
         if name not in channel.adapters:
             raise ValueError(f"no CRMA adapter named {name!r}; attached: {sorted(channel.adapters)}")
+        _ignore_on_save(model, channel.adapters[name], add=False)
         del channel.adapters[name]
         if channel.active == name:
             channel.active = None

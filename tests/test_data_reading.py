@@ -1,4 +1,5 @@
-"""Reading data files: slices stream and stop early, size limit, path-free names and identity, hostile JSON."""
+"""Reading data files: JSON lines and CSV slices stream and stop early, .json is parsed whole, size limit, path-free
+names and identity, hostile JSON."""
 
 from __future__ import annotations
 
@@ -48,20 +49,19 @@ FORMATS = {
     "json-lines": (".json", jsonl_bytes),
     "csv": (".csv", csv_bytes),
 }
+STREAMED = ["jsonl", "csv"]  # a .json file is parsed whole
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Streaming: the reader stops after the slice
+# Streaming: the JSON lines and CSV readers stop after the slice
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", STREAMED)
 def test_rows_after_the_slice_are_not_read(tmp_path, fmt):
     suffix, encode = FORMATS[fmt]
     data = sample_rows(30)
     good = encode(data)
-    if fmt == "json-array":
-        good = good.rstrip()[:-1] + b","  # drop the closing bracket: the array goes on, broken
     # After the rows: text that is not JSON or CSV, and bytes that are not UTF-8 (well past the first read chunk).
     tail = b'{"instruction": "broken", "output": \n"unterminated, "\xff\xfe\n' + b"\xff" * (3 * readers_module._CHUNK)
     path = tmp_path / f"d{suffix}"
@@ -71,22 +71,17 @@ def test_rows_after_the_slice_are_not_read(tmp_path, fmt):
         load_instruction_rows(str(path), start=10, rows=21)
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", STREAMED)
 def test_slice_reader_stops_reading_after_the_slice(fmt):
     _, encode = FORMATS[fmt]
     data = sample_rows(20_000)
     blob = encode(data)
     stream = io.BytesIO(blob)
-    kind = "jsonl" if fmt == "jsonl" else "csv" if fmt == "csv" else "json"
-    found = read_slice(stream, fmt=kind, name="d", start=5, rows=20)
+    found = read_slice(stream, fmt=fmt, name="d", start=5, rows=20)
     assert found.records[0]["instruction"] == data[5]["instruction"] and len(found.records) == 20
     assert found.total is None  # it stopped, so it did not count the rest
-    if fmt in ("jsonl", "csv"):
-        # Line readers stop exactly at the end of the slice's last row (+1 line: the CSV header).
-        assert stream.tell() == sum(len(line) for line in blob.splitlines(keepends=True)[: 25 + (fmt == "csv")])
-    else:
-        # The JSON reader reads ahead by at most one chunk.
-        assert stream.tell() <= 2 * readers_module._CHUNK < len(blob) // 10
+    # Line readers stop exactly at the end of the slice's last row (+1 line: the CSV header).
+    assert stream.tell() == sum(len(line) for line in blob.splitlines(keepends=True)[: 25 + (fmt == "csv")])
 
 
 def test_slice_that_does_not_fit_counts_every_row(tmp_path):
@@ -106,25 +101,28 @@ def test_rows_before_the_slice_are_counted_not_parsed(tmp_path):
     assert load_instruction_rows(str(path), start=2, rows=3) == sample_rows(3)
 
 
-def test_json_reader_agrees_with_json_loads_across_chunk_boundaries(tmp_path, monkeypatch):
+def test_json_file_is_an_array_one_object_or_json_lines(tmp_path):
     rows = [
         {"instruction": 'caf\u00e9 \U0001f600 \\ "q" \u2028', "input": "x" * 300, "output": "1 2 3", "n": -12.5e10},
         {"instruction": "esc \\u00e9 \n\t", "output": "\u4e2d\u6587", "input": None, "deep": [[[{"a": [1, 2.0]}]]]},
         *sample_rows(5),
     ]
-    text = json.dumps(rows, indent=2, ensure_ascii=False)
-    path = tmp_path / "d.json"
-    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # with a byte-order mark
     expected = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
-    for chunk in (1, 2, 3, 7, 64):  # splits every token, escape and multi-byte character somewhere
-        monkeypatch.setattr(readers_module, "_CHUNK", chunk)
-        assert load_instruction_rows(str(path), start=0, rows=len(rows)) == expected, chunk
-        assert load_instruction_rows(str(path), start=5, rows=2) == expected[5:], chunk
+    path = tmp_path / "d.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2, ensure_ascii=False).encode("utf-8"))  # with a BOM
+    assert load_instruction_rows(str(path), start=0, rows=len(rows)) == expected
+    assert load_instruction_rows(str(path), start=5, rows=2) == expected[5:]
     # One pretty-printed object is a one-row data set, and JSON lines in a .json file are rows too.
     path.write_text(json.dumps(rows[0], indent=2), encoding="utf-8")
     assert load_instruction_rows(str(path), start=0, rows=1) == expected[:1]
-    path.write_bytes(jsonl_bytes(rows))
+    path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(rows))
     assert load_instruction_rows(str(path), start=0, rows=len(rows)) == expected
+    assert load_instruction_rows(str(path), start=6, rows=1) == expected[6:]
+    # An empty array, or no text at all, is a data set without rows.
+    for body in (b"[]", b" \n"):
+        path.write_bytes(body)
+        with pytest.raises(DataError, match=r"d\.json has no rows$"):
+            load_instruction_rows(str(path), start=0, rows=1)
 
 
 @pytest.mark.parametrize(
@@ -135,31 +133,39 @@ def test_json_reader_agrees_with_json_loads_across_chunk_boundaries(tmp_path, mo
         '[{"instruction": "a", "output": "b"},]',
         '[{"instruction": "a",\n "output": "b"}]\n\n  [3]',
         '[{"instruction": "a", "output": "b\tc"}]',
-        '{"instruction": "a", "output": "b"}\n{"instruction": "c" "output": "d"}\n',
     ],
 )
-def test_json_errors_name_the_same_line_and_column_as_json_loads(tmp_path, monkeypatch, text):
-    import re
-
+def test_json_errors_are_one_line_naming_where_json_loads_stopped(tmp_path, text):
     path = tmp_path / "d.json"
     path.write_text(text, encoding="utf-8")
-    decoder = json.JSONDecoder()
-    pos, reference = 0, None
-    try:  # the reference: the first error of a whole-file parse, value after value
-        while pos < len(text):
-            pos = len(text) - len(text[pos:].lstrip())
-            if pos < len(text):
-                pos = decoder.raw_decode(text, pos)[1]
+    with pytest.raises(json.JSONDecodeError) as reference:
         json.loads(text)
-    except json.JSONDecodeError as exc:
-        reference = (exc.lineno, exc.colno)
-    assert reference is not None
-    for chunk in (1, 5, 1 << 16):
-        monkeypatch.setattr(readers_module, "_CHUNK", chunk)
-        with pytest.raises(DataError, match=r"d\.json is not valid JSON") as error:
-            load_instruction_rows(str(path), start=0, rows=2)
-        found = re.search(r"at line (\d+) column (\d+)", str(error.value))
-        assert (int(found[1]), int(found[2])) == reference, (chunk, str(error.value))
+    where = f"{reference.value.msg} at line {reference.value.lineno} column {reference.value.colno}"
+    with pytest.raises(DataError) as error:
+        load_instruction_rows(str(path), start=0, rows=1, display_name="d.json")
+    assert str(error.value) == f"d.json is not valid JSON: {where}"
+
+
+def test_json_lines_in_a_json_file_name_the_bad_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c" "output": "d"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"^d\.json line 3 is not valid JSON: Expecting ',' delimiter \(column 21\)$"):
+        load_instruction_rows(str(path), start=0, rows=2, display_name="d.json")
+    # They are read as JSON lines: the bad line after a one-row slice does not fail it.
+    assert load_instruction_rows(str(path), start=0, rows=1) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+def test_json_must_hold_objects(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"instruction": "a", "output": "b"}, ["not", "an", "object"]]', encoding="utf-8")
+    assert load_instruction_rows(str(path), start=0, rows=1) == [{"instruction": "a", "input": "", "output": "b"}]
+    with pytest.raises(
+        DataError, match=r"^d\.json row 1 must be an object with 'instruction' and 'output'; got list$"
+    ):
+        load_instruction_rows(str(path), start=0, rows=2, display_name="d.json")
+    path.write_text("12", encoding="utf-8")
+    with pytest.raises(DataError, match=r"^d\.json must hold a list of objects \(or JSON lines\); got a JSON int$"):
+        load_instruction_rows(str(path), start=0, rows=1, display_name="d.json")
 
 
 def test_csv_with_classic_mac_line_ends_bom_and_quoted_newlines(tmp_path):
@@ -305,15 +311,15 @@ def test_describe_source_is_path_free(tmp_path):
     [
         (".jsonl", jsonl_bytes(sample_rows(2)) + b"[" * 100_000 + b"\n", r"line 3 \(row 2\)"),
         (".jsonl", b'{"instruction": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"line 1 \(row 0\)"),
-        (".json", b"[" * 100_000, r"row 0 \(line 1 column 2\)"),
-        (".json", b'[{"instruction": "a", "output": "b"},\n {"x": ' + b"[" * 100_000, r"row 1 \(line 2 column 2\)"),
+        (".json", b"[" * 100_000, ""),
+        (".json", b'[{"instruction": "a", "output": "b"},\n {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]", ""),
     ],
     ids=["jsonl-line", "jsonl-value", "json-array", "json-value"],
 )
 def test_deep_nesting_is_a_one_line_data_error(tmp_path, suffix, body, where):
     path = tmp_path / f"d{suffix}"
     path.write_bytes(body)
-    with pytest.raises(DataError, match=rf"d\{suffix} {where} is nested too deeply to read") as error:
+    with pytest.raises(DataError, match=rf"d\{suffix} {where}\s?is nested too deeply to read") as error:
         load_instruction_rows(str(path), start=0, rows=3)
     assert "\n" not in str(error.value)
 
@@ -333,8 +339,7 @@ def test_lone_surrogate_is_a_data_error_naming_row_and_column(tmp_path, suffix):
     assert "\n" not in message and message.encode("utf-8")  # the message itself is printable UTF-8
     # A valid surrogate pair is one character (an emoji), which is fine.
     path.write_text('{"instruction": "smile \\ud83d\\ude00", "output": "x"}\n', encoding="utf-8")
-    if suffix == ".jsonl":
-        assert load_instruction_rows(str(path), start=0, rows=1)[0]["instruction"] == "smile \U0001f600"
+    assert load_instruction_rows(str(path), start=0, rows=1)[0]["instruction"] == "smile \U0001f600"
 
 
 def test_build_examples_rejects_a_lone_surrogate_before_the_tokenizer_sees_it():
@@ -343,9 +348,10 @@ def test_build_examples_rejects_a_lone_surrogate_before_the_tokenizer_sees_it():
         build_examples([row], build_byte_tokenizer(), seq_len=64, row_offset=7)
 
 
-def test_giant_number_is_a_data_error(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"instruction": "a", "output": ' + "9" * 5000 + "}\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"d\.jsonl .*row 0") as error:
+@pytest.mark.parametrize(("suffix", "where"), [(".jsonl", r"line 1 \(row 0\)"), (".json", "")])
+def test_giant_number_is_a_data_error(tmp_path, suffix, where):
+    path = tmp_path / f"d{suffix}"
+    path.write_text('[{"instruction": "a", "output": ' + "9" * 5000 + "}]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"d\{suffix} {where}\s?is not readable JSON: Exceeds the limit") as error:
         load_instruction_rows(str(path), start=0, rows=1)
-    assert len(str(error.value)) < 300
+    assert len(str(error.value)) < 300 and "\n" not in str(error.value)

@@ -10,9 +10,9 @@ import torch
 
 import crma
 from crma.ablation.engine.arm_set import ArmSet
-from crma.ablation.engine.loop import run_ablation
-from crma.ablation.engine.records import Phase, RunResult, StepRecord
-from crma.ablation.output.run_folder import write_run
+from crma.ablation.engine.loop import train
+from crma.ablation.engine.records import EvalRecord, Phase, RunResult, SeedEnd, SeedStart, StepRecord
+from crma.ablation.output.run_folder import run_to_folder
 from crma.ablation.spec.arms import arm_labels
 from crma.ablation.spec.schema import parse_config
 
@@ -25,19 +25,21 @@ FAST = dict(
     seq_len=160,
     diag_every=2,
     zclip={"warmup_steps": 2},
+    eval_rows=0,
 )
 
 
 def run(tmp_path=None, stop=None, **overrides) -> tuple[list[StepRecord], RunResult]:
     cfg = parse_config({**FAST, "save_adapters": False, **overrides})
+    events: list = []
     if tmp_path is None:
-        events = list(run_ablation(cfg, stop=stop))
+        result = train(cfg, stop=stop, observers=(events.append,))
     else:
-        events = list(write_run(cfg, tmp_path, stop=stop, charts=False))
-    result = events[-1]
-    assert isinstance(result, RunResult)
-    assert all(isinstance(e, (Phase, StepRecord)) for e in events[:-1])
-    return [e for e in events if isinstance(e, StepRecord)], result
+        result = run_to_folder(cfg, tmp_path, stop=stop, charts=False, observers=(events.append,))
+    assert isinstance(result, RunResult) and events[-1] is result  # the observers hear the end too
+    assert all(isinstance(e, (Phase, SeedStart, StepRecord, EvalRecord, SeedEnd)) for e in events[:-1])
+    assert result.records == [e for e in events if isinstance(e, StepRecord)]
+    return result.records, result
 
 
 def by_arm(records: list[StepRecord], arm: str) -> list[StepRecord]:
@@ -72,7 +74,8 @@ def test_lockstep_records_and_fairness_receipt() -> None:
     assert receipt["lora_init_equal"] and len(set(receipt["lora_init_sha256"].values())) == 1
     assert receipt["batches_seen_equal"] and len(set(receipt["batches_seen_sha256"].values())) == 1
     # What differs between the arms is what their names declare, read from live state.
-    crma_facets = {"crma", "optimizer.crma_groups", "optimizer.crma_groups.steps", "trainable.count"}
+    crma_facets = {"crma", "crma.mixing", "optimizer.crma_groups", "optimizer.crma_groups.lr"}
+    crma_facets |= {"optimizer.crma_groups.steps", "trainable.count"}
     assert set(receipt["config_diff"]) == {"clipper", *crma_facets}
     assert {arm: v is not None for arm, v in receipt["config_diff"]["crma"].items()} == {
         "lora": False,
@@ -126,12 +129,14 @@ def test_stop_keeps_partial_results(tmp_path) -> None:
     stop = threading.Event()
     cfg = parse_config({**FAST, "steps": 20, "save_adapters": True, "arms": ["lora", "lora+crma"]})
     seen = []
-    for event in write_run(cfg, tmp_path, stop=stop, charts=False):
+
+    def stop_after_six(event) -> None:
         if isinstance(event, StepRecord):
             seen.append(event)
             if len(seen) == 6:
                 stop.set()
-        result = event
+
+    result = run_to_folder(cfg, tmp_path, stop=stop, charts=False, observers=(stop_after_six,))
     assert result.status == "stopped" and len(result.records) == 6
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 1, 2, 2, 3, 3]
@@ -218,3 +223,76 @@ def test_lora_matched_controls_capacity_and_is_unchanged_at_step_0(tmp_path) -> 
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 2 * matched["rank"]
     model = PeftModel.from_pretrained(load_model("tiny-random").model, adapter)  # loads on the original base
     assert isinstance(model, PeftModel) and not (adapter / crma.serialization.WEIGHTS_NAME).exists()
+
+
+def _training_figures(records: list[StepRecord]) -> list[tuple]:
+    return [(r.arm, r.step, *metrics(r), r.grad_norm_lora, json.dumps(r.crma, sort_keys=True)) for r in records]
+
+
+def test_evaluation_leaves_training_bit_identical() -> None:
+    arms = ["lora", "lora+crma", "lora+crma-nomix"]
+    off, _ = run(arms=arms, steps=5, lora_dropout=0.1)  # dropout: evaluation must not touch the RNG either
+    on, result = run(arms=arms, steps=5, lora_dropout=0.1, eval_rows=4, val_rows=3, eval_every=2)
+    assert _training_figures(on) == _training_figures(off)
+    # Every arm on both slices at steps 0, 2, 4 and at the end (5), in lockstep.
+    steps = {(e.arm, e.split): [] for e in result.evals}
+    for e in result.evals:
+        steps[(e.arm, e.split)].append(e.step)
+    assert steps == {(arm, split): [0, 2, 4, 5] for arm in arms for split in ("val", "test")}
+    # At step 0 every arm is exactly the base model: the same held-out loss.
+    assert len({e.loss for e in result.evals if e.step == 0 and e.split == "test"}) == 1
+    figures = result.summary["arms"]["lora+crma"]
+    assert figures["final_test_step"] == 5 and figures["best_test_loss"] <= figures["final_test_loss"]
+    heldout = result.summary["data"]["heldout"]
+    assert heldout["val"]["rows"] == [16, 18] and heldout["test"]["rows"] == [19, 22]
+    assert heldout["test"]["overlap_with_train"] == 0 and heldout["val_test_overlap"] == 0
+    assert result.summary["attribution"]["primary"] == "final_test_loss"
+
+
+def test_the_identity_mixing_control_has_m_exactly_i_and_trains_everything_else(monkeypatch) -> None:
+    seen = {}
+    original = ArmSet.train_step
+
+    def watch(self, arm, batch):
+        record = original(self, arm, batch)
+        if arm.label == "lora+crma-nomix" and batch.step == 2:
+            adapter = crma.get_adapter(self.model, arm.adapter)
+            seen["names"] = {name for name, _ in adapter.named_parameters()}
+            seen["mix"] = adapter.mixing()[0].detach().clone()
+            seen["moved"] = {name: bool(p.detach().abs().sum() > 0) for name, p in adapter.named_parameters()}
+        return record
+
+    monkeypatch.setattr(ArmSet, "train_step", watch)
+    records, result = run(arms=["lora+crma", "lora+crma-nomix"], steps=3)
+    assert result.status == "finished" and result.summary["receipt"]["fair"], result.summary["receipt"]["problems"]
+    assert "crma_log_mix" not in seen["names"]  # not a parameter at all: nothing to train, nothing to save
+    n = seen["mix"].shape[-1]
+    assert torch.equal(seen["mix"], torch.eye(n).expand_as(seen["mix"]))
+    assert seen["moved"]["crma_B"]  # B left zero after two steps: the side channel trains
+    first = [r for r in records if r.step == 1]
+    assert len({r.loss for r in first}) == 1  # exact identity at step 0 for the control too
+    diag = [r.crma for r in records if r.arm == "lora+crma-nomix" and r.crma][-1]
+    assert diag["sigma2_mean"] == pytest.approx(1.0) and diag["dist_from_identity_mean"] == 0.0
+    assert (
+        result.summary["arms"]["lora+crma-nomix"]["trainable_params"]
+        < (result.summary["arms"]["lora+crma"]["trainable_params"])
+    )
+    declared = result.summary["receipt"]["declared"]
+    assert declared["lora+crma-nomix"]["mixing"] == "identity" and declared["lora+crma"]["mixing"] == "sinkhorn"
+    assert set(result.summary["receipt"]["config_diff"]) == {"crma.mixing", "trainable.count"}
+
+
+def test_every_arm_trains_at_every_multiplier_of_the_lr_grid() -> None:
+    records, result = run(arms=["lora", "lora+crma"], lr_grid=[0.5, 2.0], val_rows=3, eval_rows=3, steps=2)
+    assert result.status == "finished", result.error
+    labels = list(dict.fromkeys(r.arm for r in records))
+    assert labels == ["lora@x0.5", "lora@x2", "lora+crma@x0.5", "lora+crma@x2"]
+    groups = {label: arm["end"]["optimizer"]["groups"] for label, arm in result.summary["receipt"]["arms"].items()}
+    assert groups["lora@x2"]["proj"]["initial_lr"] == pytest.approx(4 * groups["lora@x0.5"]["proj"]["initial_lr"])
+    assert groups["lora+crma@x2"]["structural"]["initial_lr"] == pytest.approx(2 * 5e-3)
+    assert groups["lora+crma@x2"]["gate"]["initial_lr"] == pytest.approx(2 * 1e-3)  # the ratios between groups stay
+    assert len({r.loss for r in records if r.step == 1}) == 1  # same start, same batch
+    assert result.summary["receipt"]["fair"], result.summary["receipt"]["problems"]
+    selection = result.summary["lr_selection"]
+    assert selection["tuned"] and set(selection["arms"]) == {"lora", "lora+crma"}
+    assert result.summary["receipt"]["lr_choice"]["fair"]

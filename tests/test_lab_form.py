@@ -34,9 +34,13 @@ from crma.lab import form
         ({"seeds": "1,x"}, "Seeds[1] must be a whole number"),
         ({"seeds": "3,3"}, "Seeds must be None or a list of distinct integers"),
         ({"seeds": "-4"}, "must be an integer in [0, 2^32); got -4"),
-        ({"arms": []}, "Arms must be a non-empty list drawn from"),
-        ({"arms": ["lora", "dora"]}, "Arms must be a non-empty list drawn from"),
-        ({"arms": ["lora"] * 6}, "Arms must be at most 5 on this Space; got 6 of them"),
+        ({"arms": []}, "Arms must be a non-empty list of arm names"),
+        ({"arms": ["lora", "dora"]}, "Arms must be names from"),
+        ({"arms": ["lora"] * 7}, "Arms must be at most 6 on this Space; got 7 of them"),
+        (
+            {"arms": ["lora", "lora+crma"] * 3, "lr_grid": "0.3,1,3,10", "val_rows": 8},
+            "Arms × LR multipliers must be at most 18",
+        ),
         ({"model": "  "}, "Model is empty"),
         ({"model": "/etc/models"}, "Model must be a preset or a Hub id"),
         ({"model": "org/../secret"}, "Model must be a preset or a Hub id"),
@@ -46,7 +50,9 @@ from crma.lab import form
         ({"lora_targets": "q_proj, rm -rf"}, "LoRA targets must be module names"),
         ({"lora_r": 512}, "LoRA rank must be at most 256 on this Space"),
         ({"crma.n_streams": 1}, "CRMA streams must be an integer ≥ 2"),
-        ({"crma_streams": 1}, "CRMA streams must be an integer ≥ 2"),  # the first release's flat key
+        ({"crma": {"n_streams": 1}}, "CRMA streams must be an integer ≥ 2"),
+        ({"eval_dataset": "/etc/passwd"}, "Held-out data must be 'alpaca' or 'bundled' on this Space"),
+        ({"lr_grid": "1,3"}, "Validation rows must be ≥ 1"),
         ({"crma": {"rank": 65}}, "CRMA rank must be at most 64 on this Space"),
         ({"crma.sinkhorn_iters": 101}, "Sinkhorn iterations must be at most 100 on this Space"),
         ({"max_wall_s": 5000}, "Time cap (s) must be at most 1500 on this Space"),
@@ -99,11 +105,10 @@ def test_config_from_form_parses_ui_values():
     assert cfg.max_wall_s == form.SPACE_CAPS["max_wall_s"]  # the wall-time cap is filled in
 
 
-def test_nested_dotted_and_legacy_keys_agree():
+def test_nested_and_dotted_keys_agree():
     nested = form.config_from_form({"crma": {"n_streams": 4, "rank": 2}, "zclip": {"z_thresh": 3.0}})
     dotted = form.config_from_form({"crma.n_streams": 4, "crma.rank": 2, "zclip.z_thresh": "3"})
-    legacy = form.config_from_form({"crma_streams": 4, "crma_rank": 2, "zclip_z_thresh": 3})
-    assert nested == dotted == legacy
+    assert nested == dotted
     assert (nested.crma.n_streams, nested.crma.rank, nested.zclip.z_thresh) == (4, 2, 3.0)
 
 

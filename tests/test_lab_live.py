@@ -1,4 +1,4 @@
-"""`crma.lab.live`: the live view's redraw throttle, progress line and charts, and the registry of views by run id."""
+"""`crma.lab.live`: the live view's redraw throttle, progress line and charts, and following a run folder."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import math
 
 import pytest
 
-from crma.ablation.engine.records import Phase, RunResult, StepRecord, write_metrics_jsonl
+from crma.ablation.engine.records import EvalRecord, Phase, StepRecord, write_metrics_jsonl
 from crma.ablation.report import plots
 from crma.ablation.spec.arms import ARM_SPECS
 from crma.ablation.spec.config import AblationConfig
-from crma.lab.live import LiveView, ViewRegistry
-from crma.lab.runs import new_run
+from crma.lab.live import LiveView, follow, watch
 
 
 class FakeClock:
@@ -41,8 +40,8 @@ def _record(
     )
 
 
-def _result(cfg: AblationConfig, records: list[StepRecord], status: str = "finished", error: str | None = None):
-    return RunResult(status=status, error=error, config=cfg, records=records, summary={}, wall_s=12.0)
+def _end(status: str = "finished", error: str | None = None) -> dict:
+    return {"status": status, "error": error, "wall_s": 12.0}
 
 
 def test_liveview_throttles_redraws_and_always_draws_phases_and_the_end():
@@ -59,7 +58,7 @@ def test_liveview_throttles_redraws_and_always_draws_phases_and_the_end():
     assert draws == [False, False, True]  # 0.1 and 0.2 s after the last draw: no; 0.4 s: yes
     clock.now += 0.05
     assert view.update(Phase("seed 42: saving adapters")) is True
-    assert view.update(_result(cfg, view.records)) is True  # the end is always drawn, even right after a draw
+    assert view.finish(_end()) is True  # the end is always drawn, even right after a draw
 
 
 def test_liveview_redraw_rate_is_bounded_and_updates_build_no_figures(monkeypatch):
@@ -69,16 +68,17 @@ def test_liveview_redraw_rate_is_bounded_and_updates_build_no_figures(monkeypatc
     for name in ("make_loss_figure", "make_grad_norm_figure", "make_delta_figure", "make_mixing_figure"):
         monkeypatch.setattr(plots, name, no_figures)
     clock = FakeClock()
-    cfg = AblationConfig(model="tiny-random", steps=1000, arms=list(ARM_SPECS))
+    arms = list(ARM_SPECS)
+    cfg = AblationConfig(model="tiny-random", steps=1000, arms=arms)
     view = LiveView(cfg, clock=clock, min_interval_s=0.35)
     for step in range(1, 1001):
-        for arm in ARM_SPECS:
-            clock.now += 0.004  # 20 ms per lockstep step of five arms: 20 s of run
+        for arm in arms:
+            clock.now += 0.02 / len(arms)  # 20 ms per lockstep step of every arm: 20 s of run
             view.update(_record(arm, step))
-    assert len(view.records) == 5000 and view.done == 1000
+    assert len(view.records) == 1000 * len(arms) and view.done == 1000
     assert view.redraws <= 20 / 0.35 + 2  # at most ~3 per second
     # Counters, not re-summing the records: tokens are the newest cumulative count per arm, summed over arms.
-    assert view.tokens == 5 * 100 * 1000 and math.isclose(view.compute_s, 5000 * 0.5)
+    assert view.tokens == len(arms) * 100 * 1000 and math.isclose(view.compute_s, 1000 * len(arms) * 0.5)
 
 
 def test_liveview_backs_off_when_drawing_is_slow():
@@ -110,7 +110,8 @@ def test_liveview_progress_text_and_figures():
     view = LiveView(cfg, clock=clock, device="CPU (2 cores)")
     assert "waiting" in view.progress_text()
     view.update(_record("lora+crma", 1))
-    loss, grad, delta = view.figures()  # no baseline record yet: the delta chart is empty, not an error
+    figures = view.figures()  # no baseline record yet: the delta chart is empty, not an error
+    loss, delta = figures["loss"], figures["loss_delta"]
     assert {t.name for t in loss.data} >= {"lora+crma"}
     assert not [t for t in delta.data if t.name == "lora+crma"]
     for step in range(1, 5):
@@ -122,19 +123,20 @@ def test_liveview_progress_text_and_figures():
     assert "Step 4/10" in text and "elapsed 0:04" in text and "ETA 0:08" in text and "CPU (2 cores)" in text
     assert "RSS 1.50 GiB" in text and "200 tokens/s" in text
     assert view.fraction() == pytest.approx(0.4)
-    loss, grad, delta = view.figures(smoothing=0.0, log_scale=True)
+    figures = view.figures(smoothing=0.0, log_scale=True)
+    loss, grad, delta = figures["loss"], figures["grad_norm"], figures["loss_delta"]
     assert {t.name for t in loss.data} >= {"lora", "lora+crma"}
     assert grad.layout.yaxis.type == "log"
     assert [t.name for t in delta.data if t.name == "lora+crma"]
     view.update(_record("lora+crma", 5, loss=float("nan"), diverged=True))
     assert "lora+crma diverged at step 5" in view.progress_text() and "other arms continue" in view.progress_text()
     assert 'role="progressbar"' in view.progress_html()
-    view.update(_result(cfg, view.records, status="stopped", error="stopped by request"))
+    view.finish(_end(status="stopped", error="stopped by request"))
     assert view.progress_text().startswith("Stopped at step 5/10")
-    view.update(_result(cfg, view.records, status="failed", error="out of memory: <lower batch_size>"))
+    view.finish(_end(status="failed", error="out of memory: <lower batch_size>"))
     assert "Failed at step 5/10: out of memory" in view.progress_text()
     assert "&lt;lower batch_size&gt;" in view.progress_html()  # error text is escaped in the HTML
-    view.update(_result(cfg, view.records))
+    view.finish(_end())
     assert view.fraction() == 1.0 and view.progress_text().startswith("Finished 10 steps x 2 arms in 0:12")
 
 
@@ -149,35 +151,39 @@ def test_liveview_multi_seed_progress_counts_all_seeds():
                 view.update(_record(arm, step, seed=seed))
     assert view.done == 7 and view.total_steps == 10
     assert "Step 7/10 · seed 2 (2/2)" in view.progress_text()
-    loss, _, _ = view.figures()  # live: the current seed only
+    loss = view.figures()["loss"]  # live: the current seed only
     assert "seed 2" in (loss.layout.title.text or "")
 
 
-def test_view_registry_is_bounded_and_rebuilds_from_files(tmp_path):
-    registry = ViewRegistry(max_views=2)
-    cfg = AblationConfig(model="tiny-random", steps=3, arms=["lora", "lora+crma"])
-    views = [LiveView(cfg) for _ in range(3)]
-    for i, view in enumerate(views):
-        registry.add(f"{i:032x}", view)
-    assert registry.get(f"{0:032x}") is None and registry.get(f"{2:032x}") is views[2]
-    assert registry.view_for(f"{2:032x}", tmp_path) is views[2]
-    folder = new_run(tmp_path)
-    assert registry.view_for(folder.run_id, tmp_path) is None  # no metrics yet: nothing to draw
-    folder.out_dir.mkdir()
-    (folder.out_dir / "config.json").write_text(cfg.to_json())
+def test_follow_feeds_the_view_from_the_run_folder_as_it_grows(tmp_path):
+    cfg = AblationConfig(model="tiny-random", steps=3, arms=["lora", "lora+crma"], eval_rows=4)
+    staging = tmp_path / ".run.partial-1234"
+    staging.mkdir()
+    (staging / "config.json").write_text(cfg.to_json())
+    (staging / "progress.json").write_text('{"phase": "seed 42: setting up 2 arms", "seed": 42, "started_at": 50.0}')
     written = [_record(arm, s, loss=math.nan if s == 2 else 2.0) for s in (1, 2) for arm in ("lora", "lora+crma")]
-    write_metrics_jsonl(written, folder.out_dir / "metrics.jsonl")  # the writer's format (NaN as null)
-    rebuilt = registry.view_for(folder.run_id, tmp_path)
-    assert rebuilt is not None and len(rebuilt.records) == 4 and rebuilt.done == 2
-    assert math.isnan(rebuilt.records[2].loss)
-    loss, grad, _ = rebuilt.figures(smoothing=0.0, log_scale=True)
-    assert grad.layout.yaxis.type == "log" and {t.name for t in loss.data} >= {"lora", "lora+crma"}
-    for bad in ("../../etc", None, 42):
-        assert registry.view_for(bad, tmp_path) is None
-    # A run that ended: the rebuilt view says how, from its summary.json.
-    (folder.out_dir / "summary.json").write_text('{"status": "stopped", "error": "stopped by request", "notes": []}')
-    ended = ViewRegistry().view_for(folder.run_id, tmp_path)
-    assert ended.result.status == "stopped" and "Stopped at step 2/3" in ended.progress_text()
+    held_out = EvalRecord(arm="lora", seed=42, step=0, split="test", loss=2.2, tokens=10, eval_s=0.1)
+    write_metrics_jsonl([held_out, *written], staging / "metrics.jsonl")
+    with (staging / "metrics.jsonl").open("a") as fh:
+        fh.write('{"arm": "lora", "seed": 42, "st')  # a line the run is still writing: not read yet
+    view = LiveView(cfg, clock=FakeClock())
+    looks = follow(tmp_path / "run", view, interval_s=0.0)
+    assert next(looks) is True  # the phase and the first records: draw
+    assert view.started == 50.0 and view.phase.startswith("seed 42") and len(view.records) == 4
+    assert view.evals == [held_out] and math.isnan(view.records[2].loss) and view.done == 2
+    assert next(looks) is False  # a look without news
+    # The run ends: its staging folder moves into place with summary.json; the follower reads the rest and stops.
+    with (staging / "metrics.jsonl").open("a") as fh:
+        fh.write(
+            'ep": 3, "loss": 1.0, "grad_norm_pre": 1.0, "grad_norm_post": 1.0, "clipped": false, "lr": 0.0002, '
+            '"tokens": 300, "step_time_s": 0.5, "memory_mb": 10.0}\n'
+        )
+    (staging / "summary.json").write_text('{"status": "stopped", "error": "stopped by request", "wall_s": 3.0}')
+    staging.rename(tmp_path / "run")
+    assert list(looks) == [True]
+    assert view.records[-1].step == 3 and view.result["status"] == "stopped"
+    assert "Stopped at step 3/3" in view.progress_text()
+    assert [look.summary for look in watch(tmp_path / "run", interval_s=0.0)] == [view.result]
 
 
 def test_eta_is_the_smoothed_step_time_and_counts_the_seeds_set_up():
@@ -238,7 +244,7 @@ def test_progress_html_clocks_tick_in_the_browser_during_set_up():
         and '<span class="crma-tick" data-s="14.0" data-dir="down">0:14</span>' in (html)
     )
     assert "elapsed 1:21 · ETA 0:14" in view.progress_text()
-    view.update(_result(cfg, view.records, status="stopped", error="stopped by request"))
+    view.finish(_end(status="stopped", error="stopped by request"))
     assert "crma-tick" not in view.progress_html()  # an ended run's line is still
 
 
@@ -248,12 +254,16 @@ def test_charts_keep_one_uirevision_per_run():
     for view in (first, second):
         view.update(_record("lora", 1))
         view.update(_record("lora+crma", 1))
-    revisions = [fig.layout.uirevision for fig in first.figures()]
-    assert revisions == [f"{name}:{first.revision}" for name in ("loss", "grad_norm", "loss_delta")]
+
+    def revisions(view, **kwargs):
+        return {key: fig.layout.uirevision for key, fig in view.figures(**kwargs).items() if fig is not None}
+
+    drawn = revisions(first)
+    assert drawn == {name: f"{name}:{first.revision}" for name in ("loss", "grad_norm", "loss_delta")}
     # The same run redrawn (a live update, a smoothing change) keeps them: the page keeps the visitor's zoom.
-    assert [fig.layout.uirevision for fig in first.figures(smoothing=0.0, log_scale=True)] == revisions
+    assert revisions(first, smoothing=0.0, log_scale=True) == drawn
     # Another run starts afresh.
-    assert not set(revisions) & {fig.layout.uirevision for fig in second.figures()}
+    assert not set(drawn.values()) & set(revisions(second).values())
 
 
 def test_a_view_that_re_attaches_counts_from_the_runs_start():

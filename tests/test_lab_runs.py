@@ -1,10 +1,8 @@
-"""`crma.lab.runs`: private run folders, the file-backed stop signal, clean-up, the archive, and the engine entry."""
+"""`crma.lab.runs`: private run folders, the file-backed stop signal, clean-up and the archive."""
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import threading
 import time
 import zipfile
@@ -12,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crma.ablation.engine.records import RunResult, StepRecord
-from crma.ablation.output import run_folder as writer
-from crma.lab import form, runs
+from crma.lab import runs
 
 
 def test_run_folders_are_private_per_run(tmp_path):
@@ -109,40 +105,3 @@ def test_make_archive_holds_everything(tmp_path):
     assert content == b"adapters/lora+crma/crma.safetensors" * 3
     with pytest.raises(FileNotFoundError):
         runs.make_archive(tmp_path / "missing")
-
-
-def test_run_events_writes_the_files_and_stops_on_the_flag_file(tmp_path, monkeypatch):
-    def no_browser(*args, **kwargs):
-        raise RuntimeError("no browser")
-
-    monkeypatch.setattr(writer, "write_png_charts", no_browser)  # no Chromium: the PNGs are not checked here
-    folder = runs.new_run(tmp_path)
-    cfg = form.config_from_form(
-        {
-            "model": "tiny-random",
-            "dataset": "bundled",
-            "rows": 8,
-            "seq_len": 512,
-            "steps": 50,
-            "arms": "lora,lora+crma",
-        }
-    )
-    events = []
-    # Plain str arguments: on ZeroGPU this generator runs in a forked worker.
-    for event in runs.run_events(cfg, str(folder.out_dir), str(folder.stop_file)):
-        pickle.loads(pickle.dumps(event))  # and its events travel back pickled
-        events.append(event)
-        if isinstance(event, StepRecord) and event.step == 2:
-            folder.stop_file.touch()  # what the app's process does: only the file is shared
-    result = events[-1]
-    assert isinstance(result, RunResult) and result.status == "stopped" and result.error == "stopped by request"
-    steps = sorted({e.step for e in events if isinstance(e, StepRecord)})
-    assert steps[0] == 1 and 2 <= steps[-1] < 50
-    assert Path(result.out_dir) == folder.out_dir and folder.finished()
-    assert {"config.json", "metrics.jsonl", "summary.json", "summary.md", "report.html"} <= set(result.files)
-    assert "adapters/lora+crma/crma.safetensors" in result.files
-    assert "PNG charts not written: no browser" in result.notes  # the writer says why the charts are missing
-    summary = json.loads((folder.out_dir / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["notes"] == result.notes
-    lines = (folder.out_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len([e for e in events if isinstance(e, StepRecord)])

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from crma.ablation.cli import build_parser, config_from_args
-from crma.ablation.engine.records import Phase, RunResult, StepRecord
+from crma.ablation.engine.records import EvalRecord, Phase, StepRecord
+from crma.ablation.output.run_folder import StoredRun
 from crma.ablation.spec.arms import ARM_SPECS
 from crma.ablation.spec.config import AblationConfig
 from crma.ablation.spec.schema import config_to_values
@@ -29,6 +30,12 @@ EVERY_FIELD = {
     "steps": 20,
     "seed": 7,
     "arms": list(ARM_SPECS),
+    "lr_grid": "0.5,2",
+    "eval_rows": 8,
+    "val_rows": 8,
+    "eval_start": 300,
+    "eval_dataset": "bundled",
+    "eval_every": 5,
     "lr": "1.23456789e-4",  # more digits than `:g` keeps
     "structural_lr": 0.004,
     "gate_lr": 0.002,
@@ -194,7 +201,7 @@ def test_client_snippet_sends_an_upload_as_a_file(tmp_path, monkeypatch):
 
 
 def test_api_payload_nests_crma_and_zclip():
-    cfg = form.config_from_form({"model": "tiny-random", "crma.rank": 2, "zclip_z_thresh": 3})
+    cfg = form.config_from_form({"model": "tiny-random", "crma.rank": 2, "zclip.z_thresh": 3})
     assert snippets.api_payload(cfg) == {
         "model": "tiny-random",
         "steps": 40,
@@ -235,29 +242,28 @@ def _record(loss: float) -> StepRecord:
     )
 
 
-def test_event_json_is_strict_json():
+def test_event_json_is_strict_json(tmp_path):
     event = snippets.event_json(_record(math.nan), run_id="r")
     assert event["type"] == "record" and event["run_id"] == "r" and event["diverged"] is True
     assert event["loss"] is None and event["grad_norm_pre"] is None and event["crma"] == {"entropy": None}
     json.dumps(event, allow_nan=False)
+    held_out = EvalRecord(arm="lora", seed=1, step=3, split="test", loss=math.inf, tokens=9, eval_s=0.2)
+    assert snippets.event_json(held_out, run_id="r") == {
+        "type": "eval",
+        "run_id": "r",
+        **held_out.to_dict(),
+        "loss": None,
+    }
     cfg = AblationConfig(model="tiny-random")
-    result = snippets.event_json(
-        RunResult(
-            "stopped",
-            "stopped by request",
-            cfg,
-            [_record(1.0)],
-            {"x": math.inf},
-            files=["summary.json"],
-            notes=["PNG charts not written: no browser"],
-            wall_s=3.5,
-        ),
-        run_id="r",
+    stored = StoredRun(
+        tmp_path, cfg, [_record(1.0)], [], {"status": "stopped", "x": math.inf, "notes": ["no browser"], "wall_s": 3.5}
     )
+    (tmp_path / "summary.json").write_text("{}")
+    result = snippets.result_json(stored, run_id="r")
     json.dumps(result, allow_nan=False)
     assert result["type"] == "result" and result["status"] == "stopped" and result["records"] == 1
-    assert result["summary"] == {"x": None} and result["files"] == ["summary.json"] and result["wall_s"] == 3.5
-    assert result["notes"] == ["PNG charts not written: no browser"]
+    assert result["summary"]["x"] is None and result["files"] == ["summary.json"] and result["wall_s"] == 3.5
+    assert result["notes"] == ["no browser"]
     assert snippets.event_json(Phase("loading", seed=1), run_id="r") == {
         "type": "phase",
         "run_id": "r",

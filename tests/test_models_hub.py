@@ -113,8 +113,9 @@ def test_the_apps_runs_never_send_the_hosts_token(hub, tmp_path):
     has `HF_TOKEN` set, and cannot reach the host's private repos with it."""
     from dataclasses import replace
 
+    from crma.ablation.output.run_folder import load_run
     from crma.ablation.spec.schema import parse_config
-    from crma.lab import form, runs
+    from crma.lab import form, launcher
 
     cfg = parse_config(
         {"model": "lab/tiny", "dataset": "bundled", "rows": 8, "steps": 1, "batch_size": 2, "seq_len": 160,
@@ -122,13 +123,16 @@ def test_the_apps_runs_never_send_the_hosts_token(hub, tmp_path):
     )  # fmt: skip
     form.check_model(cfg)
     form.check_memory(cfg)
-    result = list(runs.run_events(cfg, str(tmp_path / "run"), str(tmp_path / "STOP")))[-1]
-    assert result.status == "finished", result.error
+    # What the run's process does (`launcher.visitor_run`), here in this process so the stand-in sees its requests.
+    launcher.visitor_run(cfg.to_json(), str(tmp_path / "run"), str(tmp_path / "STOP"))
+    result = load_run(tmp_path / "run")
+    assert result.status == "finished", result.summary["error"]
     assert _model_requests(hub) and {r.authorization for r in hub.requests} == {None}
 
     private = replace(cfg, model="owner/private-tiny")
     with pytest.raises(ModelLoadError, match="was not found on the Hub"):
         form.check_model(private)
-    result = list(runs.run_events(private, str(tmp_path / "private"), str(tmp_path / "STOP")))[-1]
-    assert result.status == "failed" and "was not found on the Hub" in result.error
+    launcher.visitor_run(private.to_json(), str(tmp_path / "private"), str(tmp_path / "STOP"))
+    result = load_run(tmp_path / "private")
+    assert result.status == "failed" and "was not found on the Hub" in result.summary["error"]
     assert not any(HOST in (r.authorization or "") for r in hub.requests)

@@ -16,6 +16,7 @@ from crma.ablation.report.plots import (
     make_loss_figure,
     make_mixing_figure,
 )
+from crma.ablation.spec.arms import ARM_SPECS
 
 
 def _trace(fig, name: str):
@@ -29,21 +30,21 @@ def _index(fig, name: str) -> int:
 
 
 def test_arm_style_distinct_and_stable():
-    named = ["lora", "lora+crma", "lora+zclip", "lora+mix"]
+    named = list(ARM_SPECS)
     styles = [arm_style(a) for a in named]
-    assert len({s["color"] for s in styles}) == 4
-    assert len({s["dash"] for s in styles}) == 4
+    assert len({s["color"] for s in styles}) == len(named)
+    assert len({s["dash"] for s in styles}) == len(named)
     assert all(re.fullmatch(r"#[0-9A-F]{6}", s["color"]) for s in styles)
     copy = arm_style("lora#2")
     assert copy["color"] == arm_style("lora")["color"] and copy["dash"] != arm_style("lora")["dash"]
     assert arm_style("lora#3")["dash"] not in (copy["dash"], arm_style("lora")["dash"])
+    # An arm at several LR multipliers keeps its colour; each multiplier its own dash.
+    scaled = [arm_style(f"lora+crma@x{m}") for m in (0.3, 1, 3)]
+    assert {s["color"] for s in scaled} == {arm_style("lora+crma")["color"]} and len({s["dash"] for s in scaled}) == 3
     # Other names are hashed with crc32 (stable across processes, unlike `hash`) onto the spare colours and dashes.
-    spare_colours, spare_dashes = (
-        ("#E69F00", "#56B4E9", "#000000", "#F0E442"),
-        ("solid", "dash", "dashdot", "longdash"),
-    )
+    spare_colours, spare_dashes = ("#000000", "#F0E442"), ("solid", "dash", "dashdot", "longdash")
     idx = zlib.crc32(b"my-arm")
-    assert arm_style("my-arm") == {"color": spare_colours[idx % 4], "dash": spare_dashes[idx % 4]}
+    assert arm_style("my-arm") == {"color": spare_colours[idx % 2], "dash": spare_dashes[idx % 4]}
 
 
 def test_loss_figure_traces_raw_behind_smoothed(records):

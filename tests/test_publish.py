@@ -1,10 +1,12 @@
 """`crma.ablation.output.publish`: push a run folder through the real `huggingface_hub` client to a local Hub stand-in.
 
 The folder holds the files a run writes: config and metrics from the records module, a PEFT LoRA adapter saved by peft
-and the CRMA files saved by `crma.save`, so the pushed bytes are loaded back the way the model card says."""
+and the CRMA files saved by `crma.save`, so the pushed bytes are loaded back the way the model card says. An `HF_TOKEN`
+decoy is set throughout: a request carrying anything but the visitor's token fails a test."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -21,10 +23,12 @@ from hub_standin import HubStandIn, TokenInfo
 from huggingface_hub import ModelCard
 
 import crma
-from crma.ablation.engine.records import StepRecord, write_metrics_jsonl
+from crma.ablation.engine.records import StepRecord, write_metrics_csv, write_metrics_jsonl
 from crma.ablation.jsonio import write_json
 from crma.ablation.models import PRESETS
 from crma.ablation.output.publish import PushError, hub_model_id, model_card, push_results
+from crma.ablation.report.charts import CHARTS
+from crma.ablation.report.render import md_table
 from crma.ablation.spec.config import AblationConfig
 
 # huggingface_hub's own LFS PUT passes `data=` to httpx2, which warns; not ours to fix.
@@ -41,11 +45,14 @@ TOKENS = {
     DECOY: TokenInfo("owner"),  # a valid token of someone else: if it leaked, the push would succeed as them
 }
 PRESET_HUB_IDS = {name: preset.hub_id for name, preset in PRESETS.items()}
-SUMMARY_MD = (
-    "| arm | final loss | mean grad norm |\n|---|---|---|\n| lora | 2.311 | 1.42 |\n| lora+crma | 2.287 | 1.05 |\n"
-)
+SUMMARY_MD = "## lora vs lora+crma on smollm2-135m\n\nthe run's own document\n"
 BATCH_ORDER = "ab12cd" + "0" * 58
 ARMS = ["lora", "lora+crma"]
+ARM_FIGURES = {
+    "lora": {"arm": "lora", "seed": 7, "final_loss": 2.311, "final_test_loss": 2.4012, "diverged": False},
+    "lora+crma": {"arm": "lora+crma", "seed": 7, "final_loss": 2.287, "final_test_loss": 2.3771, "diverged": False},
+}
+CHART_FILES = [chart.key for chart in CHARTS][:3]  # a run without the CRMA mixing or LR charts: those PNGs are absent
 
 
 def _png(width: int = 2, height: int = 2) -> bytes:
@@ -83,11 +90,15 @@ def make_out_dir(root: Path, models: dict, *, preset: str = "smollm2-135m", data
     out.mkdir()
     cfg = AblationConfig(model=preset, dataset=dataset, rows=16, steps=3, seed=7, arms=list(ARMS))
     (out / "config.json").write_text(cfg.to_json())
-    write_metrics_jsonl([_record(arm, s) for s in (1, 2, 3) for arm in ARMS], out / "metrics.jsonl")
+    records = [_record(arm, s) for s in (1, 2, 3) for arm in ARMS]
+    write_metrics_jsonl(records, out / "metrics.jsonl")
+    write_metrics_csv(records, out / "metrics.csv")
+    write_json(out / "progress.json", {"status": "finished", "arms": {arm: {"step": 3} for arm in ARMS}})
     write_json(
         out / "summary.json",
         {
-            "arms": {"lora": {"final_loss": 2.311}, "lora+crma": {"final_loss": 2.287}},
+            "baseline": "lora",
+            "arms": ARM_FIGURES,
             "receipt": {
                 "seed": 7,
                 "lora_init_sha256": {arm: "f" * 64 for arm in ARMS},
@@ -101,8 +112,8 @@ def make_out_dir(root: Path, models: dict, *, preset: str = "smollm2-135m", data
     )
     (out / "summary.md").write_text(SUMMARY_MD)
     (out / "report.html").write_text("<!doctype html><html><body><h1>report</h1></body></html>")
-    for i, name in enumerate(("loss.png", "grad_norm.png", "loss_delta.png")):
-        (out / name).write_bytes(_png(2 + i, 2))
+    for i, key in enumerate(CHART_FILES):
+        (out / f"{key}.png").write_bytes(_png(2 + i, 2))
     for arm in ARMS:
         staging = root / f"peft-{arm}"
         models[arm].save_pretrained(staging, save_embedding_layers=False)
@@ -153,7 +164,9 @@ def out_dir(template, tmp_path) -> Path:
 
 
 def test_push_uploads_every_file_byte_identical_in_one_commit(hub, out_dir):
+    before = local_files(out_dir)
     url = push_results(out_dir, "alice/crma-ablation", token=VISITOR, endpoint=hub.url)
+    assert local_files(out_dir) == before  # the card is staged elsewhere: the run folder stays as the run left it
 
     assert url == f"{hub.url}/alice/crma-ablation"
     repo = hub.repos["alice/crma-ablation"]
@@ -195,14 +208,26 @@ def test_model_card_in_readme_has_metadata_table_charts_and_loading(hub, out_dir
     assert {"crma", "lora", "peft", "ablation"} <= set(card.data.tags)
     assert card.data.datasets == ["tatsu-lab/alpaca"]
     assert "license" not in card.data.to_dict()
-    assert SUMMARY_MD.strip() in readme
-    for name in ("loss.png", "grad_norm.png", "loss_delta.png"):
-        assert f"]({name})" in readme
+    # The summary table is render.md_table's, the headline (held-out here) first and said to be held-out.
+    table = md_table(["figure", *ARMS], [["**final_test_loss**", "2.401", "2.377"], ["final_loss", "2.311", "2.287"]])
+    assert table in readme
+    assert "Headline figure: **the final held-out (test) loss** (`final_test_loss`), a held-out figure" in readme
+    assert "a training figure" not in readme and "| seed |" not in readme and "diverged |" not in readme
+    # The charts present, by their registry title; the absent ones are not linked.
+    for chart in CHARTS:
+        assert (f"![{chart.title}]({chart.key}.png)" in readme) == (chart.key in CHART_FILES), chart.key
+    # Every file of the run folder is listed, and nothing it does not hold.
+    for rel in ("config.json", "progress.json", "metrics.jsonl", "metrics.csv", "summary.json", "summary.md"):
+        assert f"| `{rel}` | " in readme, rel
+    assert "| `report.html` | " in readme and "| `adapters/lora/` | PEFT LoRA adapter |" in readme
+    assert "| `adapters/lora+crma/` | PEFT LoRA adapter + CRMA side channel" in readme
+    assert "mixing.png" not in readme and "lr_sensitivity.png" not in readme
     assert 'PeftModel.from_pretrained(base, "alice/crma-ablation", subfolder="adapters/lora+crma")' in readme
     assert 'PeftModel.from_pretrained(base, "alice/crma-ablation", subfolder="adapters/lora")' in readme
     assert readme.count("crma.load(model, ") == 1  # only the arm that carries CRMA files
     assert "ab12cd" in readme and "Same LoRA init" in readme  # the fairness receipt
-    assert hub.validated_yaml == [readme]  # the client validated this exact card before uploading
+    # The client validated this exact card before uploading (upload_folder checks it early, create_commit again).
+    assert hub.validated_yaml and set(hub.validated_yaml) == {readme}
 
 
 def test_pushed_adapters_load_as_the_card_says(hub, out_dir, models, tmp_path):
@@ -249,13 +274,62 @@ def test_model_card_maps_presets_and_omits_non_hub_sources(tmp_path, models):
 
 def test_second_push_reuses_the_repo_and_adds_a_commit(hub, out_dir):
     push_results(out_dir, "lab-org/runs", token=VISITOR, endpoint=hub.url, private=False)
-    (out_dir / "summary.md").write_text(SUMMARY_MD + "| lora+zclip | 2.30 | 1.1 |\n")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    summary["arms"]["lora+zclip"] = {"final_loss": 2.30, "final_test_loss": 2.39}
+    write_json(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(SUMMARY_MD + "lora+zclip\n")
     url = push_results(out_dir, "lab-org/runs", token=VISITOR, endpoint=hub.url, commit_message="rerun")
 
     repo = hub.repos["lab-org/runs"]
     assert url == f"{hub.url}/lab-org/runs" and repo.private is False
-    assert [c["summary"] for c in repo.commits][1] == "rerun"
-    assert b"lora+zclip" in repo.files["summary.md"] and b"lora+zclip" in repo.files["README.md"]
+    assert [c["summary"] for c in repo.commits][1] == "rerun" and len(repo.commits) == 2
+    assert b"lora+zclip" in repo.files["summary.md"]
+    assert "| **final_test_loss** | 2.401 | 2.377 | 2.39 |" in repo.files["README.md"].decode()
+
+
+def test_hidden_files_are_left_out_and_the_card_replaces_a_readme(hub, out_dir):
+    (out_dir / ".lock").write_text("x")
+    (out_dir / "adapters" / ".cache").mkdir()
+    (out_dir / "adapters" / ".cache" / "junk").write_text("x")
+    (out_dir / "README.md").write_text("an old card")
+    push_results(out_dir, "alice/r", token=VISITOR, endpoint=hub.url)
+
+    files = hub.repos["alice/r"].files
+    assert not any(part.startswith(".") for rel in files for part in rel.split("/"))
+    assert files["README.md"].decode().startswith("---\n") and b"an old card" not in files["README.md"]
+    assert (out_dir / "README.md").read_text() == "an old card"  # the folder's own file is not touched
+
+
+@pytest.mark.parametrize(
+    ("attribution", "figures", "headline"),
+    [
+        (
+            {"available": True, "primary": "final_loss_ema", "primary_kind": "training"},
+            {"final_loss_ema": 2.2, "final_loss": 2.3},
+            "**the final training loss (EMA)** (`final_loss_ema`), a training figure: no held-out slice",
+        ),
+        (None, {"final_loss": 2.3}, "**the final training loss** (`final_loss`), a training figure"),
+        (
+            {"available": True, "primary": "final_test_loss", "primary_kind": "held-out"},
+            {"final_loss": 2.3, "final_test_loss": 2.4},
+            "**the final held-out (test) loss** (`final_test_loss`), a held-out figure",
+        ),
+    ],
+    ids=["attribution-training", "no-attribution-training", "attribution-held-out"],
+)
+def test_card_says_which_kind_the_headline_figure_is(out_dir, attribution, figures, headline):
+    summary = json.loads((out_dir / "summary.json").read_text())
+    summary["arms"] = {arm: dict(figures) for arm in ARMS}
+    if attribution is None:
+        summary.pop("attribution", None)
+    else:
+        summary["attribution"] = {**attribution, "n_seeds": 1, "sets": {}}
+    write_json(out_dir / "summary.json", summary)
+    card = model_card(out_dir, repo_id="me/x", base_model="smollm2-135m", dataset="alpaca")
+    assert f"Headline figure: {headline}" in card
+    primary = headline.split("`")[1]
+    assert f"| **{primary}** |" in card  # the headline is the table's first row
+    assert all(card.index(f"| **{primary}** |") < card.index(f"| {k} |") for k in figures if k != primary)
 
 
 def test_repo_name_without_namespace_goes_to_the_token_owner(hub, out_dir):
@@ -311,11 +385,23 @@ def test_server_403_becomes_cannot_write(hub, out_dir):
     assert 403 in [r.status for r in hub.requests] and not hub.repos
 
 
-def test_failed_upload_names_the_step(request, hub_env, out_dir):
-    hub = _start(request, fail={"/commit/": 422})
-    with pytest.raises(PushError, match=r"^upload failed while committing: HTTP 422 \(injected failure"):
+@pytest.mark.parametrize(
+    ("fragment", "step"),
+    [
+        ("/api/whoami-v2", "checking the token"),
+        ("/api/repos/create", "creating the repo"),
+        ("/api/validate-yaml", "validating the model card"),
+        ("/preupload/", "preparing the upload"),
+        ("/info/lfs/objects/batch", "uploading large files (LFS)"),
+        ("/commit/", "committing"),
+    ],
+)
+def test_failed_upload_names_the_step(request, hub_env, out_dir, fragment, step):
+    hub = _start(request, fail={fragment: 422})
+    with pytest.raises(PushError) as err:
         push_results(out_dir, "alice/x", token=VISITOR, endpoint=hub.url)
-    assert hub.repos["alice/x"].files == {}
+    assert str(err.value) == f"upload failed while {step}: HTTP 422 (injected failure for {fragment})"
+    assert not any(repo.files for repo in hub.repos.values())  # nothing half-committed
 
 
 def test_refused_connection_is_reported(hub_env, out_dir):

@@ -1,4 +1,5 @@
-"""Renderers: the Markdown table, the self-contained HTML report, PNG charts, the receipt."""
+"""Renderers: one document for summary.md and report.html, the PNG charts, the receipt; and one set of charts for the
+page, the report and the PNG export."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import pytest
 
 from crma.ablation.analysis.attribution import attribution
 from crma.ablation.analysis.summary import summarize_run
+from crma.ablation.report.charts import CHART_KEYS, ChartData, draw_charts
 from crma.ablation.report.render import (
     attribution_markdown,
-    receipt_html,
+    receipt_blocks,
     report_html,
     status_note,
     summary_markdown,
+    to_html,
     write_png_charts,
 )
 
@@ -28,8 +31,8 @@ def test_summary_markdown_table(records, records2):
     assert md.startswith("## LoRA vs LoRA+CRMA")
     for row in [
         "| Metric | lora | lora+crma | Delta |",
-        "| Final loss | 1.2000 | 1.2100 | +0.8% |",
-        "| Final loss (EMA 0.9) | 1.3680 | 1.3712 | +0.2% |",  # the weight is named
+        "| Final training loss | 1.2000 | 1.2100 | +0.8% |",
+        "| Final training loss (EMA 0.9) | 1.3680 | 1.3712 | +0.2% |",  # the weight is named
         "| Peak grad norm (pre-clip) | 30.00 | 1.02 | -96.6% |",
         # Against the fixed clip's cap or a count, a percentage means nothing: plain differences.
         "| Peak grad norm (post-clip) | 1.50 | 1.02 | -0.48 |",
@@ -61,7 +64,7 @@ def test_summary_markdown_table(records, records2):
 
     multi = summary_markdown(summarize_run(records2))
     assert "### Mean ± sample std (n − 1) over 2 seeds" in multi
-    assert "| Final loss | 1.2500 ± 0.0707 |" in multi
+    assert "| Final training loss | 1.2500 ± 0.0707 |" in multi
     # lora+crma ends 0.01 above lora in both seeds; the A/A copy ties, which is not "lower"
     assert "lora+crma in 0 of 2 seeds; lora+zclip in 0 of 2 seeds; lora#2 in 0 of 2 seeds" in multi
     with pytest.raises(ValueError, match="summarize_run"):
@@ -90,21 +93,23 @@ def test_attribution_markdown_one_seed_and_without_the_grid(records):
     summary = summarize_run(one)
     summary["attribution"] = attribution(summary)
     text = attribution_markdown(summary)
-    assert text.startswith("### What the 2×2 grid attributes")
-    assert "on one seed (an interval needs two or more seeds)" in text
+    assert text.startswith("### What can be credited to what")
+    assert "on one seed (an interval needs two or more)" in text and "**At the shared LR**" in text
     sentences = [line for line in text.splitlines() if line.startswith("- ")]
-    metrics = summary["attribution"]["metrics"]
-    assert len(sentences) == len(metrics)  # one sentence per metric
-    measured = [m for m in metrics.values() if m["mixing"]["mean"] is not None]
-    assert len(measured) >= 3
-    assert sum("no interval can be given with one seed" in line for line in sentences) == len(measured)
-    assert attribution_markdown(summary, level=0).startswith("Effects on each metric")
+    # No held-out slice here: the primary outcome is the training loss, and every block says so.
+    assert (
+        sentences[0]
+        == "- Primary outcome: the final training loss, a training figure: no held-out slice was evaluated."
+    )
+    # One sentence per contrast on the primary figure (the other effects stay in the table on one seed).
+    assert len(sentences) == 1 + 3 and all("no interval can be given with one seed" in line for line in sentences[1:])
+    assert attribution_markdown(summary, level=0).startswith("**At the shared LR**")
     two = summarize_run([r for r in records if r.arm in ("lora", "lora+crma")])
     two["attribution"] = attribution(two)
     assert "two things at once" in attribution_markdown(two)
     three = summarize_run([r for r in records if r.arm in ("lora", "lora+crma", "lora+zclip")])
     three["attribution"] = attribution(three)
-    assert "two things at once" in attribution_markdown(three) and "lacks ['lora+mix']" in attribution_markdown(three)
+    assert "two things at once" in attribution_markdown(three) and "control pair" in attribution_markdown(three)
     alone = summarize_run([r for r in records if r.arm == "lora"])
     alone["attribution"] = attribution(alone)
     assert "two things at once" not in attribution_markdown(alone)
@@ -116,20 +121,20 @@ def test_report_html_self_contained(records):
     assert text.count("plotly.js v") == 1  # the bundle, once
     assert not re.search(r"<script[^>]*\bsrc=", text)  # nothing loaded from anywhere
     assert text.count("Plotly.newPlot(") == 4  # loss, grad norm, delta, mixing
+    assert [f"chart-{key}" in text for key in CHART_KEYS] == [True, True, True, True, False]  # no LR grid here
     assert "<title>Run &lt;1&gt; &amp; co</title>" in text
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text  # readable on a phone
     assert "<td>Peak grad norm (pre-clip)</td><td>30.00</td>" in text
     assert text.count('<div class="table-wrap"><table') >= 3  # every table scrolls inside its own box
     assert "&lt;b&gt;bold&lt;/b&gt;" in text and '"lr": 0.0001' in text
     # The fairness receipt is in the report, as on the page.
-    receipt = text.split("<h2>Fairness receipt: what is identical between the arms</h2>")[1]
+    receipt = text.split("<h3>Fairness receipt: what is identical between the arms</h3>")[1]
     assert "<td>42</td><td>✅ yes</td><td>✅ yes</td><td>✅ yes</td><td><code>bbbbbbbbbbbbbbbb…</code></td>" in receipt
     assert (
         '<table class="wrap">' in receipt and "<td>clipper</td><td>clip_grad_norm(1.0)</td><td>zclip</td>" in receipt
     )
-    assert "<strong>Problems found:</strong> lora+crma: batches differ" in receipt_html(
-        {"receipt": {**RECEIPT, "problems": ["lora+crma: batches differ"]}}
-    )
+    blocks = receipt_blocks({"receipt": {**RECEIPT, "problems": ["lora+crma: batches differ"]}})
+    assert "<strong>Problems found:</strong> lora+crma: batches differ" in to_html(blocks, {}, title="t")
     assert "No fairness receipt" in report_html(records, summarize_run(records))
 
 
@@ -153,8 +158,8 @@ def _with_receipt(records):
     reason="PNG export needs Chromium at /usr/bin/chromium (kaleido renders through a browser)",
 )
 def test_png_charts_written(records, tmp_path):
-    paths = write_png_charts(records, tmp_path / "png")
-    assert [p.name for p in paths] == ["loss.png", "grad_norm.png", "loss_delta.png"]
+    paths = write_png_charts(draw_charts(ChartData(records)), tmp_path / "png")
+    assert [p.name for p in paths] == ["loss.png", "grad_norm.png", "loss_delta.png", "mixing.png"]
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", p
@@ -164,4 +169,31 @@ def test_png_charts_written(records, tmp_path):
 def test_png_charts_without_browser_raise_runtime_error(records, tmp_path, monkeypatch):
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
     with pytest.raises(RuntimeError, match="needs a Chrome or Chromium"):
-        write_png_charts(records, tmp_path / "png")
+        write_png_charts(draw_charts(ChartData(records)), tmp_path / "png")
+
+
+def test_the_page_the_report_and_the_png_export_show_the_same_charts(records, tmp_path, monkeypatch):
+    """One list of charts (`charts.CHARTS`): the page draws a plot per entry, report.html a div per entry that has
+    something to show, the PNG export a file per such entry."""
+    import plotly.io as pio
+
+    from crma.ablation.spec.config import AblationConfig
+    from crma.lab.live import LiveView
+
+    summary = _with_receipt(records)
+    figures = draw_charts(ChartData(records, summary=summary, baseline="lora"))
+    shown = {key for key, fig in figures.items() if fig is not None}
+    html = report_html(records, summary)
+    assert {key for key in CHART_KEYS if f'id="chart-{key}"' in html} == shown
+    written: list[str] = []
+    monkeypatch.setattr(pio, "write_images", lambda figs, paths, **kw: written.extend(p.name for p in paths))
+    write_png_charts(figures, tmp_path)
+    assert set(written) == {f"{key}.png" for key in shown}
+    view = LiveView(AblationConfig(arms=sorted({r.arm.partition("#")[0] for r in records})))
+    for record in records:
+        view.update(record)
+    view.finish(summary)
+    assert {key for key, fig in view.figures().items() if fig is not None} == shown
+    import app  # the page: one plot per chart of the list, in its order
+
+    assert list(app.build_page().charts.plots) == list(CHART_KEYS)

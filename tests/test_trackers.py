@@ -31,13 +31,14 @@ ARMS = ["lora", "lora+crma"]
 
 
 def _engine_run(tracker: TrackerConfig) -> list[StepRecord]:
-    from crma.ablation.engine.loop import run_ablation
+    from crma.ablation.engine.loop import train
+    from crma.ablation.output.trackers import open_reporter
     from crma.ablation.spec.schema import parse_config
 
-    cfg = parse_config({**FAST, "arms": ARMS, "zclip": {"warmup_steps": 2}, "diag_every": 1})
-    events = list(run_ablation(cfg, tracker=tracker))
-    assert events[-1].status == "finished", events[-1].error
-    return [e for e in events if isinstance(e, StepRecord)]
+    cfg = parse_config({**FAST, "arms": ARMS, "zclip": {"warmup_steps": 2}, "diag_every": 1, "eval_rows": 2})
+    result = train(cfg, observers=(open_reporter(tracker, cfg),))  # the tracker is one observer of the loop
+    assert result.status == "finished", result.error
+    return result.records
 
 
 def test_step_metrics_are_the_records_numbers_flat() -> None:
@@ -144,11 +145,14 @@ def test_wandb_gets_one_live_run_per_arm_with_config_metrics_and_receipt(monkeyp
         assert (config["arm"], config["seed"], config["world_size"], config["ablation"]["arms"]) == (arm, 42, 1, ARMS)
         assert config["receipt"]["fair"] is True and config["receipt"]["setup"]["lora"]["r"] == 8
         mine = [r for r in records if r.arm == arm]
-        assert [step for step, _ in run.logged] == [1, 2, 3]
-        assert [m["loss"] for _, m in run.logged] == [r.loss for r in mine]
-        assert [m["grad_norm_pre"] for _, m in run.logged] == [r.grad_norm_pre for r in mine]
+        steps = [(step, m) for step, m in run.logged if "loss" in m]
+        heldout = [(step, m) for step, m in run.logged if "eval/test_loss" in m]
+        assert [step for step, _ in steps] == [1, 2, 3] and [step for step, _ in heldout] == [0, 3]
+        assert [m["loss"] for _, m in steps] == [r.loss for r in mine]
+        assert [m["grad_norm_pre"] for _, m in steps] == [r.grad_norm_pre for r in mine]
         assert run.finished and run.summary["receipt"]["end"]["steps"] == 3
-    assert "crma/sigma2_mean" in runs[1].logged[0][1] and "crma/sigma2_mean" not in runs[0].logged[0][1]
+    first_step = [next(m for _, m in run.logged if "loss" in m) for run in runs]
+    assert "crma/sigma2_mean" in first_step[1] and "crma/sigma2_mean" not in first_step[0]
 
 
 def test_tensorboard_writes_one_run_per_arm(tmp_path) -> None:

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                 spec.flag, dest=spec.key, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         else:
-            ablate.add_argument(spec.flag, *spec.legacy_flags, dest=spec.key, default=None, metavar="VALUE", help=text)
+            ablate.add_argument(spec.flag, dest=spec.key, default=None, metavar="VALUE", help=text)
     return parser
 
 
@@ -188,7 +188,7 @@ def _ablate(args: argparse.Namespace) -> int:
     main = parallel is None or parallel.is_main
     out = args.out if args.out is not None else default_out_dir(cfg)
     bar = _ProgressBar(cfg.steps * len(cfg.arm_labels) * len(cfg.seed_list), disable=args.no_progress or not main)
-    tracker = TrackerConfig(args.report_to, args.report_project, group=out.name)
+    tracker = TrackerConfig(args.report_to, args.report_project, group=out.name or None)
     stop = threading.Event()
     try:
         with _graceful_stop(stop) as caught:

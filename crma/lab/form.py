@@ -79,7 +79,7 @@ def config_from_form(
     """Build and validate an `AblationConfig` from the page's form or an `/ablate` JSON object.
 
     Values are read by the one config parser (`parse_config`: text such as "2e-4" or "1,2,3", or JSON data; nested
-    `{"crma": {...}}`, dotted `crma.rank` or the first release's flat `crma_rank`). On top of it: `dataset` is
+    `{"crma": {...}}` or dotted `crma.rank`). On top of it: `dataset` is
     `alpaca`, `bundled` or `upload` (the uploaded file stands in for a path, so no visitor can name one), `spike_at`
     0 means off, `model` must be a preset or a Hub id, and every size is capped.
 

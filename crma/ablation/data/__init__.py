@@ -9,9 +9,10 @@ The pieces, in the order the runner uses them:
     batch = collate(examples, order[step], pad_id=tokenizer.pad_token_id)          # right-padded LongTensors
     batch = corrupt_batch(batch, vocab_size=..., seed=...)                         # only at the stress step
 
-Modules: `sources` (which data, its identity, validated slices), `readers` (streaming .jsonl/.json/.csv), `examples`
-(templates and tokenisation), `batching` (order, collation, the spike batch), `errors` (`DataError`). Every data
-problem raises `DataError` (a `ValueError`) with a one-line message naming the file, row and column.
+Modules: `sources` (which data, its identity, validated slices), `readers` (streaming .jsonl and .csv, whole .json),
+`examples` (the chat or Alpaca prompt, tokenisation, long prompts cut from the front), `batching` (order, collation,
+the spike batch), `errors` (`DataError`). Every data problem raises `DataError` (a `ValueError`) with a one-line
+message naming the file and, where it can, the row and column.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ from .examples import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,
     IGNORE_INDEX,
-    LONG_PROMPT_POLICIES,
     Example,
     ExampleSet,
-    LongPrompt,
-    Template,
     build_example_set,
     build_examples,
     format_example,
@@ -53,17 +51,14 @@ __all__ = [
     "BUNDLED_PATH",
     "COLUMNS",
     "IGNORE_INDEX",
-    "LONG_PROMPT_POLICIES",
     "MAX_UPLOAD_BYTES",
     "REQUIRED_COLUMNS",
     "SUPPORTED_SUFFIXES",
     "DataError",
     "Example",
     "ExampleSet",
-    "LongPrompt",
     "RecordSlice",
     "SourceInfo",
-    "Template",
     "batch_order",
     "build_example_set",
     "build_examples",

@@ -1,16 +1,18 @@
-"""Streaming readers: rows `[start, start + rows)` of a .jsonl, .json or .csv file without reading the rest.
+"""Readers: rows `[start, start + rows)` of a .jsonl or .csv file without reading the rest, and of a .json file.
 
-Memory is O(slice), not O(file): a reader stops as soon as the slice is complete, rows before `start` are passed
-over one at a time (JSON lines are not even parsed there, only told apart from blank lines), and a .json array is
-decoded element by element with `json.JSONDecoder.raw_decode` over a growing text buffer. Rows after the slice are
-never read, so a bad row there cannot fail a good slice. The total row count is known only when the file ends
-before the slice does, which is exactly when a "does not fit" message needs it.
+JSON lines and CSV stream, so memory is O(slice), not O(file): a reader stops as soon as the slice is complete, rows
+before `start` are passed over one at a time (JSON lines are not even parsed there, only told apart from blank
+lines), and rows after the slice are never read, so a bad row there cannot fail a good slice. A .json file is parsed
+whole with `json.loads` (uploads are capped at 64 MB; a big file is read fastest as .jsonl), unless it holds JSON
+lines, which are read as such. The total row count is known only when the file ends before the slice does, which is
+exactly when a "does not fit" message needs it.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import io
 import itertools
 import json
 import re
@@ -22,14 +24,9 @@ from .errors import DataError
 
 FileFormat = Literal["jsonl", "json", "csv"]
 
-_CHUNK = 1 << 16  # bytes per read while scanning; a row longer than this is read in growing pieces
+_CHUNK = 1 << 16  # bytes per read while passing over a JSON line before the slice, however long the line is
 _BOM = codecs.BOM_UTF8  # spreadsheet exports often start with one
 _SKIPPED = object()  # stands for a row before the slice that was counted but not parsed
-_JSON_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
-# A truncated JSON value fails within a few characters of the buffer's end, except an open string, whose error points
-# at its opening quote. tests/test_data_reading.py reads documents in chunks of 1, 2, 3 and 7 bytes to hold this to it.
-_TRUNCATION_WINDOW = 16
 _TOO_DEEP = "nested too deeply to read (hundreds of levels of [ or {); a data row is one flat object"
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # a line break in a classic-Mac CSV (csv wants one string per line)
 
@@ -56,9 +53,9 @@ def read_slice(
 
     Args:
         stream (`BinaryIO`): the file, opened in binary mode at its beginning.
-        fmt (`str`): `jsonl` (one JSON value per line; blank lines ignored), `json` (an array of values, one
-            value such as a single object, or several values one after another, as JSON lines are) or `csv` (a
-            header row, then one row per record; quoted cells may span lines).
+        fmt (`str`): `jsonl` (one JSON value per line; blank lines ignored), `json` (an array of values or a single
+            object, parsed whole, or JSON lines) or `csv` (a header row, then one row per record; quoted cells may
+            span lines).
         name (`str`): how messages name the file.
         start (`int`): first row, 0-based.
         rows (`int`): number of rows.
@@ -69,7 +66,7 @@ def read_slice(
 
     Raises:
         `DataError`: text that is not UTF-8, a row that is not valid JSON or CSV, or JSON nested too deeply, in the
-        part of the file that was read.
+        part of the file that was read (all of a .json array).
     """
     readers = {"jsonl": _jsonl_records, "json": _json_records, "csv": _csv_records}
     if fmt not in readers:
@@ -141,122 +138,36 @@ def _first_clause(exc: Exception) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# JSON: an array, one object, or values one after another
+# JSON: an array, one object, or JSON lines saved as .json
 
 
-class _TextBuffer:
-    """The decoded text of a binary stream, read in chunks on demand, with line and column numbers for messages."""
-
-    def __init__(self, stream: BinaryIO, name: str):
-        self.stream, self.name = stream, name
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.buf, self.pos, self.eof, self.started = "", 0, False, False
-        self.line_base, self.col_base = 1, 1  # line and column of buf[0]
-        self.bad_bytes: DataError | None = None  # raised once the text before the bad bytes is used up
-
-    def more(self) -> bool:
-        """Append the next chunk (at least as long as the unread text, so re-decoding a long value stays linear)."""
-        if self.bad_bytes is not None:
-            raise self.bad_bytes
-        if self.eof:
-            return False
-        if self.pos:  # drop consumed text, keeping track of where buf[0] lies in the file
-            dropped = self.buf[: self.pos]
-            newlines = dropped.count("\n")
-            self.line_base += newlines
-            self.col_base = self.pos - dropped.rfind("\n") if newlines else self.col_base + self.pos
-            self.buf, self.pos = self.buf[self.pos :], 0
-        data = self.stream.read(max(_CHUNK, len(self.buf)))
-        try:
-            text = self.decoder.decode(data, final=not data)
-        except UnicodeDecodeError as exc:
-            # Bad bytes after the slice must not fail it: keep the text before them, complain only if it runs out.
-            text = exc.object[: exc.start].decode("utf-8")  # the object is the held-back bytes plus this chunk
-            line = self.line_base + self.buf.count("\n") + text.count("\n")
-            self.bad_bytes = DataError(f"{self.name} is not UTF-8 text: line {line} ({exc.reason})")
-        if not self.started and text:  # the first character decides whether there is a byte-order mark
-            self.started = True
-            text = text.removeprefix("\ufeff")
-        self.buf += text
-        self.eof = not data
-        return True
-
-    def peek(self) -> str:
-        """The next non-whitespace character ("" at the end), with the position moved onto it."""
-        while True:
-            self.pos = _JSON_WS.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if not self.more():
-                return ""
-
-    def value(self, index: int) -> Any:
-        """Decode the JSON value at the position (the row `index`, for messages) and move past it."""
-        while True:
-            try:
-                value, end = _DECODER.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as exc:
-                truncated = exc.pos >= len(self.buf) - _TRUNCATION_WINDOW or exc.msg.startswith("Unterminated string")
-                if truncated and self.more():
-                    continue
-                raise self.invalid(exc.msg, exc.pos, index) from None
-            except RecursionError:
-                raise DataError(f"{self.name} row {index} ({self.where(self.pos)}) is {_TOO_DEEP}") from None
-            except ValueError as exc:
-                raise DataError(
-                    f"{self.name} row {index} ({self.where(self.pos)}) is not readable JSON: {_first_clause(exc)}"
-                ) from None
-            # A number that ends with the buffer may go on in the next chunk.
-            if end == len(self.buf) and self.more():
-                continue
-            self.pos = end
-            return value
-
-    def where(self, pos: int) -> str:
-        before = self.buf.count("\n", 0, pos)
-        column = pos - self.buf.rfind("\n", 0, pos) if before else self.col_base + pos
-        return f"line {self.line_base + before} column {column}"
-
-    def invalid(self, msg: str, pos: int, index: int | None = None) -> DataError:
-        row = "" if index is None else f" (row {index})"
-        return DataError(f"{self.name} is not valid JSON: {msg} at {self.where(pos)}{row}")
-
-
-def _json_records(stream: BinaryIO, name: str, _skip: int, _required: tuple[str, ...]) -> Iterator[Any]:
-    # Rows before the slice are decoded too: in JSON only the decoder knows where a value ends.
-    text = _TextBuffer(stream, name)
-    first = text.peek()
-    if not first:
+def _json_records(stream: BinaryIO, name: str, skip: int, required: tuple[str, ...]) -> Iterator[Any]:
+    # Decoded whole: uploads are capped (MAX_UPLOAD_BYTES), and only a JSON parser knows where an array element ends.
+    data = stream.read().removeprefix(_BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{name} is not UTF-8 text: line {line} ({exc.reason})") from None
+    if not text.strip(" \t\r\n"):
         return
-    if first != "[":
-        index = 0
-        while text.peek():
-            value = text.value(index)
-            if index == 0 and not isinstance(value, dict):
-                raise DataError(
-                    f"{name} must hold a list of objects (or JSON lines); got a JSON {type(value).__name__}"
-                )
-            yield value
-            index += 1
-        return
-    text.pos += 1
-    index = 0
-    if text.peek() == "]":
-        text.pos += 1
-    else:
-        while True:
-            yield text.value(index)
-            index += 1
-            after = text.peek()
-            if after == "]":
-                text.pos += 1
-                break
-            if after != ",":
-                raise text.invalid("Expecting ',' delimiter", text.pos, index - 1)
-            text.pos += 1
-            text.peek()  # raw_decode does not skip the whitespace before a value
-    if text.peek():
-        raise text.invalid("Extra data", text.pos)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and not text.lstrip(" \t\r\n").startswith("["):
+            # Several values one after another: JSON lines in a .json file, read as such (errors name the line).
+            yield from _jsonl_records(io.BytesIO(data), name, skip, required)
+            return
+        raise DataError(f"{name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise DataError(f"{name} is {_TOO_DEEP}") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise DataError(f"{name} is not readable JSON: {_first_clause(exc)}") from None
+    if isinstance(value, dict):  # one object is a one-row data set
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{name} must hold a list of objects (or JSON lines); got a JSON {type(value).__name__}")
+    yield from value
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -85,8 +85,9 @@ def load_instruction_rows(
 ) -> list[dict[str, str]]:
     """Load rows `[start, start + rows)` of an instruction data set in the Alpaca schema.
 
-    A local file is streamed: reading stops after the slice's last row, so memory grows with the slice, not the file,
-    and rows outside the slice are neither validated nor (after the slice) read.
+    A .jsonl or .csv file is streamed: reading stops after the slice's last row, so memory grows with the slice, not
+    the file. A .json array is parsed whole (JSON lines saved as .json are read as JSON lines). Either way rows
+    outside the slice are not validated.
 
     Args:
         source (`str`): `"bundled"` (the project's own `assets/bundled_instructions.jsonl`), `"alpaca"` (the Hub data
@@ -105,8 +106,8 @@ def load_instruction_rows(
 
     Raises:
         `DataError`: missing, unreadable or too big file, unsupported extension, missing columns, invalid JSON or CSV
-        up to the slice's end, empty, non-string or non-text values in the selected rows, or a slice that does not
-        fit.
+        up to the slice's end (anywhere in a .json array), empty, non-string or non-text values in the selected rows,
+        or a slice that does not fit.
     """
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise DataError(f"`start` must be an integer >= 0; got {start!r}")
@@ -145,7 +146,7 @@ def _resolve(source: str, display_name: str | None) -> tuple[SourceKind, Path | 
         return "alpaca", None, f"Hub data set {ALPACA_REPO}"
     if key.lower() == "bundled":
         if not BUNDLED_PATH.is_file():
-            raise DataError(f"the {BUNDLED_NAME} is missing: run `python scripts/make_bundled_dataset.py` to write it")
+            raise DataError(f"the {BUNDLED_NAME} is missing: restore assets/{BUNDLED_PATH.name} from git")
         return "bundled", BUNDLED_PATH, BUNDLED_NAME
     name = display_name if display_name else key
     path = Path(key).expanduser()

@@ -45,14 +45,15 @@ def hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _connection_errors() -> tuple[type[BaseException], ...]:
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP client raises when the Hub does not answer (refused, timed out, hung up mid-answer): its
+    `TransportError` family, whichever client huggingface_hub speaks (httpx2 for 2.x, httpx for 1.x)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for client in ("httpx2", "httpx"):
         try:
-            module = importlib.import_module(client)
+            errors.append(importlib.import_module(client).TransportError)
         except ImportError:
             continue
-        errors += [module.ConnectError, module.TimeoutException]
     return tuple(errors)
 
 
@@ -158,7 +159,7 @@ def map_hub_error(label: str, exc: BaseException, *, token: Token = None) -> Mod
             f"model '{label}' has an architecture this transformers version does not know; CRMA needs a decoder "
             "with `model.layers` (Llama, Mistral, Qwen2, ...)"
         )
-    offline_types = (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, *_connection_errors())
+    offline_types = (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, *connection_errors())
     if any(isinstance(e, offline_types) for e in chain) or "couldn't connect" in lower:
         return ModelLoadError(offline_message(label))
     if "invalid credentials" in lower or "invalid user token" in lower:

@@ -1,9 +1,9 @@
-"""Push a finished ablation's output folder to the Hugging Face Hub as one model repo, in one commit.
+"""Push a finished run folder to the Hugging Face Hub as one model repo, in one commit, with a generated model card.
 
-Only the token passed in is ever sent: `HfApi(token=...)` plus an explicit `token=` on every call means
-`huggingface_hub` never falls back to `HF_TOKEN` or the locally saved token (on a Space, `HF_TOKEN` is
-the Space owner's secret — a visitor's push must not use it). The token never appears in a log record
-or an error message.
+`HfApi.create_repo(exist_ok=True)` then `HfApi.upload_folder` do the work. Only the token passed in is ever sent:
+`HfApi(token=...)` plus an explicit `token=` on every call means `huggingface_hub` never falls back to `HF_TOKEN` or
+the locally saved login (on a Space, `HF_TOKEN` is the Space owner's secret: a visitor's push must not use it). The
+token never appears in a log record or an error message.
 
 Failure modes and what a visitor reads (`PushError`, one line each):
 - no token -> "not signed in ..."; a token the Hub answers 401 -> "... token was rejected ...";
@@ -11,35 +11,48 @@ Failure modes and what a visitor reads (`PushError`, one line each):
 - a malformed repo id -> checked locally with `validate_repo_id` before any request;
 - an unreachable endpoint -> "cannot reach ...". The first request is `whoami`, which `huggingface_hub` sends
   without retries, so an unreachable Hub fails at once rather than after `upload_folder`'s retries;
-- anything else -> "upload failed while <step>: ...", naming the step (checking the token, creating
-  the repo, validating the model card, preparing the upload, uploading large files, committing).
+- offline mode (`HF_HUB_OFFLINE=1`) -> "... offline mode is on", before any request;
+- anything else -> "upload failed while <step>: ...", naming the step (checking the token, creating the repo,
+  validating the model card, preparing the upload, uploading large files, committing).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
 from ..data import ALPACA_REPO
-from ..report.render import receipt_markdown
+from ..models.hub import connection_errors
+from ..report.charts import CHARTS
+from ..report.render import attribution_markdown, md_table, receipt_markdown
 
 logger = logging.getLogger(__name__)
 
 CARD_TAGS = ["crma", "lora", "peft", "ablation"]
-CHARTS = {"loss.png": "Training loss", "grad_norm.png": "Gradient norm", "loss_delta.png": "Loss difference"}
 FILE_NOTES = {
     "config.json": "the run configuration (`AblationConfig`), enough to re-run it",
-    "metrics.jsonl": "one `StepRecord` per arm and step (loss, grad norm before/after clipping, lr, time, memory)",
-    "summary.json": "per-arm figures and the fairness receipt",
-    "summary.md": "the results table below",
+    "progress.json": "how far each arm got, and how the run ended",
+    "metrics.jsonl": "one record per arm and step (loss, grad norm before/after clipping, lr, time, memory)",
+    "metrics.csv": "the same records as a table",
+    "summary.json": "per-arm figures, the attribution and the fairness receipt",
+    "summary.md": "the full results document (tables, attribution, notes, receipt)",
     "report.html": "a self-contained interactive report (download it and open it in a browser)",
-    **{name: f"chart: {title.lower()}" for name, title in CHARTS.items()},
+    **{f"{chart.key}.png": f"chart: {chart.title}" for chart in CHARTS},
+}
+# The run's headline loss, best first: held-out when a test slice was evaluated, else the (smoothed) training loss.
+HEADLINES = {
+    "final_test_loss": "the final held-out (test) loss",
+    "final_loss_ema": "the final training loss (EMA)",
+    "final_loss": "the final training loss",
 }
 
 
@@ -70,73 +83,65 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _card_cell(value: Any) -> str:
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= 80 else text[:77] + "..."
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _summary_table(summary: dict[str, Any]) -> str:
-    arms = summary.get("arms")
-    if not isinstance(arms, dict) or not arms:
-        return ""
-    columns = sorted({k for figures in arms.values() if isinstance(figures, dict) for k in figures})
-    lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for arm, figures in arms.items():
-        figures = figures if isinstance(figures, dict) else {}
-        lines.append(f"| {arm} | " + " | ".join(_card_cell(figures.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+def _results(summary: dict[str, Any]) -> list[str]:
+    """What kind of figure the headline is, then a row per numeric figure (the headline first), a column per arm."""
+    arms = {arm: f for arm, f in (summary.get("arms") or {}).items() if isinstance(f, dict)}
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    keys = list(dict.fromkeys(k for f in arms.values() for k, v in f.items() if is_number(v) and k != "seed"))
+    if not keys:
+        return []
+    block = summary.get("attribution") or {}
+    primary = block.get("primary") or next((k for k in HEADLINES if k in keys), keys[0])
+    kind = block.get("primary_kind") or ("held-out" if primary == "final_test_loss" else "training")
+    why = (
+        "a held-out figure, measured on a test slice no arm trained on"
+        if kind == "held-out"
+        else "a training figure: no held-out slice was evaluated, so it says how well each arm fits its training "
+        "batches, not how it generalises"
+    )
+    keys.sort(key=lambda k: k != primary)  # stable: the headline first, the rest as the summary lists them
+    rows = [[f"**{k}**" if k == primary else k, *(_cell(f.get(k)) for f in arms.values())] for k in keys]
+    return [
+        f"Headline figure: **{HEADLINES.get(primary, primary)}** (`{primary}`), {why}.",
+        md_table(["figure", *arms], rows),
+        attribution_markdown(summary).strip(),
+        "The full document is in `summary.md` and `report.html`.",
+    ]
 
 
 def _load_snippet(repo_id: str, base_id: str | None, model_name: str | None, arm_dir: str, has_crma: bool) -> str:
-    base_line = (
+    lines = ["import crma", "from huggingface_hub import snapshot_download"] if has_crma else []
+    lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM", ""]
+    lines.append(
         f'base = AutoModelForCausalLM.from_pretrained("{base_id}")'
         if base_id
         else f"base = ...  # the run's base model ({model_name or 'unknown'}) is not on the Hub"
     )
-    lines = [
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        "",
-        base_line,
-        f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{arm_dir}")',
-    ]
-    if has_crma:
-        lines[1:1] = ["import crma", "from huggingface_hub import snapshot_download"]
-        lines += [
-            f'local = snapshot_download("{repo_id}", allow_patterns="{arm_dir}/*")',
-            f'crma.load(model, f"{{local}}/{arm_dir}")  # the CRMA side channel on top of the LoRA',
-        ]
-    return "\n".join(lines + ["```"])
+    lines.append(f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{arm_dir}")')
+    if has_crma:  # crma.load reads a local folder: fetch just this arm's files
+        lines.append(f'local = snapshot_download("{repo_id}", allow_patterns="{arm_dir}/*")')
+        lines.append(f'crma.load(model, f"{{local}}/{arm_dir}")  # the CRMA side channel on top of the LoRA')
+    return "\n".join(["```python", *lines, "```"])
 
 
 def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: str | None) -> str:
-    """Build the README.md (metadata + body) of a results repo from an ablation output folder.
+    """The README.md of a results repo (YAML metadata, then the body) built from a run folder.
 
-    Args:
-        out_dir (`Path`): the folder `run_ablation` wrote (config.json, summary.*, charts, adapters/).
-        repo_id (`str`): the repo the card will live in (used in the loading snippets).
-        base_model (`str | None`): the run's `model` (preset name or Hub id); a preset is mapped to its Hub id,
-            and the base is left out of the metadata when it is not on the Hub.
-        dataset (`str | None`): the run's `dataset`; listed in the metadata only when it is a Hub data set.
-
-    Returns:
-        `str`: the model card text, YAML front matter first.
+    `base_model` (the run's preset name or Hub id) and `dataset` go into the metadata only when they are on the Hub;
+    `repo_id` is the repo the card will live in (the loading snippets name it).
     """
     out_dir = Path(out_dir)
-    config = _read_json(out_dir / "config.json")
-    summary = _read_json(out_dir / "summary.json")
+    config, summary = _read_json(out_dir / "config.json"), _read_json(out_dir / "summary.json")
     base_id = hub_model_id(base_model)
     dataset_id = ALPACA_REPO if dataset == "alpaca" else None  # the one Hub data set a run can name
-    arm_dirs = (
-        sorted(p for p in (out_dir / "adapters").glob("*") if p.is_dir()) if (out_dir / "adapters").is_dir() else []
-    )
-    crma_arms = {p.name for p in arm_dirs if (p / "crma_config.json").is_file()}
-    arms = [str(a) for a in config.get("arms", [])] or [p.name for p in arm_dirs]
-
     data = ModelCardData(
         base_model=base_id,
         library_name="peft",
@@ -144,89 +149,70 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
         datasets=[dataset_id] if dataset_id else None,
         pipeline_tag="text-generation",
     )
+    arm_dirs = sorted(p for p in (out_dir / "adapters").glob("*") if p.is_dir())
+    crma_arms = {p.name for p in arm_dirs if (p / "crma_config.json").is_file()}
+    arms = [str(a) for a in config.get("arms", [])] or [p.name for p in arm_dirs]
+    run = {k: config[k] for k in ("model", "dataset", "start", "rows", "steps", "seed", "arms") if k in config}
+    results = _results(summary)
+    charts = [chart for chart in CHARTS if (out_dir / f"{chart.key}.png").is_file()]
+    files = [[f"`{p.name}`", FILE_NOTES.get(p.name, "")] for p in sorted(out_dir.iterdir()) if _pushed(p)]
+    crma_note = "PEFT LoRA adapter + CRMA side channel (`crma_config.json`, `crma.safetensors`)"
+    files += [[f"`adapters/{p.name}/`", crma_note if p.name in crma_arms else "PEFT LoRA adapter"] for p in arm_dirs]
 
-    title = " vs ".join(arms) if arms else "CRMA ablation"
-    body = [
-        f"# CRMA ablation: {title}",
-        "",
+    blocks = [
+        f"# CRMA ablation: {' vs '.join(arms) or 'results'}",
         f"Paired fine-tuning runs made with CRMA Lab on **{base_id or base_model or 'an unknown base model'}**: "
         "every arm shares the seed, the batches and the hyper-parameters; only the adapter differs.",
-    ]
-    run = {k: config[k] for k in ("model", "dataset", "start", "rows", "steps", "seed", "arms") if k in config}
-    if run:
-        body += ["", "## Run", ""] + [f"- **{k}**: `{_card_cell(v)}`" for k, v in run.items()]
-
-    table = (
-        (out_dir / "summary.md").read_text(encoding="utf-8").strip()
-        if (out_dir / "summary.md").is_file()
-        else _summary_table(summary)
-    )
-    if table:
-        body += ["", "## Results", "", table]
-    charts = [(name, title) for name, title in CHARTS.items() if (out_dir / name).is_file()]
-    if charts:
+        *(["## Run", "\n".join(f"- **{k}**: `{_cell(v)}`" for k, v in run.items())] if run else []),
+        *(["## Results", *results] if results else []),
         # Relative links: the Hub resolves them against this repo, so the images render on the model page.
-        body += ["", "## Charts", ""] + [f"![{title}]({name})" for name, title in charts]
-    if isinstance(summary.get("receipt"), dict) and summary["receipt"]:
-        body += ["", "## Fairness receipt", "", receipt_markdown(summary)]
-
-    body += ["", "## What this repo holds", "", "| path | contents |", "|---|---|"]
-    for name, note in FILE_NOTES.items():
-        if (out_dir / name).is_file():
-            body.append(f"| `{name}` | {note} |")
-    for arm in arm_dirs:
-        note = "PEFT LoRA adapter" + (
-            " + CRMA side channel (`crma_config.json`, `crma.safetensors`)" if arm.name in crma_arms else ""
-        )
-        body.append(f"| `adapters/{arm.name}/` | {note} |")
-
-    if arm_dirs:
-        body += ["", "## Load an arm", ""]
-        for arm in arm_dirs:
-            body += [
-                f"**{arm.name}**",
-                "",
-                _load_snippet(repo_id, base_id, base_model, f"adapters/{arm.name}", arm.name in crma_arms),
-                "",
-            ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n"))
+        *(["## Charts", *(f"![{c.title}]({c.key}.png)" for c in charts)] if charts else []),
+        *(["## Fairness receipt", receipt_markdown(summary).strip()] if summary.get("receipt") else []),
+        "## What this repo holds",
+        md_table(["path", "contents"], files),
+        *(["## Load an arm"] if arm_dirs else []),
+    ]
+    for p in arm_dirs:
+        blocks += [
+            f"**{p.name}**",
+            _load_snippet(repo_id, base_id, base_model, f"adapters/{p.name}", p.name in crma_arms),
+        ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(b for b in blocks if b) + "\n"))
 
 
-# ---- pushing -------------------------------------------------------------------------------------------------
+# ---- pushing -------------------------------------------------------------------------------------------------------
 
 
-def _one_line(text: str, token: str, limit: int = 200) -> str:
+def _pushed(path: Path) -> bool:
+    # Hidden files are no results; a README.md of the folder is replaced by the card.
+    return path.is_file() and not path.name.startswith(".") and path.name != "README.md"
+
+
+def _one_line(text: Any, token: str, limit: int = 200) -> str:
     text = " ".join(str(text).replace(token, "***").split()) if token else " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _step_of(url: str, default: str) -> str:
-    # The client bundles several requests in one call (create_commit); the failing URL says which step it was.
-    for fragment, step in (
-        ("/validate-yaml", "validating the model card"),
-        ("/preupload/", "preparing the upload"),
-        ("/info/lfs/", "uploading large files (LFS)"),
-        ("xet-", "uploading large files (Xet)"),
-        ("/commit/", "committing"),
-        ("/repos/create", "creating the repo"),
-    ):
-        if fragment in url:
-            return step
-    return default
+# One library call sends several requests (upload_folder); the failing URL says which step it was.
+STEPS = {
+    "/validate-yaml": "validating the model card",
+    "/preupload/": "preparing the upload",
+    "/info/lfs/": "uploading large files (LFS)",
+    "xet-": "uploading large files (Xet)",
+    "/commit/": "committing",
+    "/repos/create": "creating the repo",
+}
 
 
 def _as_push_error(exc: Exception, *, step: str, repo_id: str, endpoint: str, token: str) -> PushError:
-    import httpx2  # the HTTP client huggingface_hub 2.x is built on
-
+    where = f"cannot reach the Hub at {endpoint} while {step}"
     if isinstance(exc, OfflineModeIsEnabled):
-        return PushError(f"cannot reach the Hub at {endpoint} while {step}: offline mode is on (HF_HUB_OFFLINE=1)")
-    if isinstance(exc, httpx2.TransportError):
-        reason = _one_line(f"{type(exc).__name__}: {exc}", token, 120)
-        return PushError(f"cannot reach the Hub at {endpoint} while {step}: network unreachable ({reason})")
+        return PushError(f"{where}: offline mode is on (HF_HUB_OFFLINE=1)")
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         try:
-            step = _step_of(str(exc.response.request.url), step)
+            url = str(exc.response.request.url)
+            step = next((name for fragment, name in STEPS.items() if fragment in url), step)
         except RuntimeError:  # a response built without its request
             pass
         server = _one_line(exc.server_message or "", token, 150)
@@ -241,26 +227,9 @@ def _as_push_error(exc: Exception, *, step: str, repo_id: str, endpoint: str, to
                 + (f": {server})" if server else ")")
             )
         return PushError(f"upload failed while {step}: HTTP {status}" + (f" ({server})" if server else ""))
+    if isinstance(exc, connection_errors()):  # refused, timed out or hung up: no answer
+        return PushError(f"{where}: network unreachable ({_one_line(f'{type(exc).__name__}: {exc}', token, 120)})")
     return PushError(f"upload failed while {step}: {_one_line(f'{type(exc).__name__}: {exc}', token)}")
-
-
-def _full_repo_id(repo_id: str, me: dict[str, Any]) -> str:
-    """`name` alone means the signed-in user's namespace; whether the token may write there is the Hub's to say
-    (its 403 becomes the push error), not a guess of ours from `whoami`."""
-    namespace, _, name = repo_id.rpartition("/")
-    user = me.get("name")
-    return f"{user}/{name}" if not namespace and isinstance(user, str) else repo_id
-
-
-def _files_to_push(folder: Path) -> list[tuple[str, Path]]:
-    """(path in repo, local path) of every regular file; hidden files and a README.md at the top are skipped."""
-    files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")) or rel == "README.md":
-            continue
-        files.append((rel, path))
-    return files
 
 
 def push_results(
@@ -272,25 +241,20 @@ def push_results(
     endpoint: str | None = None,
     commit_message: str | None = None,
 ) -> str:
-    """Create (or reuse) a model repo and upload an ablation output folder plus its model card in one commit.
+    """Create (or reuse) a model repo and upload a run folder plus its model card in one commit; returns the repo URL.
 
     Args:
-        out_dir (`str | Path`): the ablation output folder.
+        out_dir (`str | Path`): the run folder.
         repo_id (`str`): `namespace/name`, or just `name` for the token owner's namespace.
         token (`str`): the visitor's Hugging Face token (e.g. from Gradio OAuth); the only token ever sent.
         private (`bool`): create the repo private (an existing repo keeps its visibility).
         endpoint (`str | None`): Hub URL; `None` -> huggingface_hub's configured endpoint (`HF_ENDPOINT`).
         commit_message (`str | None`): defaults to a summary of the run.
 
-    Returns:
-        `str`: the repo URL.
-
     Raises:
         `PushError`: with a one-line message naming the failure (see the module docstring).
     """
-    if not isinstance(repo_id, str) or not repo_id.strip():
-        raise PushError("the repo id is empty: use 'namespace/name'")
-    repo_id = repo_id.strip()
+    repo_id = repo_id.strip() if isinstance(repo_id, str) else ""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -304,32 +268,37 @@ def push_results(
     folder = Path(out_dir)
     if not folder.is_dir():
         raise PushError(f"the results folder {str(folder)!r} does not exist")
-    files = _files_to_push(folder)
-    if not files:
+    if not any(_pushed(p) for p in folder.iterdir()):
         raise PushError(f"the results folder {str(folder)!r} has no files to push")
 
     api = HfApi(endpoint=endpoint, token=token)
-    where = api.endpoint
 
-    def call(step: str, fn, *args, **kwargs):
+    def call(step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except PushError:
-            raise
+            return fn(*args, token=token, **kwargs)
         except Exception as exc:  # every failure of a remote step becomes a PushError naming the step
-            raise _as_push_error(exc, step=step, repo_id=repo_id, endpoint=where, token=token) from exc
+            raise _as_push_error(exc, step=step, repo_id=repo_id, endpoint=api.endpoint, token=token) from exc
 
-    me = call("checking the token", api.whoami, token=token)
-    repo_id = _full_repo_id(repo_id, me)
-    url = call("creating the repo", api.create_repo, repo_id, token=token, private=private, exist_ok=True)
+    me = call("checking the token", api.whoami)
+    if "/" not in repo_id and isinstance(me.get("name"), str):
+        # `name` alone means the token owner's namespace; whether it may write there is the Hub's 403 to say.
+        repo_id = f"{me['name']}/{repo_id}"
+    url = call("creating the repo", api.create_repo, repo_id, private=private, exist_ok=True)
 
     config = _read_json(folder / "config.json")
     card = model_card(folder, repo_id=repo_id, base_model=config.get("model"), dataset=config.get("dataset"))
-    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
-    operations += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
     if commit_message is None:
         arms = ", ".join(str(a) for a in config.get("arms", [])) or "results"
         commit_message = f"CRMA ablation: {arms}" + (f" ({config['steps']} steps)" if "steps" in config else "")
-    call("uploading the files", api.create_commit, repo_id, operations, commit_message=commit_message, token=token)
-    logger.info("pushed %d files to %s", len(operations), repo_id)
+    with tempfile.TemporaryDirectory(prefix="crma-push-") as staging:
+        # upload_folder takes one folder, so the card joins the run's files in a folder of links to them: one
+        # commit, and the run folder (the run's interface) stays exactly as the run left it.
+        stage = Path(staging) / "repo"
+        shutil.copytree(folder.resolve(), stage, copy_function=os.symlink, ignore=shutil.ignore_patterns(".*"))
+        (stage / "README.md").unlink(missing_ok=True)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        call(
+            "uploading the files", api.upload_folder, repo_id=repo_id, folder_path=stage, commit_message=commit_message
+        )
+    logger.info("pushed %s to %s", folder, repo_id)
     return str(url)

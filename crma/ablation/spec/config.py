@@ -164,8 +164,7 @@ class AblationConfig(JSONConfig):
             require(
                 parsed is not None and parsed.copy == 1,
                 "arms",
-                f"arm names from {list(ARM_SPECS)}, each optionally with an LR multiplier in (0, 100] such as "
-                "'lora+crma@x3' (list a name twice for an A/A copy)",
+                f"names from {list(ARM_SPECS)} (each may carry an LR multiplier, e.g. 'lora+crma@x3')",
                 entry,
             )
         self._check_eval_and_grid()

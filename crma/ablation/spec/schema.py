@@ -3,7 +3,7 @@ through `parse_config`, so a value is read, checked and explained the same way w
 
 The schema is the dataclasses themselves: `AblationConfig` and the `CRMAConfig` / `ZClipConfig` it nests. Each leaf
 field has a dotted key (`crma.rank`), a label (what the page calls it, used in every error message), a help text (the
-class's `Args:` entry), a CLI flag and, for the flat names of the first release, a legacy alias (`crma_rank`).
+class's `Args:` entry) and a CLI flag.
 
 Text is turned into typed values by pydantic (`TypeAdapter`, lax mode: "2e-4" is a float, "no" is False): it is
 already installed with gradio, validates nested dataclasses, and its error types map to plain sentences; the ranges
@@ -30,6 +30,8 @@ from .config import AblationConfig
 
 _NESTED: dict[str, type] = {"crma": CRMAConfig, "zclip": ZClipConfig}
 
+# Core fields an ablation does not take as settings: each arm decides its own mixing (`lora+crma-nomix`).
+_NOT_SETTINGS = {"crma.mixing"}
 # What the page calls each field; every error message uses these names.
 LABELS: dict[str, str] = {
     "model": "Model",
@@ -65,7 +67,6 @@ LABELS: dict[str, str] = {
     "crma.gate_init": "Gate at init",
     "crma.read_init": "Read logit at init",
     "crma.write_init": "Write logit at init",
-    "crma.mixing": "CRMA mixing",
     "crma.init_A": "CRMA projection init",
     "crma.init_seed": "CRMA init seed",
     "crma.log_alpha_min": "Gate log floor",
@@ -86,16 +87,6 @@ LABELS: dict[str, str] = {
     "max_wall_s": "Time cap (s)",
     "save_adapters": "Save adapters",
 }
-# The flat names of the first release (config files, the API and CLI flags that used them keep working).
-LEGACY_KEYS: dict[str, str] = {
-    "crma_streams": "crma.n_streams",
-    "crma_rank": "crma.rank",
-    "zclip_alpha": "zclip.alpha",
-    "zclip_z_thresh": "zclip.z_thresh",
-    "zclip_warmup": "zclip.warmup_steps",
-}
-
-
 class ConfigError(ValueError):
     """A config value is unknown, unreadable or out of range; the message names the field by its label.
 
@@ -119,7 +110,6 @@ class FieldSpec:
         help (`str`): the field's `Args:` entry of its dataclass.
         hint (`Any`): the resolved type hint.
         default (`Any`): the default value.
-        aliases (`tuple[str, ...]`): legacy flat keys that mean this field.
     """
 
     key: str
@@ -127,18 +117,11 @@ class FieldSpec:
     help: str
     hint: Any
     default: Any
-    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
         """The CLI flag, e.g. `--crma-rank`."""
         return "--" + self.key.replace(".", "-").replace("_", "-")
-
-    @property
-    def legacy_flags(self) -> tuple[str, ...]:
-        """CLI flags of the legacy aliases that differ from `flag`."""
-        flags = ("--" + alias.replace("_", "-") for alias in self.aliases)
-        return tuple(f for f in flags if f != self.flag)
 
 
 def _args_docs(cls: type) -> dict[str, str]:
@@ -163,9 +146,6 @@ def _args_docs(cls: type) -> dict[str, str]:
 def schema() -> tuple[FieldSpec, ...]:
     """Every leaf field of `AblationConfig`, nested CRMA and ZClip fields included, in declaration order."""
     specs = []
-    aliases: dict[str, list[str]] = {}
-    for alias, key in LEGACY_KEYS.items():
-        aliases.setdefault(key, []).append(alias)
     top_docs, defaults = _args_docs(AblationConfig), AblationConfig()
     for f in dataclasses.fields(AblationConfig):
         if f.name in _NESTED:
@@ -173,12 +153,10 @@ def schema() -> tuple[FieldSpec, ...]:
             hints, docs = typing.get_type_hints(cls), _args_docs(cls)
             for sub in dataclasses.fields(cls):
                 key = f"{f.name}.{sub.name}"
+                if key in _NOT_SETTINGS:
+                    continue
                 default = getattr(getattr(defaults, f.name), sub.name)
-                specs.append(
-                    FieldSpec(
-                        key, LABELS[key], docs.get(sub.name, ""), hints[sub.name], default, tuple(aliases.get(key, ()))
-                    )
-                )
+                specs.append(FieldSpec(key, LABELS[key], docs.get(sub.name, ""), hints[sub.name], default))
             continue
         hint = typing.get_type_hints(AblationConfig)[f.name]
         specs.append(FieldSpec(f.name, LABELS[f.name], top_docs.get(f.name, ""), hint, getattr(defaults, f.name)))
@@ -187,14 +165,11 @@ def schema() -> tuple[FieldSpec, ...]:
 
 @functools.cache
 def _by_key() -> dict[str, FieldSpec]:
-    table = {spec.key: spec for spec in schema()}
-    for alias, key in LEGACY_KEYS.items():
-        table[alias] = table[key]
-    return table
+    return {spec.key: spec for spec in schema()}
 
 
 def field_spec(key: str) -> FieldSpec:
-    """The `FieldSpec` of a dotted key or legacy alias (KeyError if unknown)."""
+    """The `FieldSpec` of a dotted key (KeyError if unknown)."""
     return _by_key()[key]
 
 
@@ -298,7 +273,7 @@ def coerce(spec: FieldSpec, raw: Any) -> Any:
 
 
 def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"crma": {"rank": 8}}` and `{"crma.rank": 8}` and `{"crma_rank": 8}` all become `{"crma.rank": 8}`."""
+    """`{"crma": {"rank": 8}}` and `{"crma.rank": 8}` both become `{"crma.rank": 8}`."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if not isinstance(key, str):
@@ -309,13 +284,13 @@ def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
             for sub, sub_value in value.items():
                 flat[f"{key}.{sub}"] = sub_value
         else:
-            flat[LEGACY_KEYS.get(key, key)] = value
+            flat[key] = value
     return flat
 
 
 def _unknown(key: str) -> ConfigError:
     known = [spec.key for spec in schema()]
-    close = difflib.get_close_matches(key, known + list(LEGACY_KEYS), n=1)
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(key, f"unknown setting '{key}'{hint}; `python -m crma ablate --help` lists them all")
 
@@ -332,8 +307,8 @@ def parse_config(values: Mapping[str, Any], *, base: AblationConfig | None = Non
     """Build and validate an `AblationConfig` from raw values, on top of `base` (the defaults when None).
 
     Args:
-        values (`Mapping[str, Any]`): field values by dotted key (`crma.rank`), nested mapping (`{"crma": {...}}`),
-            legacy flat key (`crma_rank`) or plain name; text ("2e-4", "1,2,3", "no") or JSON data.
+        values (`Mapping[str, Any]`): field values by dotted key (`crma.rank`), nested mapping (`{"crma": {...}}`)
+            or plain name; text ("2e-4", "1,2,3", "no") or JSON data.
         base (`AblationConfig | None`): the config the values override (e.g. a `--config` file's).
 
     Returns:
