@@ -129,10 +129,11 @@ class CRMAAdapter(nn.Module):
     Parameters (l = `num_layers`): `crma_A` (l, d, r), `crma_B` (l, r, d), `crma_log_mix` (l, n, n; absent when
     `config.mixing` is `identity`), `crma_read_logits` (l, n), `crma_write_logits` (l, n), `crma_log_alpha` (l).
     They are at least float32: a cast of the model to bf16 / fp16 (`.to`, `.half()`, ...) leaves them float32, a
-    cast to float64 makes them float64. They are part of the model's `state_dict()` (under `...crma.<adapter>.crma_A`, ...), so a generic
-    checkpoint (`torch.save(model.state_dict())`, `accelerate`'s `save_state`) keeps them; `crma.attach` lists them in
-    the HF model's `_keys_to_ignore_on_save`, so `save_pretrained` of the base model (merged or not) writes a clean
-    base checkpoint. `crma.save` / `crma.load` move one adapter on its own.
+    cast to float64 makes them float64. They are part of the model's `state_dict()` (under
+    `...crma.<adapter>.crma_A`, ...), so a generic checkpoint (`torch.save(model.state_dict())`, `accelerate`'s
+    `save_state`) keeps them; `crma.attach` lists them in the HF model's `_keys_to_ignore_on_save`, so
+    `save_pretrained` of the base model (merged or not) writes a clean base checkpoint. `crma.save` / `crma.load`
+    move one adapter on its own.
 
     Args:
         config (`CRMAConfig`): shared settings.
@@ -222,6 +223,14 @@ class CRMAAdapter(nn.Module):
         # model.to(torch.bfloat16) / .half() would round the side channel's parameters to 8 mantissa bits: keep them
         # at least float32 (a float64 cast still applies; device moves and to_empty() pass through unchanged).
         return super()._apply(_no_lower_than_fp32(fn), recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # A base checkpoint (saved by `save_pretrained`, or before attach) has no CRMA keys: they are not "missing",
+        # and CRMA keeps its values. A checkpoint that has them (`model.state_dict()` with CRMA) loads them.
+        if any(key.startswith(prefix) for key in state_dict):
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+            )
 
     # -- the mixing and the per-step operands ---------------------------------------------------------------------
     def mixing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -115,14 +115,32 @@ def test_attach_after_get_peft_model_trains_and_inactive_adapter_does_not_raise(
     assert all("lora_" in names[id(p)] for p in groups[0]["params"])
 
 
-def test_state_dict_has_no_crma_keys_and_a_base_checkpoint_loads_strictly() -> None:
+def test_a_generic_checkpoint_round_trip_keeps_crma_and_a_base_checkpoint_still_loads(tmp_path) -> None:
     model = make_tiny_llama()
     keys = set(model.state_dict())
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     crma.attach(model)
-    assert set(model.state_dict()) == keys
-    result = model.load_state_dict(base_state)  # strict: CRMA keys are not "missing"
+    _randomize(model)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    state = model.state_dict()
+    crma_keys = set(state) - keys
+    assert crma_keys == {f"model.crma.default.{name}" for name, _ in crma.get_adapter(model).named_parameters()}
+    # torch.save / accelerate's save_state save model.state_dict(): CRMA comes back with it.
+    torch.save(state, tmp_path / "checkpoint.pt")
+    fresh = make_tiny_llama()
+    crma.attach(fresh)
+    result = fresh.load_state_dict(torch.load(tmp_path / "checkpoint.pt"))
     assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    # A base checkpoint (no CRMA keys) loads strictly into a model with CRMA: CRMA's keys are not "missing".
+    result = model.load_state_dict(base_state)
+    assert not result.missing_keys and not result.unexpected_keys
+    # Detaching forgets the keys again: save_pretrained's ignore list is CRMA's only while it is attached.
+    crma.detach(model)
+    assert set(model.state_dict()) == keys and not model._keys_to_ignore_on_save
 
 
 def test_merge_and_unload_then_save_pretrained_keeps_the_base_checkpoint_clean(tmp_path) -> None:

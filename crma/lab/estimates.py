@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 from crma.ablation.spec.config import AblationConfig
+from crma.utils import cpu_cores
 
 GPU_SECONDS_RANGE = (60, 1500)
 _SIZE_IN_NAME = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([bBmM])(?![A-Za-z])")
@@ -85,13 +86,6 @@ def default_note(cfg: AblationConfig, *, has_gpu: bool, cpu_flops: float | None 
         "author's setting "
         "(TinyLlama-1.1B, 200 Alpaca rows, 100 steps, batch 4 × 256) needs a GPU."
     )
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, else `os.cpu_count()`)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def on_zero_gpu() -> bool:

@@ -24,15 +24,15 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crma.config import JSONConfig
+from crma.utils import cpu_cores
 
-from ..engine.records import EvalRecord, Event, RunResult, StepRecord, read_metrics_jsonl
-from ..jsonio import write_json
+from ..engine.records import EvalRecord, Phase, StepRecord, read_metrics_jsonl
+from ..jsonio import atomic_write_text, write_json
 from ..spec.arms import STUDY_ARMS, format_scale, parse_arm
 from ..spec.config import AblationConfig
 
@@ -168,19 +168,17 @@ def _commit() -> str | None:
         return None
 
 
-def _run_cell(cell: Cell, protocol: StudyProtocol, work: Path, *, charts: bool) -> Iterator[Event]:
+def _run_cell(cell: Cell, protocol: StudyProtocol, work: Path, observers: tuple) -> None:
     """Run one cell into its folder (replacing an unfinished one) and mark it finished with its commit and time."""
-    from .run_folder import write_run
+    from .run_folder import run_to_folder
 
     folder = cell.folder(work)
     began = time.perf_counter()
     cfg = protocol.config(cell.condition, cell.seed, list(cell.arms))
-    status = None
-    for event in write_run(cfg, folder, overwrite=True, charts=charts):
-        if isinstance(event, RunResult):
-            status = event.status
-        yield event
-    if status == "finished":
+    for observe in observers:
+        observe(Phase(f"study cell {cell.condition}/seed{cell.seed}/{cell.name}"))
+    result = run_to_folder(cfg, folder, overwrite=True, charts=False, observers=observers)
+    if result.status == "finished":
         info = {"commit": _commit(), "wall_s": time.perf_counter() - began, "finished_at": time.time()}
         (folder / CELL_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
@@ -327,41 +325,144 @@ def run_study(
         spike = condition_summary(spike_cells, work, protocol)
         if spike is not None:
             conditions["spike"] = spike
-    return publish_study(protocol, conditions, out, wall_s=time.perf_counter() - started, charts=charts)
+    return publish_study(protocol, conditions, out, work=work, wall_s=time.perf_counter() - started, charts=charts)
+
+
+def _published(summary: dict[str, Any]) -> dict[str, Any]:
+    """A condition's summary as the study publishes it: each cell's receipt keeps its verdict and what differed,
+    not every arm's per-step facts (the cells' own folders keep those)."""
+    receipt = dict(summary.get("receipt") or {})
+    receipt["per_seed"] = [{k: v for k, v in r.items() if k != "arms"} for r in receipt.get("per_seed", [])]
+    return {**summary, "receipt": receipt}
 
 
 def publish_study(
-    protocol: StudyProtocol, conditions: dict[str, dict[str, Any]], out: Path, *, wall_s: float, charts: bool
+    protocol: StudyProtocol,
+    conditions: dict[str, dict[str, Any]],
+    out: Path,
+    *,
+    work: Path,
+    wall_s: float,
+    charts: bool,
 ) -> dict[str, Any]:
     """Write `summary.json`, `study.md` and the charts of a study into `out`; return the study's summary."""
-    from ..report.render import study_charts, study_markdown
-
     cells = [c for summary in conditions.values() for c in summary.get("cells", [])]
-    compute = sum(c.get("wall_s") or 0.0 for c in cells)
     study = {
         "protocol": protocol.to_dict(),
-        "wall_s": compute,
+        "wall_s": sum(c.get("wall_s") or 0.0 for c in cells),  # the cells' own time, over every invocation
         "wall_s_this_invocation": wall_s,
         "wall_s_per_condition": {
             name: sum(c.get("wall_s") or 0.0 for c in summary.get("cells", [])) for name, summary in conditions.items()
         },
-        "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": cpu_cores(), "platform": platform.platform(), "python": platform.python_version()},
         "commit": _commit(),
         "cell_commits": sorted({c.get("commit") or "unknown" for c in cells}),
-        "conditions": conditions,
+        "conditions": {name: _published(summary) for name, summary in conditions.items()},
         "status": {name: summary["status"] for name, summary in conditions.items()},
     }
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
     write_json(out / "summary.json", study)
-    (out / "study.md").write_text(study_markdown(study), encoding="utf-8")
+    atomic_write_text(out / "study.md", study_markdown(study))
     if charts:
-        study_charts(study, conditions, out)
+        study_charts(conditions, out, work)
     return study
 
 
-def _cpu_count() -> int:
-    import os
+def best_labels(summary: dict[str, Any]) -> list[str]:
+    """The labels a condition is judged by: each arm at its chosen multiplier (plain), or as it ran (spike)."""
+    from ..analysis.attribution import comparison_sets
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    sets = comparison_sets(summary)
+    chosen = sets.get("best_lr") or sets.get("as_run") or {}
+    return list(chosen.get("labels", {}).values())
+
+
+def study_charts(conditions: dict[str, dict[str, Any]], out: Path, work: Path) -> list[Path]:
+    """`<condition>_<chart>.png` of every chart of `CHARTS`, drawn from the arms at their chosen LRs (none without a
+    browser: the study's numbers stand without its pictures)."""
+    from ..report.charts import ChartData, draw_charts
+    from ..report.render import write_png_charts
+
+    written: list[Path] = []
+    for name, summary in conditions.items():
+        labels = best_labels(summary)
+        records: list[StepRecord] = []
+        evals: list[EvalRecord] = []
+        for cell in summary.get("cells", []):
+            steps, held = read_metrics_jsonl(work / cell["cell"] / "metrics.jsonl")
+            records += [r for r in steps if r.arm in labels]
+            evals += [e for e in held if e.arm in labels]
+        base = next((label for label in labels if parse_arm(label).name == "lora+zclip"), None)
+        figures = draw_charts(ChartData(records, evals, summary, baseline=base))
+        try:
+            written += write_png_charts(figures, out, prefix=f"{name}_")
+        except RuntimeError:
+            return written
+    return written
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def study_markdown(study: dict[str, Any]) -> str:
+    """`study.md`: the protocol and its cost, how each arm's LR was chosen, per condition the attribution at each
+    arm's best LR and at the shared LR, and each arm's figures."""
+    from ..report.charts import CHARTS
+    from ..report.render import Bullets, Heading, Para, Table, attribution_blocks, lr_selection_blocks, to_markdown
+
+    p = study["protocol"]
+    train_end, val_end = p["rows"], p["rows"] + p["val_rows"]
+    grid = ", ".join(f"×{m:g}" for m in p["lr_grid"])
+    commits = ", ".join(f"`{c[:12]}`" for c in study["cell_commits"])
+    times = ", ".join(f"{k} {v / 60:.0f} min" for k, v in study["wall_s_per_condition"].items())
+    blocks = [
+        Heading("CRMA Lab study: each arm at its own best LR, judged on held-out loss", 1),
+        Para(
+            f"{p['model']} on the bundled instruction set: training rows 0–{train_end - 1}, validation rows "
+            f"{train_end}–{val_end - 1} (they choose each arm's LR), test rows "
+            f"{val_end}–{val_end + p['test_rows'] - 1} (they report). {p['steps']} steps of batch "
+            f"{p['batch_size']} × {p['seq_len']} tokens, seeds "
+            f"{', '.join(map(str, p['seeds']))}, arms {', '.join(p['arms'])}. Every arm trains at each LR multiplier "
+            f"of {grid} (all of its optimizer groups together; an arm whose best multiplier is at an edge of the "
+            f"grid is tried one rung further, up to {p['max_extensions']} time(s)); its multiplier is the one with "
+            "the lowest mean final validation loss. The spike condition trains each arm at that multiplier, with a "
+            f"corrupted batch at step {p['spike_at']} (loss ×{AblationConfig().spike_scale:g} for backward). Held-out "
+            "losses at step 0 and at the "
+            "end. The arms of one seed share its batches and initial weights, across cells too (checked below)."
+        ),
+        Para(
+            f"Compute: {study['wall_s'] / 60:.0f} min on {study['machine']['cpus']} CPU cores ({times}); the cells "
+            f"ran on commit(s) {commits}; published by `{(study.get('commit') or 'unknown')[:12]}`. Reproduce: "
+            "`python -m crma study` (finished cells in `runs/study/` are kept: an interrupted study continues)."
+        ),
+    ]
+    for name, summary in study["conditions"].items():
+        title = "Plain" if name == "plain" else f"Spike stress at step {p['spike_at']} (each arm at its chosen LR)"
+        blocks.append(Heading(title, 2))
+        if summary.get("status") != "finished":
+            blocks.append(Para(f"**This condition is {summary.get('status')}: not every cell finished.**"))
+        consistent = summary.get("cells_consistent") or {}
+        if consistent:
+            verdict = "✅" if consistent.get("consistent") and consistent.get("fair") else "❌"
+            problems = "; ".join(consistent.get("problems") or []) or "every cell's receipt is fair"
+            blocks.append(Para(f"{verdict} Cells paired by seed (same batches, same LoRA init): {problems}."))
+        blocks += lr_selection_blocks(summary)
+        blocks += attribution_blocks(summary, level=3)
+        arms = summary.get("arms", {})
+        keys = ("final_test_loss", "final_loss_ema", "grad_norm_lora_peak", "grad_norm_lora_mean")
+        keys += ("grad_norm_pre_peak", "steps_clipped")
+        digits = (3, 3, 2, 2, 1, 1)
+        rows = [
+            [label, *(_f(arms[label].get(k), d) for k, d in zip(keys, digits, strict=True))]
+            for label in best_labels(summary)
+            if label in arms
+        ]
+        header = ["Arm (at its LR)", "held-out loss", "training loss (EMA)", "peak LoRA |g|", "mean LoRA |g|",
+                  "peak global |g| before clipping", "clipped steps"]  # fmt: skip
+        blocks += [Heading("Per arm, mean over seeds", 3), Table(header, rows)]
+        charts = [f"{chart.title}: ![{name} {chart.key}]({name}_{chart.key}.png)" for chart in CHARTS]
+        blocks += [Heading("Charts", 3), Bullets(charts)]
+    return to_markdown(blocks)
