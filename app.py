@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -82,11 +83,15 @@ def _gpu_seconds(cfg_json: str, *args: Any) -> int:
     return estimates.estimate_gpu_seconds(AblationConfig.from_json(cfg_json))
 
 
-# Where a run trains: on ZeroGPU in the worker `spaces.GPU` forks for the estimated duration (and kills when it runs
-# over); elsewhere in a child process of this app. Either way the launcher completes the run folder.
-GPU_CALL: Callable[..., Any] | None = (
-    spaces.GPU(duration=_gpu_seconds)(launcher.visitor_run) if ZERO_GPU and spaces is not None else None
-)
+def choose_gpu_call(zero_gpu: bool) -> Callable[..., Any] | None:
+    """Where a run trains: on ZeroGPU in the worker `spaces.GPU` forks for the estimated duration (and kills when
+    it runs over); elsewhere (None) in a child process of this app. Either way the launcher completes the folder."""
+    if zero_gpu and spaces is not None:
+        return spaces.GPU(duration=_gpu_seconds)(launcher.visitor_run)
+    return None
+
+
+GPU_CALL = choose_gpu_call(ZERO_GPU)
 
 
 def _guard(fn: Callable) -> Callable:
@@ -333,6 +338,15 @@ def build_charts() -> Charts:
         chart.key: gr.Plot(label=chart.title, elem_id=f"plot-{chart.key}", show_label=False, visible=i < 3)
         for i, chart in enumerate(CHARTS)
     }
+    with gr.Accordion("What the charts show", open=False):
+        gr.Markdown(
+            "◆ dotted lines: each arm's loss on the held-out rows (it never trains on them). **CRMA mixing**: "
+            "**σ₂**, the mixing matrix's second singular value (1 = the streams do not mix, 0 = full averaging); "
+            "**‖M − I‖_F**, how far the mixing moved from the identity (0 = no mixing); **Composite gain**, the "
+            "largest row or column sum of the product of every block's mixing matrix (at most 1: the mixing cannot "
+            "amplify over depth). **LR sensitivity** (a tuned run): each arm's final validation loss at each LR "
+            "multiplier, the one it is judged at ringed. More under [How CRMA works](#method)."
+        )
     attribution = gr.Markdown(visible=False, elem_id="attribution", elem_classes=["crma-tables"])
     return Charts(progress, smoothing, log_scale, plots, attribution)
 
@@ -537,7 +551,7 @@ class Page:
         those of a run that ended while the page was away); nothing when the browser holds no run id of a run that
         is still on disk."""
         folder = runs.get_run(run_id)
-        run = load_run(folder.out_dir) if folder is not None else None
+        run = _first_look(folder) if folder is not None else None
         if run is None:
             yield {self.run_state: None}  # a generator that ends without yielding would blank every output
             return
@@ -579,6 +593,17 @@ class Page:
         if run.summary is not None:
             view.finish(run.summary)
         return self._charts(view)
+
+
+def _first_look(folder: runs.RunFolder, *, wait_s: float = 30.0) -> StoredRun | None:
+    """The run in `folder`, waiting a little for a run that was started a moment ago to write its first file."""
+    pause = threading.Event()
+    for _ in range(int(wait_s / 0.25)):
+        run = load_run(folder.out_dir)
+        if run is not None or folder.finished():
+            return run
+        pause.wait(0.25)
+    return None
 
 
 @_guard

@@ -2,30 +2,36 @@
 gradio_client (one server for the module, on 127.0.0.1 and a free port); the UI handlers are also driven directly
 through `app.build_page()`.
 
-No test here checks the PNG charts (the writer's tests do), so the module replaces the PNG export with one that fails
-as it does without a browser: no Chromium starts, and the run says why its PNGs are missing."""
+Runs train in this process here (`app.GPU_CALL` is `launcher.visitor_run`, called as the ZeroGPU path calls its
+worker), so stand-ins patched below apply; the child process of the app's default has its own tests
+(test_lab_launcher.py). No test here checks the PNG charts (the run folder's tests do), so the module replaces the PNG
+export with one that fails as it does without a browser: no Chromium starts, and the run says why its PNGs are
+missing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import socket
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from crma.ablation.spec.arms import ARM_SPECS, GRID_ARMS
 
-TINY = {"model": "tiny-random", "dataset": "bundled", "rows": 8, "seq_len": 512}  # byte tokenizer: long prompts
+# Byte tokenizer: long prompts. Two held-out rows keep evaluation in every run at little cost.
+TINY = {"model": "tiny-random", "dataset": "bundled", "rows": 8, "seq_len": 512, "eval_rows": 2}
 TIMEOUT_S = 150
 NO_PNG_NOTE = "PNG charts not written: no browser"
 
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
-    from crma.ablation.output import run_folder as writer
+    from crma.ablation.report import render
 
     def no_browser(*args, **kwargs):
         raise RuntimeError("no browser")
@@ -33,7 +39,7 @@ def runs_dir(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("runs")
     mp.setenv("CRMA_RUNS_DIR", str(root))
-    mp.setattr(writer, "write_png_charts", no_browser)
+    mp.setattr(render, "write_png_charts", no_browser)
     yield root
     mp.undo()
 
@@ -41,14 +47,18 @@ def runs_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def app_module(runs_dir):
     import app
-    from crma.lab import runs
+    from crma.lab import launcher
 
-    # These tests check the page and the API on real runs in this process, where the no-browser stand-in above
-    # applies; the cut-off child (the app's default off ZeroGPU) has its own tests in test_lab_worker.py and below.
     mp = pytest.MonkeyPatch()
-    mp.setattr(app, "run_engine", runs.run_events)
+    mp.setattr(app, "GPU_CALL", launcher.visitor_run)  # in this process, where the stand-ins apply
     yield app
     mp.undo()
+
+
+def _plot(update: dict, page, key: str):
+    """The figure a run handler's update sets on the chart `key` (None when it leaves that chart alone)."""
+    value = update.get(page.charts.plots[key])
+    return value.get("value") if isinstance(value, dict) else value
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +103,15 @@ def test_build_demo_builds_without_launching(app_module):
     demo = app_module.build_demo()
     assert isinstance(demo, gr.Blocks)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    for elem_id in ("loss-plot", "grad-plot", "delta-plot", "mixing-plot"):
-        assert isinstance(by_id[elem_id], gr.Plot)
+    from crma.ablation.report.charts import CHART_KEYS
+
+    for key in CHART_KEYS:
+        assert isinstance(by_id[f"plot-{key}"], gr.Plot)
     assert isinstance(by_id["run-btn"], gr.Button) and isinstance(by_id["stop-btn"], gr.Button)
     endpoints = demo.get_api_info()["named_endpoints"]
-    assert {"/ablate", "/stop", "/push", "/preview"} <= set(endpoints)
+    assert {"/ablate", "/follow", "/stop", "/push", "/preview"} <= set(endpoints)
     assert [p["parameter_name"] for p in endpoints["/ablate"]["parameters"]] == ["config", "data_file"]
+    assert [p["parameter_name"] for p in endpoints["/follow"]["parameters"]] == ["run_id"]
     assert [p["parameter_name"] for p in endpoints["/push"]["parameters"]] == ["repo_id", "private"]  # token injected
     assert [p["parameter_name"] for p in endpoints["/preview"]["parameters"]] == ["dataset", "upload", "start", "rows"]
     # Defaults on this CPU machine: the CPU setting, and the page says so.
@@ -125,7 +138,8 @@ def test_page_sections_and_form_wiring(app_module, page):
     assert len(settings) == len(app_module.FORM_KEYS) == len(set(map(id, settings)))
     # Each setting reaches the run handler from the box that carries its label (a swapped pair would not).
     for key, component in zip(app_module.FORM_KEYS, settings, strict=True):
-        assert component.label.startswith(label(key)), (key, component.label)
+        expected = "Tune the LR per arm" if key == "tune_lr" else label(key)  # the one control that sets two fields
+        assert component.label.startswith(expected), (key, component.label)
     assert page.charts.progress in page.run_outputs() and page.results.repro in page.run_outputs()
 
 
@@ -141,6 +155,9 @@ def test_ablate_streams_every_arm_and_the_summary(client):
     assert events[0]["config"]["crma"]["rank"] == 4  # the started event carries the nested config
     records = [e for e in events if e["type"] == "record"]
     assert {(e["arm"], e["step"]) for e in records} == {(arm, s) for arm in ARM_SPECS for s in (1, 2)}
+    heldout = [e for e in events if e["type"] == "eval"]
+    assert {(e["arm"], e["step"], e["split"]) for e in heldout} == {(a, s, "test") for a in ARM_SPECS for s in (0, 2)}
+    assert any(e["type"] == "phase" and e["message"].startswith("seed 42") for e in events)
     assert all(e["run_id"] == events[0]["run_id"] for e in events[1:])
     final, archive = job.outputs()[-1]
     assert final["type"] == "result" and final["status"] == "finished" and final["error"] is None
@@ -176,6 +193,28 @@ def test_stop_ends_the_run_with_partial_results(client):
     assert {"metrics.jsonl", "summary.json", "adapters/lora/adapter_model.safetensors"} <= set(final["files"])
     assert Path(archive).is_file()
     assert "no running run" in client.predict(started["run_id"], api_name="/stop")  # it has ended
+    # The stream can be picked up again by the run's id: the same records, then the same result.
+    again = client.submit(started["run_id"], api_name="/follow")
+    again.result(timeout=TIMEOUT_S)
+    replay = [event for event, _ in again.outputs()]
+    assert [e for e in replay if e["type"] == "record"] == [e for e, _ in job.outputs() if e["type"] == "record"]
+    assert replay[-1]["type"] == "result" and replay[-1]["status"] == "stopped"
+
+
+def test_an_api_run_trains_on_when_its_client_goes_away(client, app_module):
+    """A run never depends on who follows it: a client that leaves (as a closed page does) leaves the run training
+    until it ends, holding the one run slot; `/follow` picks it up, `/stop` ends it."""
+    from crma.lab import launcher
+
+    job = client.submit({**TINY, "steps": 4, "arms": ["lora"]}, None, api_name="/ablate")
+    started, _ = _wait_for(job, lambda out: out[0]["type"] == "started")
+    job.cancel()  # the client goes away mid-run
+    again = client.submit(started["run_id"], api_name="/follow")
+    again.result(timeout=TIMEOUT_S)
+    final = again.outputs()[-1][0]
+    assert final["status"] == "finished" and final["records"] == 4  # every step, though nobody watched
+    assert launcher.RUN_SLOT.acquire(timeout=TIMEOUT_S)  # the run ended and gave the slot back
+    launcher.RUN_SLOT.release()
 
 
 @pytest.mark.parametrize(
@@ -242,6 +281,8 @@ def _form(app_module, **overrides):
         "arms": ["lora", "lora+crma"],
         "seeds": "42",
         "steps": 3,
+        "tune_lr": False,
+        "eval_rows": 2,
         "lr": "2e-4",
         "structural_lr": "5e-3",
         "gate_lr": "1e-3",
@@ -274,10 +315,10 @@ def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, page, 
     assert "client.submit(settings" in first[results.repro]
     update = None
     for update in run:
-        if isinstance(update.get(charts.loss), go.Figure) and "Step " in update[charts.progress]:
+        if isinstance(_plot(update, page, "loss"), go.Figure) and "Step " in update[charts.progress]:
             break
-    assert update is not None and isinstance(update[charts.delta], go.Figure)
-    assert {t.name for t in update[charts.loss].data} >= {"lora"}
+    assert update is not None and isinstance(_plot(update, page, "loss_delta"), go.Figure)
+    assert {t.name for t in _plot(update, page, "loss").data} >= {"lora"}
     assert "/500" in update[charts.progress] and "tokens/s" in update[charts.progress]
     # Another visitor's stop (another run id) does nothing to this run.
     folder = runs.get_run(run_id)
@@ -287,19 +328,20 @@ def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, page, 
     assert "Stopped at step" in final[charts.progress]
     assert final[results.panel]["visible"] is True
     assert final[form.stop_btn]["interactive"] is False and final[form.run_btn]["interactive"] is True
-    assert "Final loss" in final[results.summary]
+    assert "Final training loss" in final[results.summary] and "Held-out loss (final)" in final[results.summary]
     assert "Same LoRA init" in final[results.receipt]
     assert "Status: **stopped** (stopped by request)" in final[results.notes]
     assert NO_PNG_NOTE in final[results.notes]
-    assert isinstance(final[results.mixing], go.Figure)
+    assert isinstance(_plot(final, page, "mixing"), go.Figure)
+    assert final[charts.plots["lr_sensitivity"]]["visible"] is False  # a run that tuned nothing has no LR chart
     archive = Path(final[results.archive])
     assert archive.is_file() and archive.parent == Path(runs_dir) / run_id
     assert final[results.report].endswith("report.html")
     assert "<iframe" in final[results.embed]
     # The smoothing slider and log-scale toggle redraw from the stored records, without a re-run.
-    loss, grad, _ = page.rerender(run_id, 0.0, True)
-    assert grad.layout.yaxis.type == "log" and len(loss.data) >= 2
-    assert all(isinstance(x, type(gr.skip())) for x in page.rerender(None, 0.5, False))
+    redrawn = page.rerender(run_id, 0.0, True)
+    assert _plot(redrawn, page, "grad_norm").layout.yaxis.type == "log" and len(_plot(redrawn, page, "loss").data) >= 2
+    assert page.rerender(None, 0.5, False) == {} and gr is not None
 
 
 @pytest.mark.parametrize(
@@ -356,51 +398,26 @@ def test_push_handler_failures_say_why_and_keep_the_results(app_module, runs_dir
     assert archive.is_file() and folder.finished()  # nothing was removed
 
 
-def _fake_engine(records_before_failure: int):
-    """A stand-in for the engine: some steps (the second arm diverges), then a failed RunResult, as after an OOM."""
-    from crma.ablation.engine.records import Phase, RunResult, StepRecord
+def _out_of_memory_at(monkeypatch, step: int) -> None:
+    """The real engine, running out of memory at `step` (as a CUDA OOM would); the second arm diverges at step 2."""
+    import crma
+    from crma.ablation.engine.arm_set import ArmSet
 
-    def events(cfg, out_dir, stop_file, data_name=None):
-        yield Phase("loading model tiny-random")
-        records = []
-        for i in range(records_before_failure):
-            arm, step = ("lora", "lora+crma")[i % 2], i // 2 + 1
-            loss = float("nan") if arm == "lora+crma" and step == 2 else 2.0 - 0.1 * step
-            records.append(
-                StepRecord(
-                    arm=arm,
-                    seed=42,
-                    step=step,
-                    loss=loss,
-                    grad_norm_pre=1.0,
-                    grad_norm_post=1.0,
-                    clipped=False,
-                    lr=2e-4,
-                    tokens=50 * step,
-                    step_time_s=0.1,
-                    memory_mb=100.0,
-                    diverged=loss != loss,
-                )
-            )
-            yield records[-1]
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.md").write_text("| Metric | lora |\n|---|---|\n| Final loss | 1.8 |\n")
-        yield RunResult(
-            status="failed",
-            error="out of memory: lower batch_size or seq_len",
-            config=cfg,
-            records=records,
-            summary={},
-            out_dir=str(out),
-            files=["summary.md"],
-        )
+    original = ArmSet.train_step
 
-    return events
+    def train_step(self, arm, batch):
+        if batch.step == step:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if arm.label == "lora+crma" and batch.step == 2:
+            with torch.no_grad():
+                crma.get_adapter(self.model, arm.adapter).crma_B.fill_(float("nan"))
+        return original(self, arm, batch)
+
+    monkeypatch.setattr(ArmSet, "train_step", train_step)
 
 
 def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, page, monkeypatch):
-    monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=4))
+    _out_of_memory_at(monkeypatch, step=3)
     with pytest.warns(UserWarning) as warned:  # gr.Warning outside a request is a Python warning
         *_, final = page.run(None, 0.6, False, None, *_form(app_module))
     messages = " ".join(str(w.message) for w in warned)
@@ -408,7 +425,7 @@ def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, p
     charts, results = page.charts, page.results
     assert "Failed at step 2/3: out of memory" in final[charts.progress]
     assert "lora+crma diverged at step 2" in final[charts.progress]
-    assert final[results.panel]["visible"] is True and "Final loss" in final[results.summary]
+    assert final[results.panel]["visible"] is True and "Final training loss" in final[results.summary]
     assert "**failed** (out of memory" in final[results.notes]
     assert Path(final[results.archive]).is_file()
 
@@ -416,7 +433,7 @@ def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, p
 def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, page, monkeypatch):
     import gradio as gr
 
-    monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=0))
+    _out_of_memory_at(monkeypatch, step=1)
     updates = []
     with pytest.raises(gr.Error, match="out of memory"):
         for update in page.run(None, 0.6, False, None, *_form(app_module)):
@@ -461,8 +478,7 @@ def toy_study(tmp_path_factory):
     from crma.ablation.output.study import StudyProtocol, run_study
 
     root = tmp_path_factory.mktemp("study")
-    for _ in run_study(StudyProtocol.toy(), root / "study", work_dir=root / "work", charts=False):
-        pass
+    run_study(StudyProtocol.toy(), root / "study", work_dir=root / "work", charts=False)
     for name in ("plain_loss.png", "spike_grad_norm.png"):
         shutil.copyfile(Path(__file__).resolve().parents[1] / "assets" / "screenshot.png", root / "study" / name)
     return root / "study"
@@ -484,7 +500,11 @@ def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
     # The model box shows short names ("name: description" no longer than one line of it).
     assert all(len(label) <= 40 for label, _ in f.model.choices), f.model.choices
     assert "lora-matched" in f.arms.info and "lora-matched" in [value for _, value in f.arms.choices]
-    assert f.recipe_btn.value == "Author's recipe: two changes at once"
+    assert "lora+crma-nomix" in f.arms.info and "lora+crma-nomix" in [value for _, value in f.arms.choices]
+    assert f.presets["recipe"].value == "Author's recipe: two changes at once"
+    # One control tunes the LR per arm, and says what it costs; the held-out slice is on by default.
+    assert "Tune the LR per arm" in f.tune_lr.label and "3×" in f.tune_lr.label and f.tune_lr.value is False
+    assert f.eval_rows.value > 0
     js = {d.js for d in page.demo.fns.values() if d.js}
     assert f"() => [{app_module.json.dumps(list(AUTHOR_ARMS))}]" in js
     assert app_module.PAGE_JS in js  # the page script (clocks, zoom kept) runs on load
@@ -498,7 +518,7 @@ def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
     # The attribution box sits in the charts column, hidden until a run ends; the run handler can fill it.
     assert isinstance(c.attribution, gr.Markdown) and c.attribution.visible is False
     assert c.attribution in page.run_outputs()
-    assert c.loss.show_label is False  # the figure's own title names it
+    assert all(plot.show_label is False for plot in c.plots.values())  # the figure's own title names it
 
 
 def test_attribution_box_text(app_module):
@@ -524,28 +544,29 @@ def test_study_panel_shows_the_committed_study(app_module, toy_study, monkeypatc
     text = page.study.text.value
     assert "**2 seeds** (1, 2), **4 steps**" in text and "corrupted batch at step 3" in text
     assert "#### Plain training" in text and "#### With a spike at step 3" in text
-    # Each condition's attribution, with its intervals, straight from summary.json.
-    plain = study["conditions"]["plain"]["attribution"]["metrics"]["final_loss_ema"]["mixing"]
-    assert plain["sentence"] in text and "95 % CI over 2 seeds" in text
+    # Each condition's attribution, with its intervals, straight from summary.json: held-out, at each arm's best LR.
+    best = study["conditions"]["plain"]["attribution"]["sets"]["best_lr"]["contrasts"]["sinkhorn"]
+    assert best["metrics"]["final_test_loss"]["sentence"] in text and "95 % CI over 2 seeds" in text
+    assert "Primary outcome: the final held-out (test) loss" in text and "own best LR" in text
     captions = [item["caption"] for item in page.study.charts.value]
     assert captions == ["Plain training: loss", "With a spike: gradient norm"] and page.study.charts.visible
 
 
-def test_off_zero_gpu_runs_train_in_a_child_the_app_can_cut_off(app_module, monkeypatch, tmp_path):
-    from crma.lab import worker
+def test_off_zero_gpu_runs_train_in_a_child_process(monkeypatch, tmp_path):
+    import app
+    from crma.lab import launcher
 
+    assert app.ZERO_GPU is False and app.choose_gpu_call(False) is None  # off ZeroGPU: no GPU call
+    assert callable(app.choose_gpu_call(True))  # on ZeroGPU: spaces.GPU's wrapper of launcher.visitor_run
+    monkeypatch.setattr(app, "GPU_CALL", app.choose_gpu_call(app.ZERO_GPU))
     calls = []
-
-    def spy(cfg, out_dir, stop_file, *, data_name=None):
-        calls.append((cfg.model, out_dir, stop_file, data_name))
-        return iter(())
-
-    monkeypatch.setattr(worker, "run_cut_off", spy)
-    assert app_module.ZERO_GPU is False
-    engine = app_module.choose_run_engine(zero_gpu=False)
-    cfg = app_module.form.config_from_form({**TINY, "steps": 1})
-    list(engine(cfg, str(tmp_path / "out"), str(tmp_path / "STOP"), "mine.jsonl"))
-    assert calls == [("tiny-random", str(tmp_path / "out"), str(tmp_path / "STOP"), "mine.jsonl")]
+    monkeypatch.setattr(launcher, "launch", lambda cfg, folder, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(launcher, "preflight", lambda cfg, data_name, *, zero_gpu: cfg)
+    monkeypatch.setattr(launcher, "RUN_SLOT", threading.BoundedSemaphore(1))
+    monkeypatch.setenv("CRMA_RUNS_DIR", str(tmp_path))
+    launcher.RUN_SLOT.acquire()
+    app._start(app.form.config_from_form({**TINY, "steps": 1}), "mine.jsonl")
+    assert calls == [{"data_name": "mine.jsonl", "gpu_call": None}]  # no GPU call: the launcher's child process
 
 
 @pytest.mark.parametrize(
@@ -573,8 +594,8 @@ def test_uploads_are_capped_and_named_not_located(app_module, client, tmp_path):
     assert app_module.LAUNCH_OPTIONS["max_file_size"] == MAX_UPLOAD_BYTES  # gradio refuses bigger files
     path = tmp_path / "my rows.jsonl"
     path.write_text("".join(f'{{"instruction": "say {i}", "output": "{i}"}}\n' for i in range(8)))
-    job = client.submit({**TINY, "dataset": "upload", "steps": 1, "arms": ["lora"]}, handle_file(str(path)),
-                        api_name="/ablate")  # fmt: skip
+    job = client.submit({**TINY, "dataset": "upload", "steps": 1, "arms": ["lora"], "eval_rows": 0},
+                        handle_file(str(path)), api_name="/ablate")  # fmt: skip
     job.result(timeout=TIMEOUT_S)
     events = [event for event, _ in job.outputs()]
     started, final = events[0], events[-1]
@@ -597,17 +618,17 @@ def test_a_reloaded_page_follows_its_run_then_shows_the_results(app_module, page
     following = next(updates)
     assert following[page.run_state] == run_id and following[page.form.stop_btn]["interactive"] is True
     for update in updates:  # the charts keep coming while the run trains
-        if "Step " in update.get(page.charts.progress, "") and update[page.charts.loss].data:
+        loss = _plot(update, page, "loss")
+        if "Step " in update.get(page.charts.progress, "") and loss is not None and loss.data:
             break
     else:
         raise AssertionError("the run did not go on after the reload")
     assert page.stop_button(run_id)["interactive"] is False  # the reloaded page's Stop reaches the run
     *_, last = updates
     assert last[page.results.panel]["visible"] is True and "Status: **stopped**" in last[page.results.notes]
-    assert Path(last[page.results.archive]).is_file() and "Final loss" in last[page.results.summary]
-    assert app_module.PUMPS.get(run_id).join(TIMEOUT_S)
-    assert app_module.RUN_SLOT.acquire(blocking=False)  # the ended run gave the slot back
-    app_module.RUN_SLOT.release()
+    assert Path(last[page.results.archive]).is_file() and "Final training loss" in last[page.results.summary]
+    assert app_module.launcher.RUN_SLOT.acquire(timeout=TIMEOUT_S)  # the ended run gave the slot back
+    app_module.launcher.RUN_SLOT.release()
     first_page.close()
     # A page opened after the run ended shows its results at once; an unknown or malformed id shows nothing.
     (again,) = list(page.reattach(run_id, 0.6, False))
@@ -629,8 +650,8 @@ def test_a_waiting_run_can_leave_the_queue(page):
 
 
 def test_a_run_waits_for_the_slot_of_a_run_whose_page_went_away(app_module, page, monkeypatch):
-    monkeypatch.setattr(app_module, "run_engine", _fake_engine(records_before_failure=4))
-    slot = app_module.RUN_SLOT
+    _out_of_memory_at(monkeypatch, step=3)
+    slot = app_module.launcher.RUN_SLOT
     assert slot.acquire(blocking=False)  # an earlier run, whose page was closed, still trains
     try:
         left = page.run(None, 0.6, False, None, *_form(app_module))
@@ -642,9 +663,8 @@ def test_a_run_waits_for_the_slot_of_a_run_whose_page_went_away(app_module, page
         slot.release()  # the earlier run ended
     started = next(waiting)
     assert started[page.form.stop_btn]["interactive"] is True and page.run_state in started
-    with pytest.warns(UserWarning):  # the stand-in engine's run fails after 4 records: a warning, results kept
+    with pytest.warns(UserWarning):  # the run fails after 4 records: a warning, results kept
         *_, final = waiting
     assert final[page.results.panel]["visible"] is True
-    assert app_module.PUMPS.get(started[page.run_state]).join(TIMEOUT_S)
-    assert slot.acquire(blocking=False)  # given back, once
+    assert slot.acquire(timeout=TIMEOUT_S)  # given back, once
     slot.release()
