@@ -6,8 +6,9 @@ it (`launcher.launch`) and follows the folder (`live.follow`); per-visitor state
 the browser's localStorage.
 
 Endpoints (gradio_client): `/ablate` streams a run from one JSON object of settings, `/follow` streams a run by its
-id (from `/ablate`'s first event, after a lost connection), `/stop` ends a run at the next step, `/push` uploads a
-run with the visitor's own Hub sign-in, `/preview` shows a data slice.
+id (from `/ablate`'s first event, after a lost connection), `/stop` ends a run at the next step, `/generate` has
+every arm of a finished run answer a prompt, `/push` uploads a run with the visitor's own Hub sign-in, `/preview`
+shows a data slice.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from crma.ablation.report.render import attribution_markdown, receipt_markdown
 from crma.ablation.spec.arms import ARM_SPECS, AUTHOR_ARMS, GRID_ARMS, STUDY_ARMS
 from crma.ablation.spec.config import AblationConfig
 from crma.ablation.spec.schema import label
-from crma.lab import estimates, form, launcher, published, runs, snippets
+from crma.lab import estimates, form, launcher, published, runs, snippets, tryout
 from crma.lab.live import LiveView, follow, watch
 from crma.lab.page_assets import CSS, METHOD, PAGE_JS
 
@@ -92,6 +93,12 @@ def choose_gpu_call(zero_gpu: bool) -> Callable[..., Any] | None:
 
 
 GPU_CALL = choose_gpu_call(ZERO_GPU)
+# "Try the adapters" on ZeroGPU: inside the GPU lease too (its worker streams the answers back).
+ANSWERS_CALL: Callable[..., Iterator[dict]] = (
+    spaces.GPU(duration=int(tryout.TRY_CAPS["seconds"]) + 30)(tryout.stream_answers)
+    if ZERO_GPU and spaces is not None
+    else tryout.stream_answers
+)
 
 
 def _guard(fn: Callable) -> Callable:
@@ -361,10 +368,49 @@ def attribution_update(summary: dict) -> dict:
 
 
 @dataclass
+class TryPanel:
+    """ "Try the adapters": a prompt (or a held-out row), the decoding, and every arm's answer beside the base's."""
+
+    prompt: gr.Textbox
+    row: gr.Dropdown
+    max_new_tokens: gr.Slider
+    temperature: gr.Slider
+    top_p: gr.Slider
+    seed: gr.Number
+    answer_btn: gr.Button
+    stop_btn: gr.Button
+    answers: gr.HTML
+
+
+def build_try_panel() -> TryPanel:
+    """The panel under the results: ask every arm of the finished run, and the base model, the same question."""
+    with gr.Accordion("Try the adapters: every arm answers, beside the base model", open=True, elem_id="try"):
+        gr.Markdown(
+            "Each arm's adapter as the run saved it, and the base model with every adapter off (CRMA included), "
+            "answer with the training prompt template; greedy unless you set a temperature (then every arm samples "
+            "from the same seed). One request at a time, in turn with training runs."
+        )
+        prompt = gr.Textbox(label="Prompt (an instruction)", lines=2, max_lines=8, elem_id="try-prompt")
+        row = gr.Dropdown(label="…or a held-out row (its reference answer is shown)", choices=[], value=None)
+        with gr.Row():
+            max_new = gr.Slider(1, tryout.TRY_CAPS["max_new_tokens"], value=64, step=1, label="Max new tokens")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (with a temperature)")
+            seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (the same for every arm)")
+        with gr.Row():
+            answer_btn = gr.Button("Answer", variant="primary", elem_id="try-answer")
+            stop_btn = gr.Button("Stop answering", variant="stop", elem_id="try-stop")
+        answers = gr.HTML(elem_id="try-answers")
+    return TryPanel(prompt, row, max_new, temperature, top_p, seed, answer_btn, stop_btn, answers)
+
+
+@dataclass
 class Results:
-    """What a finished (or stopped) run leaves: tables, receipt, downloads, embed, push, reproduce."""
+    """What a finished (or stopped) run leaves: tables, receipt, trying the adapters, downloads, embed, push,
+    reproduce."""
 
     panel: gr.Column
+    tryout: TryPanel
     notes: gr.Markdown
     summary: gr.Markdown
     receipt: gr.Markdown
@@ -386,6 +432,7 @@ def build_results() -> Results:
         summary = gr.Markdown(elem_id="summary", elem_classes=["crma-tables"])
         with gr.Accordion("Fairness receipt: what is identical between the arms", open=True):
             receipt = gr.Markdown(elem_id="receipt", elem_classes=["crma-tables"])
+        tryout_panel = build_try_panel()
         with gr.Row():
             archive = gr.File(label="Everything (.zip: adapters, metrics, summary, report, charts, config)")
             report = gr.File(label="report.html (self-contained, for blogs)")
@@ -409,8 +456,9 @@ def build_results() -> Results:
     with gr.Accordion("Reproduce: CLI and Python client", open=False):
         repro = gr.Code(language="shell", label="Same run elsewhere")
     return Results(
-        panel, notes, summary, receipt, archive, report, embed, repo_name, private, push_btn, push_msg, repro
-    )
+        panel, tryout_panel, notes, summary, receipt, archive, report, embed, repo_name, private, push_btn, push_msg,
+        repro,
+    )  # fmt: skip
 
 
 @dataclass
@@ -468,7 +516,8 @@ class Page:
         r, c, f = self.results, self.charts, self.form
         outputs = [
             self.run_state, c.progress, r.panel, f.run_btn, f.stop_btn, r.repro, *c.plots.values(), r.summary,
-            r.receipt, r.notes, r.archive, r.report, r.embed, c.attribution, f.cancel_btn,
+            r.receipt, r.notes, r.archive, r.report, r.embed, c.attribution, f.cancel_btn, r.tryout.row,
+            r.tryout.answers,
         ]  # fmt: skip
         return outputs + ([self.browser_run] if self.browser_run is not None else [])
 
@@ -542,6 +591,8 @@ class Page:
             r.report: str(report) if report.is_file() else None,
             r.embed: snippets.embed_snippet(os.environ.get("SPACE_ID")),
             self.charts.attribution: attribution_update(summary),
+            r.tryout.row: gr.update(choices=_row_choices(summary), value=None),
+            r.tryout.answers: _saved_answers_html(summary),
         }
 
     def reattach(
@@ -573,6 +624,52 @@ class Page:
             }
         yield from self._follow(folder, view)
 
+    def try_adapters(
+        self,
+        run_id: str | None,
+        prompt: str,
+        row: int | None,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        seed: float,
+    ) -> Iterator[str]:
+        """Every arm of the visitor's finished run, and the base model, answer the prompt (or the held-out row),
+        streamed into the answers box; one request at a time, in turn with training runs."""
+        folder = runs.get_run(run_id)
+        run = load_run(folder.out_dir) if folder is not None else None
+        if run is None or not run.complete:
+            raise gr.Error(
+                "There is no finished run to ask: run one first (runs are kept on the server for 6 hours; a "
+                "downloaded run answers with `python -m crma generate RUN_FOLDER --prompt ...`)."
+            )
+        picked = tryout.held_out_rows(run.summary)[row] if isinstance(row, int) else None
+        instruction = picked["instruction"] if picked else tryout.check_prompt(prompt)
+        decoding = tryout.decoding(max_new_tokens, temperature, top_p, seed)
+        stop_file = tryout.stop_file_of(folder.root)
+        stop_file.unlink(missing_ok=True)
+        for _ in _wait_for_slot():
+            yield "<p>Waiting for the run that trains now to end…</p>"
+        try:
+            columns: dict[str, dict] = {}
+            reference = picked.get("reference") if picked else None
+            events = ANSWERS_CALL(
+                str(run.folder), instruction, picked.get("input", "") if picked else "", decoding.to_json(), None,
+                str(stop_file),
+            )  # fmt: skip
+            for event in events:
+                columns[event["arm"]] = event
+                yield tryout.answers_html(columns, reference=reference)
+        finally:
+            launcher.RUN_SLOT.release()
+
+    @staticmethod
+    def stop_answers(run_id: str | None) -> None:
+        """Stop the answers of the visitor's run at their next token."""
+        folder = runs.get_run(run_id)
+        if folder is not None:
+            tryout.stop_file_of(folder.root).touch()
+
     @staticmethod
     def stop_button(run_id: str | None) -> Any:
         """The Stop button: the visitor's own run (the id lives in their session state)."""
@@ -593,6 +690,22 @@ class Page:
         if run.summary is not None:
             view.finish(run.summary)
         return self._charts(view)
+
+
+def _row_choices(summary: dict) -> list[tuple[str, int]]:
+    rows = tryout.held_out_rows(summary)
+    return [(f"row {r.get('row')}: {r['instruction'][:80]}", i) for i, r in enumerate(rows)]
+
+
+def _saved_answers_html(summary: dict) -> str:
+    """The answers the run gave at its end to its first held-out row, shown before the visitor asks anything."""
+    block = summary.get("answers") or {}
+    if not block.get("prompts"):
+        return ""
+    first = block["prompts"][0]
+    columns = {arm: {**answers[0], "done": True} for arm, answers in block["by_arm"].items() if answers}
+    note = f"<p>At the end of the run, for held-out row {first.get('row')}: <i>{first['instruction']}</i></p>"
+    return note + tryout.answers_html(columns, reference=first.get("reference"))
 
 
 def _first_look(folder: runs.RunFolder, *, wait_s: float = 30.0) -> StoredRun | None:
@@ -676,6 +789,33 @@ def follow_run(run_id: str) -> Iterator[tuple[dict, str | None]]:
     if folder is None or load_run(folder.out_dir) is None:
         raise ValueError(f"no run with id {run_id!r} (runs are kept for 6 hours)")
     yield from _follow_events(folder)
+
+
+@_guard
+def generate(run_id: str, prompt: str, settings: dict | None = None) -> Iterator[dict]:
+    """API: every arm of finished run `run_id`, and the base model, answer `prompt`; streams `{"arm", "text",
+    "done", ...}` after each token (the last event of an arm has its `tokens`, `seconds` and `ended`). `settings`:
+    `max_new_tokens`, `temperature`, `top_p`, `seed`, `arms` (a list of labels; default every arm), `input`."""
+    settings = settings if isinstance(settings, dict) else {}
+    folder = runs.get_run(run_id)
+    run = load_run(folder.out_dir) if folder is not None else None
+    if run is None or not run.complete:
+        raise ValueError(f"no finished run with id {run_id!r} (runs are kept for 6 hours)")
+    instruction = tryout.check_prompt(prompt)
+    decoding = tryout.decoding(
+        settings.get("max_new_tokens", 64), settings.get("temperature", 0), settings.get("top_p", 1),
+        settings.get("seed", 0),
+    )  # fmt: skip
+    arms = settings.get("arms")
+    for _ in _wait_for_slot():
+        yield {"arm": None, "text": "", "done": False, "waiting": True}
+    try:
+        yield from ANSWERS_CALL(
+            str(run.folder), instruction, str(settings.get("input", "")), decoding.to_json(), arms,
+            str(tryout.stop_file_of(folder.root)),
+        )  # fmt: skip
+    finally:
+        launcher.RUN_SLOT.release()
 
 
 def stop(run_id: str) -> str:
@@ -764,6 +904,16 @@ def _wire(page: Page) -> None:
             _guard(page.rerender), [page.run_state, c.smoothing, c.log_scale], list(c.plots.values()),
             trigger_mode="always_last", concurrency_id="light", **_PRIVATE,
         )  # fmt: skip
+    t = r.tryout
+    answering = t.answer_btn.click(
+        _guard(page.try_adapters),
+        [page.run_state, t.prompt, t.row, t.max_new_tokens, t.temperature, t.top_p, t.seed],
+        t.answers,
+        concurrency_id="gpu",
+        concurrency_limit=1,
+        **_PRIVATE,
+    )
+    t.stop_btn.click(page.stop_answers, page.run_state, None, cancels=[answering], queue=False, **_PRIVATE)
     r.push_btn.click(
         push, [page.run_state, r.repo_name, r.private], r.push_msg, api_name="push", concurrency_id="push",
         concurrency_limit=2,
@@ -774,11 +924,17 @@ def _wire(page: Page) -> None:
         api_event, api_archive = gr.JSON(label="event"), gr.File(label="archive")
         api_run_id, api_message = gr.Textbox(label="run_id"), gr.Textbox(label="message")
         api_run, api_follow, api_stop = gr.Button("ablate"), gr.Button("follow"), gr.Button("stop")
+        api_prompt, api_settings, api_answer = gr.Textbox(label="prompt"), gr.JSON(label="settings"), gr.JSON()
+        api_generate = gr.Button("generate")
     api_run.click(
         ablate, [api_config, api_data], [api_event, api_archive], api_name="ablate", concurrency_limit=1,
         concurrency_id="gpu",
     )  # fmt: skip
     api_follow.click(follow_run, api_run_id, [api_event, api_archive], api_name="follow", concurrency_limit=None)
+    api_generate.click(
+        generate, [api_run_id, api_prompt, api_settings], api_answer, api_name="generate", concurrency_id="gpu",
+        concurrency_limit=1,
+    )  # fmt: skip
     # Stop must never wait behind the run it stops: its own, unlimited concurrency group.
     api_stop.click(stop, api_run_id, api_message, api_name="stop", concurrency_id="control", concurrency_limit=None)
 

@@ -138,7 +138,7 @@ def start_run(page: Any) -> None:
     page.wait_for_selector("#stop-btn:not([disabled])", timeout=30_000)
 
 
-def wait_for_arms(page: Any, arms: list[str], *, plot: str = "#loss-plot", timeout_s: float = 60) -> None:
+def wait_for_arms(page: Any, arms: list[str], *, plot: str = "#plot-loss", timeout_s: float = 60) -> None:
     """Wait until chart `plot` has drawn a named line for every arm in `arms`."""
     page.wait_for_function(_ARMS_DRAWN_JS, arg=[plot, arms], timeout=timeout_s * 1000)
 
@@ -178,7 +178,7 @@ def to_png(image_bytes: bytes, *, width: int, max_bytes: int) -> bytes:
     return out.getvalue()
 
 
-def screenshot_top(page: Any, *, below: str = "#delta-plot", margin: int = 12) -> bytes:
+def screenshot_top(page: Any, *, below: str = "#plot-loss_delta", margin: int = 12) -> bytes:
     """PNG of the page from the top to `margin` px under element `below` (the settings and the three charts)."""
     # Move the mouse away so no hover label covers a chart.
     page.mouse.move(0, 0)

@@ -45,17 +45,18 @@ pytestmark = [
 @pytest.fixture
 def app_url(tmp_path, monkeypatch):
     """The app served in this process on a free 127.0.0.1 port; its run folders go to tmp_path."""
-    from crma.ablation.output import run_folder as writer
+    from crma.ablation.report import render
 
     def no_browser(*args, **kwargs):
         raise RuntimeError("no browser")
 
-    monkeypatch.setattr(writer, "write_png_charts", no_browser)
-    # Runs train in this process, where the stand-in above applies (the app's cut-off child has its own tests).
+    monkeypatch.setattr(render, "write_png_charts", no_browser)
+    # Runs train in this process (the ZeroGPU call path), where the stand-in above applies; the app's child process
+    # has its own tests.
     import app
-    from crma.lab import runs
+    from crma.lab import launcher
 
-    monkeypatch.setattr(app, "run_engine", runs.run_events)
+    monkeypatch.setattr(app, "GPU_CALL", launcher.visitor_run)
     monkeypatch.setenv("CRMA_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("CRMA_STUDY_DIR", str(tmp_path / "no-study"))  # the page as it is before a study is committed
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -156,7 +157,7 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         page.get_by_role("button", name="Author's recipe: two changes at once").click()
         page.wait_for_function(_ARMS_CHECKED_JS, arg=["lora", "lora+crma"], timeout=5_000)
         assert not page.get_by_label("lora+zclip", exact=True).is_checked()
-        page.get_by_role("button", name="2×2 attribution grid").click()
+        page.get_by_role("button", name="2×2 grid").click()
         page.wait_for_function(_ARMS_CHECKED_JS, arg=ARMS, timeout=5_000)
         driver.start_run(page)
 
@@ -176,9 +177,9 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         assert page.locator("#stop-btn").is_enabled() and page.locator("#run-btn").is_disabled()
 
         # Zoom and a hidden arm survive the next live update, which re-creates the chart element.
-        assert page.evaluate(_ZOOM_AND_HIDE_JS, ["#loss-plot", "lora+zclip"]) >= 0
-        page.wait_for_function(_REDRAWN_VIEW_JS, arg="#loss-plot", timeout=10_000)
-        view = page.evaluate(_REDRAWN_VIEW_JS, "#loss-plot")
+        assert page.evaluate(_ZOOM_AND_HIDE_JS, ["#plot-loss", "lora+zclip"]) >= 0
+        page.wait_for_function(_REDRAWN_VIEW_JS, arg="#plot-loss", timeout=10_000)
+        view = page.evaluate(_REDRAWN_VIEW_JS, "#plot-loss")
         assert view == {"range": [2, 4], "hidden": ["lora+zclip"]}, view
         assert re.match(rf"Step \d+/{STEPS} ", driver.progress_text(page))  # it was a live update
 
@@ -195,23 +196,25 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         page.get_by_text("PNG charts not written: no browser").wait_for(state="visible", timeout=5_000)
         summary = page.locator("#summary").inner_text()
         assert f"{' vs '.join(ARMS)} on tiny-random" in summary
-        assert "Final loss (EMA 0.9)" in summary and "This run stopped before it finished" in summary
-        # Under the charts: what the grid attributes, on one seed without an interval.
+        assert "Final training loss (EMA 0.9)" in summary and "This run stopped before it finished" in summary
+        assert "Held-out loss (final)" in summary
+        # Under the charts: what can be credited to what, on one seed without an interval, and which figure it is.
         attribution = page.locator("#attribution").inner_text()
-        assert "What the 2×2 grid attributes" in attribution and "Mixing effect" in attribution
+        assert "What can be credited to what" in attribution and "CRMA's side channel" in attribution
         assert "no interval can be given with one seed" in attribution
+        assert "Primary outcome: the final held-out (test) loss" in attribution and "At the shared LR" in attribution
         assert "No published study yet" in page.locator("#study").inner_text()
         # The last redraw still shows every arm in every chart; the delta chart plots each arm against lora.
-        for plot in ("#loss-plot", "#grad-plot"):
+        for plot in ("#plot-loss", "#plot-grad_norm"):
             driver.wait_for_arms(page, ARMS, plot=plot, timeout_s=5)
-        driver.wait_for_arms(page, ARMS[1:], plot="#delta-plot", timeout_s=5)
+        driver.wait_for_arms(page, ARMS[1:], plot="#plot-loss_delta", timeout_s=5)
         # ... and the visitor's zoom.
-        assert page.evaluate("() => document.querySelector('#loss-plot .js-plotly-plot').layout.xaxis.range") == [2, 4]
+        assert page.evaluate("() => document.querySelector('#plot-loss .js-plotly-plot').layout.xaxis.range") == [2, 4]
         # Hover labels say which value is smoothed and which is raw; signed differences show 4 decimals.
-        grad = page.evaluate(_HOVER_JS, ["#grad-plot", 2])
+        grad = page.evaluate(_HOVER_JS, ["#plot-grad_norm", 2])
         assert re.search(r"lora : pre-clip, EMA 0\.6: \d+\.\d{3} · raw \d+\.\d{3}", grad), grad
         assert re.search(r"lora post-clip : raw \d+\.\d{3}", grad), grad
-        delta = page.evaluate(_HOVER_JS, ["#delta-plot", 2])
+        delta = page.evaluate(_HOVER_JS, ["#plot-loss_delta", 2])
         pairs = re.findall(r"Δ EMA 0\.6: ([+-]\d+\.\d+) · raw ([+-]\d+\.\d+)", delta)
         assert len(pairs) == len(ARMS) - 1 and all(len(x.split(".")[1]) == 4 for p in pairs for x in p), delta
         # The form's values reached the server: the reproduce command names them.
@@ -228,14 +231,14 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         page.get_by_text("Status: stopped").wait_for(state="visible", timeout=30_000)
         assert f"{' vs '.join(ARMS)} on tiny-random" in page.locator("#summary").inner_text()
         assert driver.progress_text(page).startswith(f"Stopped at step {done}/{STEPS}")
-        driver.wait_for_arms(page, ARMS, plot="#loss-plot", timeout_s=10)
+        driver.wait_for_arms(page, ARMS, plot="#plot-loss", timeout_s=10)
         assert page.locator("#run-btn").is_enabled() and page.locator("#stop-btn").is_disabled()
         assert page.locator("#run-btn").inner_text() == "Run" and page.locator("#stop-btn").inner_text() == "Stop"
 
         # The progress line's clocks tick in the browser between server updates (a set-up can last minutes).
         view = LiveView(AblationConfig(model="tiny-random"), clock=lambda: 75.0)
         view.update(Phase("seed 42: setting up 4 arms", seed=42))
-        view._started = 0.0
+        view.started = 0.0
         page.evaluate("(html) => { document.querySelector('#run-progress').innerHTML = html; }", view.progress_html())
         assert "setting up 4 arms (1:15)" in driver.progress_text(page)
         page.wait_for_function("() => document.querySelector('#run-progress').innerText.includes('(1:16)')")
@@ -255,7 +258,7 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         _check_readable_at_phone_width(
             page,
             "#summary th, #summary td, #attribution th, #attribution td",
-            ["#loss-plot", "#grad-plot", "#delta-plot"],
+            ["#plot-loss", "#plot-grad_norm", "#plot-loss_delta"],
         )
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
 

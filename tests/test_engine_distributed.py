@@ -47,7 +47,7 @@ ABLATE = [
     "--no-progress",
 ]
 # Figures that measure this machine, not the training.
-MACHINE_KEYS = ("wall_s", "tokens_per_s", "memory_mb_peak", "step_time_s", "memory_mb")
+MACHINE_KEYS = ("wall_s", "tokens_per_s", "memory_mb_peak", "step_time_s", "memory_mb", "eval_s")
 
 
 def _free_port() -> int:

@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="run every cell afresh (by default finished cells are kept)"
     )
     study.add_argument("--no-progress", action="store_true", help="no progress bar")
+    generate = sub.add_parser(
+        "generate", help="every arm of a finished run folder (and the base model) answers a prompt, side by side"
+    )
+    generate.add_argument("run", type=Path, help="a finished run folder (from `ablate`, the Space, or the Hub)")
+    generate.add_argument("--prompt", required=True, help="the instruction, as a row of the data set would hold it")
+    generate.add_argument("--input", default="", help="the row's input, if the instruction needs one")
+    generate.add_argument("--arms", default=None, help="comma-separated arm labels (default: every arm)")
+    generate.add_argument("--no-base", action="store_true", help="leave out the base model's answer")
+    for field_, kind, help_ in (
+        ("max_new_tokens", int, "new tokens per answer (default 64)"),
+        ("temperature", float, "0 is greedy (the default); above 0 samples"),
+        ("top_p", float, "nucleus sampling's mass, with --temperature (default 1)"),
+        ("seed", int, "sampling seed, the same for every arm (default 0)"),
+    ):
+        generate.add_argument("--" + field_.replace("_", "-"), dest=field_, type=kind, default=None, help=help_)
     for spec in schema():
         text = f"{spec.label}: {spec.help} (default: {spec.default})".replace("%", "%%")
         if spec.hint is bool:
@@ -264,6 +279,35 @@ def _study(args: argparse.Namespace) -> int:
     return EXIT_OK if study["status"] and all(s == "finished" for s in study["status"].values()) else EXIT_STOPPED
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .engine.generation import GenerationConfig
+    from .output.adapters import BASE, AdapterBank
+
+    try:
+        options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+        decoding = GenerationConfig(**{k: v for k, v in options.items() if v is not None})
+        bank = AdapterBank.from_run(args.run)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with bank:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else bank.labels
+        unknown = [a for a in arms if a not in bank.labels]
+        if unknown:
+            print(f"error: no arm {unknown} in this run; it has {bank.labels}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            ids = bank.prompt_ids({"instruction": args.prompt, "input": args.input})
+            for arm in ([] if args.no_base else [BASE]) + arms:
+                answer = bank.answer(arm, ids, decoding)
+                print(f"== {arm} ({answer.tokens} tokens, {answer.seconds:.1f} s, ended: {answer.ended})")
+                print(answer.text.strip() or "(nothing)")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """Parse, run, print the summary table; return the process exit code (0 ok, 1 stopped/failed, 2 bad input,
     130 interrupted — after writing every file of the steps done)."""
@@ -272,4 +316,6 @@ def run_cli(argv: list[str] | None = None) -> int:
         return _ablate(args)
     if args.command == "study":
         return _study(args)
+    if args.command == "generate":
+        return _generate(args)
     return EXIT_BAD_INPUT  # pragma: no cover - argparse requires a known command

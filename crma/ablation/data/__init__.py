@@ -28,6 +28,7 @@ from .examples import (
     build_example_set,
     build_examples,
     format_example,
+    prompt_token_ids,
 )
 from .readers import RecordSlice, read_slice
 from .sources import (
@@ -68,5 +69,6 @@ __all__ = [
     "format_example",
     "load_instruction_rows",
     "order_hash",
+    "prompt_token_ids",
     "read_slice",
 ]

@@ -147,6 +147,13 @@ def format_example(row: dict[str, str], tokenizer: Any) -> tuple[str, str]:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction), output
 
 
+def prompt_token_ids(row: dict[str, str], tokenizer: Any) -> list[int]:
+    """The prompt of `row` as training tokenises it (`format_example`; the tokenizer's special tokens only where no
+    chat template wrote its own), whole: what a model is asked when it answers the row."""
+    prompt, _ = format_example(row, tokenizer)
+    return list(tokenizer(prompt, add_special_tokens=not _uses_chat_template(tokenizer))["input_ids"])
+
+
 def build_example_set(
     rows: Sequence[dict[str, str]], tokenizer: Any, *, seq_len: int, row_offset: int = 0
 ) -> ExampleSet:
@@ -177,7 +184,6 @@ def build_example_set(
     if eos_id is None:
         raise DataError("the tokenizer has no eos token, so responses cannot be terminated; set `tokenizer.eos_token`")
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    chat = _uses_chat_template(tokenizer)
     min_response = _min_response_tokens(seq_len)
     result = ExampleSet(examples=[], row_numbers=[], seq_len=seq_len)
     for i, row in enumerate(rows):
@@ -185,9 +191,8 @@ def build_example_set(
         for column in ("instruction", "input", "output"):
             if isinstance(row.get(column), str):
                 check_text(row[column], f"row {number} column '{column}'")
-        prompt, response = format_example(row, tokenizer)
-        # A chat template already writes its own bos/special tokens; the Alpaca prompt gets the tokenizer's (e.g. bos).
-        prompt_ids = list(tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+        _, response = format_example(row, tokenizer)
+        prompt_ids = prompt_token_ids(row, tokenizer)
         response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         if not response_ids or response_ids[-1] != eos_id:
             response_ids.append(eos_id)

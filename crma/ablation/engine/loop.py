@@ -125,6 +125,8 @@ class _Run:
         self.arm_info: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
         self.data: dict[str, Any] = {}  # the data's path-free identity and what fitting it to seq_len did
+        self.answer_rows: list[dict[str, Any]] = []  # the held-out rows every arm answers at the end
+        self.answers: dict[str, Any] | None = None
         self.status, self.error = "finished", None
 
     @property
@@ -193,6 +195,8 @@ class _Run:
         choice = check_selection(summary, self.evals, self.data.get("heldout"))
         if choice is not None:
             summary["receipt"]["lr_choice"] = choice
+        if self.answers is not None:
+            summary["answers"] = self.answers
         summary["world_size"] = self.parallel.world_size if self.parallel is not None else 1
         if self.parallel is not None:
             summary["distributed"] = {**self.parallel.describe(), "seeds": dict(self.shards)}
@@ -257,6 +261,8 @@ def train(
             _train_seed(run, loaded, examples, eval_sets, seed, adapters_dir)
             if run.status != "finished":
                 break
+        if run.status == "finished" and run.answer_rows and adapters_dir is not None and cfg.save_adapters:
+            _answer(run, loaded, Path(adapters_dir).parent)
     except Exception as exc:  # anything still ends as a failed run whose finished steps are kept
         run.status, run.error = "failed", _failure_message(exc)
     finally:
@@ -320,6 +326,8 @@ def _read_data(run: _Run, loaded: Any, data_name: str | None) -> tuple[list[Any]
             split, held_fit, held.to_dict(), batch_size=cfg.batch_size, pad_id=pad_id, device=loaded.device
         )
         eval_sets.append(eval_set)
+        if not run.answer_rows or split == "test":  # the first rows of the test slice (else of validation)
+            run.answer_rows = [{"row": start + i, **row} for i, row in enumerate(held_rows[: cfg.answer_rows])]
         overlap = len(eval_set.example_hashes & train_hashes)
         heldout[split] = {**eval_set.describe(), "overlap_with_train": overlap}
         if overlap:
@@ -331,6 +339,19 @@ def _read_data(run: _Run, loaded: Any, data_name: str | None) -> tuple[list[Any]
         heldout["val_test_overlap"] = len(eval_sets[0].example_hashes & eval_sets[1].example_hashes)
     run.data["heldout"] = heldout
     return fitted.examples, eval_sets
+
+
+def _answer(run: _Run, loaded: Any, folder: Path) -> None:
+    """Every arm's and the base model's greedy answer to the held-out rows, from the adapters just saved: the same
+    code (`AdapterBank`) that answers from any run folder later, so the two agree (main process only)."""
+    from ..output.adapters import AdapterBank, adapter_folders, answer_rows
+    from .generation import GenerationConfig
+
+    if not run.is_main:
+        return
+    run.emit(Phase(f"answering {len(run.answer_rows)} held-out rows with every arm and the base model"))
+    with AdapterBank(loaded, adapter_folders(folder)) as bank:
+        run.answers = answer_rows(bank, run.answer_rows, GenerationConfig(max_new_tokens=run.cfg.answer_tokens))
 
 
 def _train_seed(

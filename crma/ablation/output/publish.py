@@ -33,7 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from ..data import ALPACA_REPO
 from ..models.hub import connection_errors
 from ..report.charts import CHARTS
-from ..report.render import attribution_markdown, md_table, receipt_markdown
+from ..report.render import answers_blocks, attribution_markdown, md_table, receipt_markdown, to_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
         # Relative links: the Hub resolves them against this repo, so the images render on the model page.
         *(["## Charts", *(f"![{c.title}]({c.key}.png)" for c in charts)] if charts else []),
         *(["## Fairness receipt", receipt_markdown(summary).strip()] if summary.get("receipt") else []),
+        to_markdown(answers_blocks(summary)).strip() if summary.get("answers") else "",
         "## What this repo holds",
         md_table(["path", "contents"], files),
         *(["## Load an arm"] if arm_dirs else []),
@@ -178,6 +179,21 @@ def model_card(out_dir: Path, *, repo_id: str, base_model: str | None, dataset: 
             _load_snippet(repo_id, base_id, base_model, f"adapters/{p.name}", p.name in crma_arms),
         ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(b for b in blocks if b) + "\n"))
+
+
+def adapter_card(out_dir: Path, arm: str, *, repo_id: str, base_model: str | None) -> str:
+    """The README.md of one adapter's folder: what it is, how to load it, and its own answers to the run's
+    held-out rows next to the base model's."""
+    summary, base_id = _read_json(Path(out_dir) / "summary.json"), hub_model_id(base_model)
+    has_crma = (Path(out_dir) / "adapters" / arm / "crma_config.json").is_file()
+    blocks = [
+        f"# {arm}",
+        f"One arm of a paired CRMA Lab ablation on **{base_id or base_model or 'an unknown base model'}**; the other "
+        f"arms and the run's results are in [the repo's card](../../README.md).",
+        _load_snippet(repo_id, base_id, base_model, f"adapters/{arm}", has_crma),
+        to_markdown(answers_blocks(summary, arms=[arm])).strip() if summary.get("answers") else "",
+    ]
+    return "\n\n".join(b for b in blocks if b) + "\n"
 
 
 # ---- pushing -------------------------------------------------------------------------------------------------------
@@ -297,6 +313,11 @@ def push_results(
         shutil.copytree(folder.resolve(), stage, copy_function=os.symlink, ignore=shutil.ignore_patterns(".*"))
         (stage / "README.md").unlink(missing_ok=True)
         (stage / "README.md").write_text(card, encoding="utf-8")
+        for arm_dir in sorted(p for p in (stage / "adapters").glob("*") if p.is_dir()):
+            # Each adapter folder gets a card of its own (its folder of links is a real folder: the card is new).
+            (arm_dir / "README.md").unlink(missing_ok=True)
+            text = adapter_card(folder, arm_dir.name, repo_id=repo_id, base_model=config.get("model"))
+            (arm_dir / "README.md").write_text(text, encoding="utf-8")
         call(
             "uploading the files", api.upload_folder, repo_id=repo_id, folder_path=stage, commit_message=commit_message
         )

@@ -439,6 +439,40 @@ def status_note(summary: dict[str, Any]) -> str | None:
     )
 
 
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def answers_blocks(summary: dict[str, Any], *, arms: list[str] | None = None) -> list[Block]:
+    """What every arm and the base model answered to the run's held-out rows (greedy, from the saved adapters),
+    one table per row with its reference answer; `arms` narrows the columns (a model card: the base and its own
+    arm); [] for a run without answers."""
+    block = summary.get("answers") or {}
+    if not block.get("prompts"):
+        return []
+    decoding = block.get("decoding") or {}
+    how = "greedy" if not decoding.get("temperature") else f"temperature {decoding['temperature']:g}"
+    blocks: list[Block] = [
+        Heading("What the arms answer", 3),
+        Para(
+            f"Held-out rows no arm trained on, answered by every arm and by the base model (every adapter off), "
+            f"{how}, at most {decoding.get('max_new_tokens')} new tokens, with the training prompt template. The "
+            "same answers come from `python -m crma generate` on this run folder."
+        ),
+    ]
+    shown = ["base", *(arms if arms is not None else [a for a in block["by_arm"] if a != "base"])]
+    for i, prompt in enumerate(block["prompts"]):
+        question = prompt["instruction"] + (f" — {prompt['input']}" if prompt.get("input") else "")
+        rows = [["reference", _one_line(prompt.get("reference") or "–")]]
+        for arm in shown:
+            answer = (block["by_arm"].get(arm) or [None] * (i + 1))[i]
+            if answer is not None:
+                rows.append([arm, f"{_one_line(answer['text']) or '(nothing)'} ({answer['tokens']} tokens)"])
+        blocks += [Para(f"**Row {prompt.get('row')}:** {_one_line(question, 300)}"), Table(["", "answer"], rows, True)]
+    return blocks
+
+
 def run_document(summary: dict[str, Any], *, title: str) -> list[Block]:
     """The blocks of a run's report: status, the metric table with signed deltas, the attribution, the LR choice,
     seed statistics, footnotes and the fairness receipt."""
@@ -460,6 +494,7 @@ def run_document(summary: dict[str, Any], *, title: str) -> list[Block]:
     blocks += lr_selection_blocks(summary)
     if "seeds" in summary:
         blocks += [Heading(f"Mean ± sample std (n − 1) over {n_seeds} seeds", 3), Table(*_seed_table(summary))]
+    blocks += answers_blocks(summary)
     blocks.append(Bullets(_notes(summary)) if summary["arms"] else Para("No step finished."))
     blocks += [Heading("Fairness receipt: what is identical between the arms", 3), *receipt_blocks(summary)]
     return blocks

@@ -51,6 +51,9 @@ class AblationConfig(JSONConfig):
             training slice.
         eval_dataset (`str | None`): where the held-out slices come from (as `dataset`); None: the training data.
         eval_every (`int`): steps between held-out evaluations (0: only at step 0 and at the end).
+        answer_rows (`int`): at the end, every arm and the base model answer this many held-out rows (the first of
+            the test slice, greedy), for `summary.json`, the reports and the model card; 0: none.
+        answer_tokens (`int`): new tokens each of those answers may have.
         lr (`float`): learning rate of LoRA and the CRMA projections.
         structural_lr (`float`): learning rate of CRMA's `log_mix`, read and write logits.
         gate_lr (`float`): learning rate of CRMA's gate `log_alpha`.
@@ -92,6 +95,8 @@ class AblationConfig(JSONConfig):
     eval_start: int | None = None
     eval_dataset: str | None = None
     eval_every: int = 20
+    answer_rows: int = 3
+    answer_tokens: int = 48
     lr: float = 2e-4
     structural_lr: float = 5e-3
     gate_lr: float = 1e-3
@@ -232,9 +237,15 @@ class AblationConfig(JSONConfig):
             "plain arm names when lr_grid sets the multipliers (drop the '@x' suffixes, or lr_grid)",
             self.arms,
         )
-        for name in ("eval_rows", "val_rows", "eval_every"):
+        for name in ("eval_rows", "val_rows", "eval_every", "answer_rows"):
             value = getattr(self, name)
             require(is_int(value) and value >= 0, name, "an integer ≥ 0", value)
+        require(
+            is_int(self.answer_tokens) and 1 <= self.answer_tokens <= 1024,
+            "answer_tokens",
+            "an integer in [1, 1024]",
+            self.answer_tokens,
+        )
         require(
             self.eval_start is None or (is_int(self.eval_start) and self.eval_start >= 0),
             "eval_start",

@@ -48,6 +48,8 @@ LABELS: dict[str, str] = {
     "eval_start": "Held-out start row",
     "eval_dataset": "Held-out data",
     "eval_every": "Evaluate every",
+    "answer_rows": "Answers at the end",
+    "answer_tokens": "Answer tokens",
     "lr": "LR",
     "structural_lr": "Structural LR",
     "gate_lr": "Gate LR",
