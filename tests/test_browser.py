@@ -71,6 +71,13 @@ def app_url(tmp_path, monkeypatch):
 
 
 PHONE = {"width": 390, "height": 844}
+_ANSWERED_JS = """(n) => {
+  const cols = [...document.querySelectorAll('#crma-answers .crma-answer')];
+  return cols.length === n && cols.every(c => c.innerText.includes(' tokens · '));
+}"""
+_ANSWER_COLUMNS_JS = """() => [...document.querySelectorAll('#crma-answers .crma-answer')].map(c => ({
+  arm: c.dataset.arm, text: c.innerText, right: c.getBoundingClientRect().right,
+}))"""
 _ARMS_CHECKED_JS = """(arms) => {
   const checked = [...document.querySelectorAll('input[type=checkbox]')]
     .filter(box => box.checked).map(box => box.closest('label')?.innerText.trim());
@@ -235,6 +242,14 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
         assert page.locator("#run-btn").is_enabled() and page.locator("#stop-btn").is_disabled()
         assert page.locator("#run-btn").inner_text() == "Run" and page.locator("#stop-btn").inner_text() == "Stop"
 
+        # Try the adapters: every arm and the base model answer one prompt side by side, headed in the chart colours.
+        page.locator("#try-prompt textarea").fill("Name a colour of the sky.")
+        page.click("#try-answer")
+        page.wait_for_function(_ANSWERED_JS, arg=len(ARMS) + 1, timeout=60_000)
+        columns = page.evaluate(_ANSWER_COLUMNS_JS)
+        assert [c["arm"] for c in columns] == ["base", *ARMS], columns
+        assert all(re.search(r"\d+ tokens · \d+\.\d s", c["text"]) for c in columns), columns
+
         # The progress line's clocks tick in the browser between server updates (a set-up can last minutes).
         view = LiveView(AblationConfig(model="tiny-random"), clock=lambda: 75.0)
         view.update(Phase("seed 42: setting up 4 arms", seed=42))
@@ -260,6 +275,9 @@ def test_run_streams_every_arm_and_stop_keeps_partial_results(app_url, tmp_path)
             "#summary th, #summary td, #attribution th, #attribution td",
             ["#plot-loss", "#plot-grad_norm", "#plot-loss_delta"],
         )
+        # The answers stack at a phone's width: every column within the screen, nothing to scroll sideways.
+        columns = page.evaluate(_ANSWER_COLUMNS_JS)
+        assert all(c["right"] <= PHONE["width"] + 1 for c in columns), columns
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
 
         # The run's report.html in a phone's browser (mobile emulation: without a viewport tag a phone lays a page

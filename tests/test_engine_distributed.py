@@ -45,6 +45,8 @@ ABLATE = [
     "cpu",
     "--no-charts",
     "--no-progress",
+    "--answer-rows",  # answers are the main process's alone, and another test's subject
+    "0",
 ]
 # Figures that measure this machine, not the training.
 MACHINE_KEYS = ("wall_s", "tokens_per_s", "memory_mb_peak", "step_time_s", "memory_mb", "eval_s")
@@ -145,7 +147,7 @@ def test_a_batch_smaller_than_the_launch_fails_before_training(monkeypatch) -> N
     four = DataParallel(rank=0, world_size=4, backend="gloo", device=torch.device("cpu"))
     monkeypatch.setattr(engine, "data_parallel", lambda device: four)
     cfg = parse_config({"model": "tiny-random", "rows": 8, "steps": 2, "batch_size": 2})
-    result = list(engine.run_ablation(cfg))[-1]
+    result = engine.train(cfg)
     assert result.status == "failed" and not result.records
     assert result.error.startswith("Batch size (2) is smaller than the number of processes (4)")
 
@@ -216,8 +218,10 @@ def two_processes(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", root / "trackio"
 
 
-def _metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+def _metrics(folder: Path, kind: str | None = None) -> list[dict]:
+    """`metrics.jsonl`'s step records (`kind` None) or its held-out evaluations (`kind` "eval")."""
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line.get("kind") == kind]
 
 
 def _max_difference(a: object, b: object, path: str = "") -> float:
@@ -256,6 +260,12 @@ def test_two_processes_write_the_files_of_one_process(one_process, two_processes
         assert (got["clipped"], got["tokens"], got["lr"]) == (want["clipped"], want["tokens"], want["lr"])
         for key in ("loss", "grad_norm_pre", "grad_norm_post", "grad_norm_lora"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (got["arm"], got["step"], key)
+    # Every process evaluates the whole held-out slice on its replica: the main one's figures are one process's.
+    heldout, reference_heldout = _metrics(two, "eval"), _metrics(one, "eval")
+    assert [(e["arm"], e["step"]) for e in heldout] == [(e["arm"], e["step"]) for e in reference_heldout]
+    assert all(
+        a["loss"] == pytest.approx(b["loss"], rel=1e-5) for a, b in zip(heldout, reference_heldout, strict=True)
+    )
 
     # The same trained adapters (LoRA and CRMA tensors).
     saved = sorted(one.rglob("*.safetensors"))
@@ -287,7 +297,9 @@ def test_two_processes_write_the_files_of_one_process(one_process, two_processes
 def test_report_to_trackio_logs_one_run_per_arm_from_the_main_process(two_processes) -> None:
     two, trackio_dir = two_processes
     with sqlite3.connect(trackio_dir / "crma-dist.db") as db:
-        rows = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id").fetchall()
+        every = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id").fetchall()
+        rows = [row for row in every if "loss" in json.loads(row[2])]  # the step records (evaluations log apart)
+        assert len(every) - len(rows) == 2 * len(ARMS)  # each arm's held-out loss at step 0 and at the end
         configs = {name: json.loads(config) for name, config in db.execute("SELECT run_name, config FROM configs")}
     names = [f"run-{arm}-seed42" for arm in ARMS]
     assert sorted({name for name, _, _ in rows}) == sorted(names) == sorted(configs)  # not one set per process

@@ -33,8 +33,9 @@ def test_text_json_nested_and_dotted_values_agree() -> None:
     assert as_text == as_json
     assert as_text.crma.rank == 8 and as_text.save_adapters is False and as_text.seeds == [1, 2]
     # The mixing is each arm's (lora+crma-nomix), not a setting: it is refused by name.
-    with pytest.raises(ConfigError, match="unknown setting 'crma.mixing'"):
+    with pytest.raises(ConfigError, match="`crma.mixing` is not a setting: each arm sets it"):
         parse_config({"crma.mixing": "identity"})
+    assert parse_config({"crma": {"mixing": "sinkhorn", "rank": 2}}).crma.rank == 2  # as a config.json holds it
 
 
 def test_round_trips_through_json_and_values() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import sys
 import threading
@@ -27,6 +28,7 @@ from crma.ablation.spec.config import AblationConfig
 from . import estimates, form
 from .runs import VISITOR_HUB, RunFolder, StopSignal
 
+logger = logging.getLogger(__name__)
 # One run trains at a time on this process's device. Gradio's queue serialises the handlers; this also covers a run
 # whose page went away (its watcher holds the slot until the run ends, at its time cap at the latest).
 RUN_SLOT = threading.BoundedSemaphore(1)
@@ -140,7 +142,11 @@ class Launch:
 
     def _watch(self) -> None:
         try:
-            ending = self._run_on_gpu() if self.gpu_call is not None else self._run_in_child()
+            try:
+                ending = self._run_on_gpu() if self.gpu_call is not None else self._run_in_child()
+            except Exception as exc:  # the process could not start, or watching it broke: still end the folder
+                logger.exception("the run's process could not be started or watched")
+                ending = ("failed", f"the training process could not start ({type(exc).__name__}: {exc})")
             if locate(self.folder.out_dir) != self.folder.out_dir:  # the process is gone, its folder incomplete
                 self.ending = ending or ("failed", "the training process ended without completing its run folder")
                 finish_run_folder(self.folder.out_dir, self.cfg, status=self.ending[0], error=self.ending[1])

@@ -31,7 +31,7 @@ from .config import AblationConfig
 _NESTED: dict[str, type] = {"crma": CRMAConfig, "zclip": ZClipConfig}
 
 # Core fields an ablation does not take as settings: each arm decides its own mixing (`lora+crma-nomix`).
-_NOT_SETTINGS = {"crma.mixing"}
+_NOT_SETTINGS = {"crma.mixing": "sinkhorn"}
 # What the page calls each field; every error message uses these names.
 LABELS: dict[str, str] = {
     "model": "Model",
@@ -325,6 +325,10 @@ def parse_config(values: Mapping[str, Any], *, base: AblationConfig | None = Non
     table = _by_key()
     data = (base or AblationConfig()).to_dict()
     for key, raw in _flatten(values).items():
+        if key in _NOT_SETTINGS:
+            if raw == _NOT_SETTINGS[key]:
+                continue  # a run's own config.json holds it at its default: read back as it was written
+            raise ConfigError(key, f"`{key}` is not a setting: each arm sets it (the arm lora+crma-nomix has M = I)")
         spec = table.get(key)
         if spec is None:
             raise _unknown(key)
