@@ -36,6 +36,8 @@ EVERY_FIELD = {
     "eval_start": 300,
     "eval_dataset": "bundled",
     "eval_every": 5,
+    "answer_rows": 2,
+    "answer_tokens": 12,
     "lr": "1.23456789e-4",  # more digits than `:g` keeps
     "structural_lr": 0.004,
     "gate_lr": 0.002,

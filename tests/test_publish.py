@@ -174,8 +174,15 @@ def test_push_uploads_every_file_byte_identical_in_one_commit(hub, out_dir):
     assert len(repo.commits) == 1 and repo.commits[0]["summary"] == "CRMA ablation: lora, lora+crma (3 steps)"
     expected = local_files(out_dir)
     assert set(repo.files) == set(expected) | {"README.md"}
+    cards = {rel for rel in expected if rel.endswith("README.md")}  # peft's adapter cards give way to ours
+    assert cards == {"adapters/lora/README.md", "adapters/lora+crma/README.md"}
     for rel, data in expected.items():
-        assert repo.files[rel] == data, rel
+        if rel not in cards:
+            assert repo.files[rel] == data, rel
+    for rel in cards:
+        arm = rel.split("/")[1]
+        assert repo.files[rel].decode().startswith(f"# {arm}\n"), rel
+        assert "[the repo's card](../../README.md)" in repo.files[rel].decode()
     # The binary files took the LFS path (batch -> presigned PUT -> verify), not inline base64.
     lfs_paths = [rel for rel in expected if rel.endswith((".png", ".safetensors"))]
     assert len(lfs_paths) == 6  # 3 charts, 2 LoRA adapters, 1 crma.safetensors
