@@ -14,16 +14,20 @@ install:
 install-dev: install
 	$(PIP) -r requirements-dev.txt
 
+# Chromium draws the PNG charts (kaleido) and runs the browser test. `make test` needs it; `make app` tries to install
+# it and goes on without it (the page and each run's notes then say the PNG charts are missing).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 app: install
+	@$(MAKE) -s browser 2>/dev/null || echo "Chromium could not be installed (apt as root): runs will have no PNG charts."
 	$(PYTHON) app.py
 
 test: install-dev browser
-	$(PYTHON) -m ruff check crma app.py tests benchmarks scripts
+	$(PYTHON) -m ruff check crma app.py tests benchmarks scripts docs
+	$(PYTHON) -m ruff format --check crma app.py tests benchmarks scripts docs
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q --durations=10
 
+# Every benchmark in turn, each printing its figures (nothing is asserted).
 bench: install
-	$(PYTHON) benchmarks/bench_crma_step.py
-	$(PYTHON) benchmarks/bench_engine.py
+	for script in benchmarks/bench_*.py benchmarks/calibrate_*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done

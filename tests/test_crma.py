@@ -123,6 +123,23 @@ def test_attach_changes_no_other_requires_grad_and_params_are_fp32() -> None:
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    ("cast", "base", "side"),
+    [
+        ("bfloat16", torch.bfloat16, torch.float32),
+        ("half", torch.float16, torch.float32),
+        ("double", torch.float64, torch.float64),
+    ],
+)
+def test_a_cast_after_attach_keeps_crma_at_least_fp32(cast: str, base: torch.dtype, side: torch.dtype) -> None:
+    # The README's sentence: a cast keeps CRMA's parameters at least fp32; `.double()` makes them fp64.
+    model = make_tiny_llama()
+    crma.attach(model)
+    getattr(model, cast)()
+    assert {p.dtype for p in _crma_params(model).values()} == {side}
+    assert {p.dtype for n, p in model.named_parameters() if ".crma." not in n} == {base}
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_same_loss_and_gradients(reentrant: bool) -> None:
     model = make_tiny_llama(layers=3).train()

@@ -89,6 +89,8 @@ LABELS: dict[str, str] = {
     "max_wall_s": "Time cap (s)",
     "save_adapters": "Save adapters",
 }
+
+
 class ConfigError(ValueError):
     """A config value is unknown, unreadable or out of range; the message names the field by its label.
 
