@@ -39,13 +39,19 @@ def test_main_effects_and_interaction_by_hand() -> None:
     assert effects["crma"] == pytest.approx(((9 - 10) + (4 - 6)) / 2)  # -1.5
     assert effects["interaction"] == pytest.approx((4 - 9) - (6 - 10))  # -1.0
     additive = _effects({"lora": 1.0, "lora+zclip": 3.0, "lora+mix": 6.0, "lora+crma": 8.0})
-    assert additive == {"zclip": 2.0, "crma": 5.0, "interaction": 0.0}
+    assert additive == {"zclip": 2.0, "crma": 5.0, "interaction": 0.0, "crma_with_zclip": 8.0 - 3.0}
 
 
 def test_the_controls_differences_by_hand() -> None:
     effects = _effects({"lora+zclip": 2.0, "lora-matched": 1.9, "lora+crma-nomix": 1.5, "lora+crma": 1.4})
     assert effects == pytest.approx(
-        {"sinkhorn": 1.4 - 1.5, "side_channel": 1.5 - 2.0, "capacity": 1.9 - 2.0, "crma_vs_capacity": 1.4 - 1.9}
+        {
+            "crma_with_zclip": 1.4 - 2.0,
+            "sinkhorn": 1.4 - 1.5,
+            "side_channel": 1.5 - 2.0,
+            "capacity": 1.9 - 2.0,
+            "crma_vs_capacity": 1.4 - 1.9,
+        }
     )
 
 
@@ -151,7 +157,7 @@ def test_an_engine_run_of_the_grid_carries_attribution() -> None:
     block = train(cfg).summary["attribution"]
     assert block["available"] and block["n_seeds"] == 2 and block["primary_kind"] == "held-out"
     contrasts = block["sets"]["as_run"]["contrasts"]
-    assert set(contrasts) == {"zclip", "crma", "interaction"}
+    assert set(contrasts) == {"zclip", "crma", "interaction", "crma_with_zclip"}
     assert set(contrasts["crma"]["metrics"]) == {key for key, _, _ in HEADLINE_METRICS}
     markdown = summary_markdown(train(cfg).summary)
     assert "### What can be credited to what" in markdown and "95 % CI" in markdown

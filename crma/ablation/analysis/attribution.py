@@ -6,6 +6,7 @@ that). The 2x2 grid gives main effects and an interaction; the controls give sin
     zclip        = ((lora+zclip - lora) + (lora+crma - lora+mix)) / 2        ZClip, averaged over CRMA off / on
     crma         = ((lora+mix - lora) + (lora+crma - lora+zclip)) / 2         CRMA's side channel, over ZClip off / on
     interaction  = (lora+crma - lora+mix) - (lora+zclip - lora)               how much more ZClip does with CRMA on
+    crma_with_zclip = lora+crma - lora+zclip                                  the whole adapter, the clipper the same
     sinkhorn     = lora+crma - lora+crma-nomix                                the doubly stochastic mixing itself
     side_channel = lora+crma-nomix - lora+zclip                               the side channel with M = I
     capacity     = lora-matched - lora+zclip                                  more LoRA rank, as many parameters
@@ -71,6 +72,7 @@ CONTRASTS = (
         "the ZClip × CRMA interaction",
         {"lora+crma": 1.0, "lora+mix": -1.0, "lora+zclip": -1.0, "lora": 1.0},
     ),
+    Contrast("crma_with_zclip", "CRMA (lora+crma vs ZClip LoRA)", {"lora+crma": 1.0, "lora+zclip": -1.0}),
     Contrast("sinkhorn", "the Sinkhorn mixing (lora+crma vs M = I)", {"lora+crma": 1.0, "lora+crma-nomix": -1.0}),
     Contrast(
         "side_channel", "the side channel with M = I (vs ZClip LoRA)", {"lora+crma-nomix": 1.0, "lora+zclip": -1.0}
@@ -257,8 +259,8 @@ def attribution(summary: dict[str, Any]) -> dict[str, Any]:
             "available": False,
             "reason": (
                 f"no contrast can be formed from the arms {present}: the 2×2 grid (lora, lora+zclip, lora+mix, "
-                "lora+crma) or a control pair (lora+crma with lora+crma-nomix or lora-matched, lora+zclip with "
-                "either) is needed"
+                "lora+crma) or a pair of lora+zclip, lora+crma, lora+crma-nomix and lora-matched that differ in one "
+                "thing is needed"
             ),
         }
     heldout = any("final_test_loss" in c["metrics"] for block in sets.values() for c in block["contrasts"].values())
