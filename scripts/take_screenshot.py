@@ -71,12 +71,14 @@ def _free_port() -> int:
 
 @contextmanager
 def serve_app() -> Iterator[str]:
-    """Build the app (`app.build_demo()`), serve it on a free 127.0.0.1 port in this process and yield its URL."""
+    """Build the page (`crma.ui.layout.build_demo()`, what app.py serves), serve it on a free 127.0.0.1 port in this
+    process and yield its URL."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no call home at start-up (machine-notes.md)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from app import LAUNCH_OPTIONS, build_demo
+    from crma.ui.layout import build_demo
+    from crma.ui.space import LAUNCH_OPTIONS
 
     demo = build_demo()
     port = _free_port()

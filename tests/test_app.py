@@ -1,9 +1,9 @@
 """The Gradio Space: the page builds, and the running app serves `/ablate`, `/stop`, `/push` and `/preview` through
 gradio_client (one server for the module, on 127.0.0.1 and a free port); the UI handlers are also driven directly
-through `app.build_page()`.
+through `crma.ui.layout.build_page()`.
 
-Runs train in this process here (`app.GPU_CALL` is `launcher.visitor_run`, called as the ZeroGPU path calls its
-worker), so stand-ins patched below apply; the child process of the app's default has its own tests
+Runs train in this process here (`crma.ui.space.GPU_CALL` is `launcher.visitor_run`, called as the ZeroGPU path calls
+its worker), so stand-ins patched below apply; the child process of the app's default has its own tests
 (test_lab_launcher.py). No test here checks the PNG charts (the run folder's tests do), so the module replaces the PNG
 export with one that fails as it does without a browser: no Chromium starts, and the run says why its PNGs are
 missing."""
@@ -45,13 +45,14 @@ def runs_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_module(runs_dir):
-    import app
+def in_process(runs_dir):
+    """Runs train in this process, where the stand-ins apply (the handlers look the call up in `crma.ui.space`)."""
     from crma.lab import launcher
+    from crma.ui import space
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(app, "GPU_CALL", launcher.visitor_run)  # in this process, where the stand-ins apply
-    yield app
+    mp.setattr(space, "GPU_CALL", launcher.visitor_run)
+    yield
     mp.undo()
 
 
@@ -62,18 +63,22 @@ def _plot(update: dict, page, key: str):
 
 
 @pytest.fixture(scope="module")
-def page(app_module):
-    return app_module.build_page()
+def page(in_process):
+    from crma.ui.layout import build_page
+
+    return build_page()
 
 
 @pytest.fixture(scope="module")
-def client(app_module, request, tmp_path_factory):
+def client(in_process, request, tmp_path_factory):
     from gradio_client import Client
+
+    from crma.ui.layout import build_demo
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    demo = app_module.build_demo()
+    demo = build_demo()
     _, url, _ = demo.queue(default_concurrency_limit=1, max_size=20).launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
     )
@@ -97,10 +102,12 @@ def _wait_for(job, predicate, timeout: float = TIMEOUT_S):
 # The page
 
 
-def test_build_demo_builds_without_launching(app_module):
+def test_build_demo_builds_without_launching(in_process):
     import gradio as gr
 
-    demo = app_module.build_demo()
+    from crma.ui.layout import build_demo
+
+    demo = build_demo()
     assert isinstance(demo, gr.Blocks)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     from crma.ablation.report.charts import CHART_KEYS
@@ -126,18 +133,31 @@ def test_build_demo_builds_without_launching(app_module):
     assert deps["stop"].concurrency_id != "gpu" and deps["stop"].concurrency_limit is None
 
 
-def test_page_sections_and_form_wiring(app_module, page):
+def test_app_py_is_the_spaces_entry_point(in_process):
+    """On a Space gradio imports app.py and serves its `demo`; `python app.py` launches it with `LAUNCH_OPTIONS`."""
+    import gradio as gr
+
+    import app
+    from crma.ui import space
+
+    assert isinstance(app.demo, gr.Blocks) and app.LAUNCH_OPTIONS is space.LAUNCH_OPTIONS
+
+
+def test_page_sections_and_form_wiring(page):
     import gradio as gr
 
     from crma.ablation.spec.schema import label
+    from crma.ui.page import Page
+    from crma.ui.sections import Charts, Results
+    from crma.ui.settings import FORM_KEYS, Form
 
-    assert isinstance(page, app_module.Page) and isinstance(page.demo, gr.Blocks)
-    assert isinstance(page.form, app_module.Form) and isinstance(page.charts, app_module.Charts)
-    assert isinstance(page.results, app_module.Results)
+    assert isinstance(page, Page) and isinstance(page.demo, gr.Blocks)
+    assert isinstance(page.form, Form) and isinstance(page.charts, Charts)
+    assert isinstance(page.results, Results)
     settings = page.form.settings()
-    assert len(settings) == len(app_module.FORM_KEYS) == len(set(map(id, settings)))
+    assert len(settings) == len(FORM_KEYS) == len(set(map(id, settings)))
     # Each setting reaches the run handler from the box that carries its label (a swapped pair would not).
-    for key, component in zip(app_module.FORM_KEYS, settings, strict=True):
+    for key, component in zip(FORM_KEYS, settings, strict=True):
         expected = "Tune the LR per arm" if key == "tune_lr" else label(key)  # the one control that sets two fields
         assert component.label.startswith(expected), (key, component.label)
     assert page.charts.progress in page.run_outputs() and page.results.repro in page.run_outputs()
@@ -201,7 +221,7 @@ def test_stop_ends_the_run_with_partial_results(client):
     assert replay[-1]["type"] == "result" and replay[-1]["status"] == "stopped"
 
 
-def test_an_api_run_trains_on_when_its_client_goes_away(client, app_module):
+def test_an_api_run_trains_on_when_its_client_goes_away(client):
     """A run never depends on who follows it: a client that leaves (as a closed page does) leaves the run training
     until it ends, holding the one run slot; `/follow` picks it up, `/stop` ends it."""
     from crma.lab import launcher
@@ -272,7 +292,9 @@ def test_preview_endpoint_and_the_app_keeps_serving(client):
 # The UI handlers, driven directly (the same code the buttons call)
 
 
-def _form(app_module, **overrides):
+def _form(**overrides):
+    from crma.ui.settings import FORM_KEYS
+
     values = {
         "model": "tiny-random",
         "dataset": "bundled",
@@ -294,19 +316,19 @@ def _form(app_module, **overrides):
         "crma.rank": 4,
         "spike_at": 0,
     }
-    assert set(values) == set(app_module.FORM_KEYS)
+    assert set(values) == set(FORM_KEYS)
     values.update(overrides)
-    return [values[key] for key in app_module.FORM_KEYS]
+    return [values[key] for key in FORM_KEYS]
 
 
-def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, page, runs_dir):
+def test_run_ui_streams_charts_and_stop_keeps_partial_results(page, runs_dir):
     import gradio as gr
     import plotly.graph_objects as go
 
     from crma.lab import runs
 
     charts, results, form = page.charts, page.results, page.form
-    run = page.run(None, 0.6, False, None, *_form(app_module, steps=500))
+    run = page.run(None, 0.6, False, None, *_form(steps=500))
     first = next(run)
     run_id = first[page.run_state]
     assert (Path(runs_dir) / run_id).is_dir()
@@ -354,36 +376,41 @@ def test_run_ui_streams_charts_and_stop_keeps_partial_results(app_module, page, 
         ({"dataset": "upload"}, "no file was uploaded"),
     ],
 )
-def test_run_ui_bad_input_is_a_gradio_error(app_module, page, overrides, message):
+def test_run_ui_bad_input_is_a_gradio_error(page, overrides, message):
     import gradio as gr
 
-    handler = app_module._guard(page.run)  # as the Run button calls it
+    from crma.ui.errors import guard
+
+    handler = guard(page.run)  # as the Run button calls it
     with pytest.raises(gr.Error) as info:
-        next(handler(None, 0.6, False, None, *_form(app_module, **overrides)))
+        next(handler(None, 0.6, False, None, *_form(**overrides)))
     assert message in str(info.value)
 
 
-def test_preview_handler_shows_the_problem_instead_of_failing(app_module, tmp_path):
-    table, message = app_module.preview("bundled", None, 390, 20)
+def test_preview_handler_shows_the_problem_instead_of_failing(in_process, tmp_path):
+    from crma.ui.api import preview
+
+    table, message = preview("bundled", None, 390, 20)
     assert table == [] and "do not fit" in message
-    table, message = app_module.preview("upload", None, 0, 5)
+    table, message = preview("upload", None, 0, 5)
     assert table == [] and "no file was uploaded" in message
-    table, message = app_module.preview("bundled", None, 0, "many")
+    table, message = preview("bundled", None, 0, "many")
     assert table == [] and "Rows must be a whole number" in message
-    table, message = app_module.preview("bundled", None, 0, 3)
+    table, message = preview("bundled", None, 0, 3)
     assert len(table) == 3 and "reads fine" in message
 
 
-def test_push_handler_failures_say_why_and_keep_the_results(app_module, runs_dir, monkeypatch):
+def test_push_handler_failures_say_why_and_keep_the_results(in_process, runs_dir, monkeypatch):
     import gradio as gr
 
     from crma.lab import runs
+    from crma.ui.api import push
 
     token = gr.OAuthToken(token="hf_visitorsecret123", scope="write-repos manage-repos", expires_at=2**31)
     with pytest.raises(gr.Error, match="Sign in with Hugging Face first"):
-        app_module.push(None, "someone/crma-results", True, None)
+        push(None, "someone/crma-results", True, None)
     with pytest.raises(gr.Error, match="no finished results to push"):
-        app_module.push(None, "someone/crma-results", True, token)
+        push(None, "someone/crma-results", True, token)
     folder = runs.new_run()
     folder.out_dir.mkdir()
     for name in ("config.json", "summary.json"):
@@ -391,7 +418,7 @@ def test_push_handler_failures_say_why_and_keep_the_results(app_module, runs_dir
     archive = runs.make_archive(folder.out_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub cannot be reached here: the push must fail, and say so
     with pytest.raises(gr.Error) as info:
-        app_module.push(folder.run_id, "someone/crma-results", True, token)
+        push(folder.run_id, "someone/crma-results", True, token)
     message = str(info.value)
     assert "offline" in message.lower() and "still available to download" in message
     assert token.token not in message
@@ -416,10 +443,10 @@ def _out_of_memory_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(ArmSet, "train_step", train_step)
 
 
-def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, page, monkeypatch):
+def test_run_ui_failure_after_some_steps_keeps_the_partial_results(page, monkeypatch):
     _out_of_memory_at(monkeypatch, step=3)
     with pytest.warns(UserWarning) as warned:  # gr.Warning outside a request is a Python warning
-        *_, final = page.run(None, 0.6, False, None, *_form(app_module))
+        *_, final = page.run(None, 0.6, False, None, *_form())
     messages = " ".join(str(w.message) for w in warned)
     assert "lora+crma diverged at step 2" in messages and "The run failed: out of memory" in messages
     charts, results = page.charts, page.results
@@ -430,13 +457,13 @@ def test_run_ui_failure_after_some_steps_keeps_the_partial_results(app_module, p
     assert Path(final[results.archive]).is_file()
 
 
-def test_run_ui_failure_before_any_step_is_a_gradio_error(app_module, page, monkeypatch):
+def test_run_ui_failure_before_any_step_is_a_gradio_error(page, monkeypatch):
     import gradio as gr
 
     _out_of_memory_at(monkeypatch, step=1)
     updates = []
     with pytest.raises(gr.Error, match="out of memory"):
-        for update in page.run(None, 0.6, False, None, *_form(app_module)):
+        for update in page.run(None, 0.6, False, None, *_form()):
             updates.append(update)
     assert "Failed at step 0/3" in updates[-1][page.charts.progress]
     assert updates[-1][page.form.run_btn]["interactive"] is True
@@ -488,10 +515,11 @@ def _blocks_in_order(page):
     return list(page.demo.blocks.values())
 
 
-def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
+def test_layout_run_first_help_texts_and_the_author_recipe(page):
     import gradio as gr
 
     from crma.ablation.spec.arms import AUTHOR_ARMS
+    from crma.lab.page_assets import PAGE_JS
 
     f, c = page.form, page.charts
     order = [b._id for b in _blocks_in_order(page)]
@@ -506,8 +534,8 @@ def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
     assert "Tune the LR per arm" in f.tune_lr.label and "3×" in f.tune_lr.label and f.tune_lr.value is False
     assert f.eval_rows.value > 0
     js = {d.js for d in page.demo.fns.values() if d.js}
-    assert f"() => [{app_module.json.dumps(list(AUTHOR_ARMS))}]" in js
-    assert app_module.PAGE_JS in js  # the page script (clocks, zoom kept) runs on load
+    assert f"() => [{json.dumps(list(AUTHOR_ARMS))}]" in js
+    assert PAGE_JS in js  # the page script (clocks, zoom kept) runs on load
     for component in (f.structural_lr, f.gate_lr, f.crma_streams, f.crma_rank, f.spike_at):
         assert component.info, component.label
     markdown = [b.value for b in _blocks_in_order(page) if isinstance(b, gr.Markdown) and isinstance(b.value, str)]
@@ -521,26 +549,30 @@ def test_layout_run_first_help_texts_and_the_author_recipe(app_module, page):
     assert all(plot.show_label is False for plot in c.plots.values())  # the figure's own title names it
 
 
-def test_attribution_box_text(app_module):
+def test_attribution_box_text():
+    from crma.ui.sections import attribution_update
+
     two = {"arms": {"lora": {}, "lora+crma": {}}, "attribution": {"available": False, "reason": "needs the grid"}}
-    update = app_module.attribution_update(two)
+    update = attribution_update(two)
     assert update["visible"] is True and "two things at once" in update["value"] and "(#study)" in update["value"]
-    assert app_module.attribution_update({"arms": {"lora": {}}, "attribution": {}})["visible"] is False
+    assert attribution_update({"arms": {"lora": {}}, "attribution": {}})["visible"] is False
 
 
-def test_study_panel_without_a_study(app_module, tmp_path):
-    page = app_module.build_page(study_dir=tmp_path / "no-study")
+def test_study_panel_without_a_study(in_process, tmp_path):
+    from crma.ui.layout import build_page
+
+    page = build_page(study_dir=tmp_path / "no-study")
     assert page.study.text.value.startswith("**No published study yet.**")
     assert "python -m crma study" in page.study.text.value
     assert page.study.charts.visible is False
 
 
-def test_study_panel_shows_the_committed_study(app_module, toy_study, monkeypatch):
-    import json
+def test_study_panel_shows_the_committed_study(in_process, toy_study, monkeypatch):
+    from crma.ui.layout import build_page
 
     study = json.loads((toy_study / "summary.json").read_text())
     monkeypatch.setenv("CRMA_STUDY_DIR", str(toy_study))  # the variable the Space reads, as the parameter would
-    page = app_module.build_page()
+    page = build_page()
     text = page.study.text.value
     assert "**2 seeds** (1, 2), **4 steps**" in text and "corrupted batch at step 3" in text
     assert "#### Plain training" in text and "#### With a spike at step 3" in text
@@ -553,19 +585,19 @@ def test_study_panel_shows_the_committed_study(app_module, toy_study, monkeypatc
 
 
 def test_off_zero_gpu_runs_train_in_a_child_process(monkeypatch, tmp_path):
-    import app
-    from crma.lab import launcher
+    from crma.lab import form, launcher
+    from crma.ui import slot, space
 
-    assert app.ZERO_GPU is False and app.choose_gpu_call(False) is None  # off ZeroGPU: no GPU call
-    assert callable(app.choose_gpu_call(True))  # on ZeroGPU: spaces.GPU's wrapper of launcher.visitor_run
-    monkeypatch.setattr(app, "GPU_CALL", app.choose_gpu_call(app.ZERO_GPU))
+    assert space.ZERO_GPU is False and space.choose_gpu_call(False) is None  # off ZeroGPU: no GPU call
+    assert callable(space.choose_gpu_call(True))  # on ZeroGPU: spaces.GPU's wrapper of launcher.visitor_run
+    monkeypatch.setattr(space, "GPU_CALL", space.choose_gpu_call(space.ZERO_GPU))
     calls = []
     monkeypatch.setattr(launcher, "launch", lambda cfg, folder, **kwargs: calls.append(kwargs))
     monkeypatch.setattr(launcher, "preflight", lambda cfg, data_name, *, zero_gpu: cfg)
     monkeypatch.setattr(launcher, "RUN_SLOT", threading.BoundedSemaphore(1))
     monkeypatch.setenv("CRMA_RUNS_DIR", str(tmp_path))
     launcher.RUN_SLOT.acquire()
-    app._start(app.form.config_from_form({**TINY, "steps": 1}), "mine.jsonl")
+    slot.start(form.config_from_form({**TINY, "steps": 1}), "mine.jsonl")
     assert calls == [{"data_name": "mine.jsonl", "gpu_call": None}]  # no GPU call: the launcher's child process
 
 
@@ -579,19 +611,25 @@ def test_off_zero_gpu_runs_train_in_a_child_process(monkeypatch, tmp_path):
         ({"\ud800": 1}, "unknown setting"),
     ],
 )
-def test_hostile_api_configs_get_one_line_errors(app_module, config, message):
-    with pytest.raises(app_module.gr.Error) as info:
-        list(app_module.ablate(config, None))
+def test_hostile_api_configs_get_one_line_errors(in_process, config, message):
+    import gradio as gr
+
+    from crma.ui.api import ablate
+
+    with pytest.raises(gr.Error) as info:
+        list(ablate(config, None))
     assert message in str(info.value) and "\n" not in str(info.value)
     str(info.value).encode("utf-8")  # no lone surrogate reaches the response
 
 
-def test_uploads_are_capped_and_named_not_located(app_module, client, tmp_path):
+def test_uploads_are_capped_and_named_not_located(client, tmp_path):
     from gradio_client import handle_file
 
     from crma.ablation.data import MAX_UPLOAD_BYTES
+    from crma.lab import runs
+    from crma.ui.space import LAUNCH_OPTIONS
 
-    assert app_module.LAUNCH_OPTIONS["max_file_size"] == MAX_UPLOAD_BYTES  # gradio refuses bigger files
+    assert LAUNCH_OPTIONS["max_file_size"] == MAX_UPLOAD_BYTES  # gradio refuses bigger files
     path = tmp_path / "my rows.jsonl"
     path.write_text("".join(f'{{"instruction": "say {i}", "output": "{i}"}}\n' for i in range(8)))
     job = client.submit({**TINY, "dataset": "upload", "steps": 1, "arms": ["lora"], "eval_rows": 0},
@@ -603,13 +641,15 @@ def test_uploads_are_capped_and_named_not_located(app_module, client, tmp_path):
     assert final["status"] == "finished", final["error"]
     assert final["summary"]["data"]["source"]["name"] == "my rows.jsonl"
     assert final["summary"]["data"]["source"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    folder = app_module.runs.get_run(started["run_id"])
+    folder = runs.get_run(started["run_id"])
     saved = (folder.out_dir / "config.json").read_text()
-    assert json.loads(saved)["dataset"] == "my rows.jsonl" and str(app_module.runs.runs_root()) not in saved
+    assert json.loads(saved)["dataset"] == "my rows.jsonl" and str(runs.runs_root()) not in saved
 
 
-def test_a_reloaded_page_follows_its_run_then_shows_the_results(app_module, page):
-    first_page = page.run(None, 0.6, False, None, *_form(app_module, steps=500))
+def test_a_reloaded_page_follows_its_run_then_shows_the_results(page):
+    from crma.lab import launcher
+
+    first_page = page.run(None, 0.6, False, None, *_form(steps=500))
     started = next(first_page)
     run_id = started[page.run_state]
     assert started[page.browser_run] == run_id  # kept in the browser's localStorage too
@@ -627,8 +667,8 @@ def test_a_reloaded_page_follows_its_run_then_shows_the_results(app_module, page
     *_, last = updates
     assert last[page.results.panel]["visible"] is True and "Status: **stopped**" in last[page.results.notes]
     assert Path(last[page.results.archive]).is_file() and "Final training loss" in last[page.results.summary]
-    assert app_module.launcher.RUN_SLOT.acquire(timeout=TIMEOUT_S)  # the ended run gave the slot back
-    app_module.launcher.RUN_SLOT.release()
+    assert launcher.RUN_SLOT.acquire(timeout=TIMEOUT_S)  # the ended run gave the slot back
+    launcher.RUN_SLOT.release()
     first_page.close()
     # A page opened after the run ended shows its results at once; an unknown or malformed id shows nothing.
     (again,) = list(page.reattach(run_id, 0.6, False))
@@ -649,16 +689,19 @@ def test_a_waiting_run_can_leave_the_queue(page):
     assert page.form.cancel_btn.visible is False  # shown only while a run waits
 
 
-def test_a_run_waits_for_the_slot_of_a_run_whose_page_went_away(app_module, page, monkeypatch):
+def test_a_run_waits_for_the_slot_of_a_run_whose_page_went_away(page, monkeypatch):
+    from crma.lab import launcher
+    from crma.ui.slot import WAITING_FOR_SLOT
+
     _out_of_memory_at(monkeypatch, step=3)
-    slot = app_module.launcher.RUN_SLOT
+    slot = launcher.RUN_SLOT
     assert slot.acquire(blocking=False)  # an earlier run, whose page was closed, still trains
     try:
-        left = page.run(None, 0.6, False, None, *_form(app_module))
-        assert next(left)[page.charts.progress] == app_module.WAITING_FOR_SLOT
+        left = page.run(None, 0.6, False, None, *_form())
+        assert next(left)[page.charts.progress] == WAITING_FOR_SLOT
         left.close()  # this page went away too while it waited: nothing starts for nobody
-        waiting = page.run(None, 0.6, False, None, *_form(app_module))
-        assert next(waiting)[page.charts.progress] == app_module.WAITING_FOR_SLOT
+        waiting = page.run(None, 0.6, False, None, *_form())
+        assert next(waiting)[page.charts.progress] == WAITING_FOR_SLOT
     finally:
         slot.release()  # the earlier run ended
     started = next(waiting)

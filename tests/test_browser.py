@@ -53,10 +53,10 @@ def app_url(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "write_png_charts", no_browser)
     # Runs train in this process (the ZeroGPU call path), where the stand-in above applies; the app's child process
     # has its own tests.
-    import app
     from crma.lab import launcher
+    from crma.ui import space
 
-    monkeypatch.setattr(app, "GPU_CALL", launcher.visitor_run)
+    monkeypatch.setattr(space, "GPU_CALL", launcher.visitor_run)
     monkeypatch.setenv("CRMA_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("CRMA_STUDY_DIR", str(tmp_path / "no-study"))  # the page as it is before a study is committed
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")

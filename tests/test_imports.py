@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# crma.lab and every module of it, imported together: if none pulls in gradio, none of them does alone either.
+LAB = ", ".join(["crma.lab", *(f"crma.lab.{p.stem}" for p in sorted((ROOT / "crma" / "lab").glob("[!_]*.py")))])
 
 
 @pytest.mark.parametrize(
     ("module", "forbidden"),
-    [("crma", ["gradio", "plotly", "datasets", "transformers"]), ("crma.ablation", ["gradio"])],
+    [
+        ("crma", ["gradio", "plotly", "datasets", "transformers"]),
+        ("crma.ablation", ["gradio"]),
+        (LAB, ["gradio", "crma.ui"]),  # the page's logic stays testable without gradio; only crma.ui (and app) use it
+    ],
 )
 def test_import_boundaries(module: str, forbidden: list[str]) -> None:
     code = f"import sys, {module}; print(','.join(m for m in {forbidden!r} if m in sys.modules))"

@@ -194,6 +194,6 @@ def test_the_page_the_report_and_the_png_export_show_the_same_charts(records, tm
         view.update(record)
     view.finish(summary)
     assert {key for key, fig in view.figures().items() if fig is not None} == shown
-    import app  # the page: one plot per chart of the list, in its order
+    from crma.ui.layout import build_page  # the page: one plot per chart of the list, in its order
 
-    assert list(app.build_page().charts.plots) == list(CHART_KEYS)
+    assert list(build_page().charts.plots) == list(CHART_KEYS)
