@@ -55,20 +55,15 @@ def _config(model: str):
     )
 
 
-def worker(model_name: str, n_arms: int, batch_size: int, seq_len: int) -> dict:
-    import resource
-
-    import psutil
+def _model(model_name: str, arms: list[str]):
+    """The base model with one LoRA (and CRMA, for a `crma` arm) per arm, its config, and the arms' activation."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     import crma
     from crma.ablation.models import load_model
-    from crma.lab.memory import estimate_training_memory
 
-    arms = ARM_NAMES[:n_arms]
-    base_rss = psutil.Process().memory_info().rss
     if model_name.startswith("random:"):
         config = _config(model_name)
         torch.manual_seed(0)
@@ -91,18 +86,19 @@ def worker(model_name: str, n_arms: int, batch_size: int, seq_len: int) -> dict:
         elif crma.active_adapter(model) is not None:
             crma.disable(model)
 
+    return model, config, activate
+
+
+def _train(model, activate, n_arms: int, batch: dict) -> int:
+    """Two lockstep steps of every arm on `batch`; the bytes autograd saved in arm 0's first step."""
+    import torch
+
     optimizers = []
-    for i in range(len(arms)):
+    for i in range(n_arms):
         activate(i)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizers.append((params, torch.optim.AdamW(params, lr=1e-4)))
     model.train()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, seq_len // 2 :] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[tuple[int, int], int] = {}
 
@@ -124,6 +120,29 @@ def worker(model_name: str, n_arms: int, batch_size: int, seq_len: int) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+def worker(model_name: str, n_arms: int, batch_size: int, seq_len: int) -> dict:
+    import resource
+
+    import peft  # noqa: F401  (every import before `base_rss`: the peak counts the step, not the imports)
+    import psutil
+    import torch
+    import transformers  # noqa: F401
+
+    import crma.ablation.models  # noqa: F401
+    from crma.lab.memory import estimate_training_memory
+
+    arms = ARM_NAMES[:n_arms]
+    base_rss = psutil.Process().memory_info().rss
+    model, config, activate = _model(model_name, arms)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, seq_len // 2 :] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    saved = _train(model, activate, len(arms), batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def estimate(crma_arms: int):
@@ -142,7 +161,7 @@ def worker(model_name: str, n_arms: int, batch_size: int, seq_len: int) -> dict:
     est = estimate(sum("crma" in a for a in arms))
     first = estimate(0)  # arm 0, the one whose saved tensors were counted, is plain LoRA
     return {
-        "saved": sum(saved.values()),
+        "saved": saved,
         "est_saved": first.activation_bytes + first.tokens * 4 * config.vocab_size,
         "peak": peak - base_rss,
         "est_total": est.total_bytes,

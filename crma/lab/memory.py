@@ -181,18 +181,76 @@ def _adapter_params(meta: nn.Module, lora_r: int, lora_targets: list[str]) -> in
     return total
 
 
-def _lora_activation_bytes(s: dict[str, int], lora_r: int, targets: list[str], w: int, dropout: bool) -> float:
-    """Bytes per token per layer that LoRA on `targets` keeps: the A matrices' inputs and the rank-r middles."""
-    width = {"attn_in": s["h"], "attn_out": s["a"] * s["e"], "mlp_in": s["h"], "mlp_mid": s["i"]}
-    groups = [_INPUT_OF.get(t, "attn_in") for t in targets]
-    total = 4.0 * lora_r * len(targets)
-    if dropout:
-        # Every module drops out its own copy of the input and keeps the copy and the mask (input dtype on CPU).
-        return total + sum((4 + w) * width[g] for g in groups)
-    if w == 4:
-        # o_proj reads a view of the attention output, which attention keeps already.
-        return total + sum(4 * width[g] for g in set(groups) - {"attn_out"})
-    return total + sum(4 * width[g] for g in groups)
+@dataclass(frozen=True)
+class _Adapters:
+    """The arms' adapters: `n_arms` LoRAs of rank `lora_r` on `targets`, CRMA on the first `crma_arms`."""
+
+    n_arms: int
+    crma_arms: int
+    lora_r: int
+    targets: list[str]
+    dropout: bool
+    crma_rank: int
+    crma_streams: int
+
+    def state_bytes(self, meta: nn.Module, s: dict[str, int]) -> int:
+        """fp32 parameters and two AdamW moments per arm; gradients exist for the arm in its step only."""
+        lora = _adapter_params(meta, self.lora_r, self.targets)
+        n, c = self.crma_streams, self.crma_rank
+        crma = s["L"] * (2 * s["h"] * c + n**2 + 2 * n + 1)
+        per_arm = [lora + (crma if a < self.crma_arms else 0) for a in range(self.n_arms)]
+        return 4 * (3 * sum(per_arm) + max(per_arm))
+
+    def layer_bytes(self, s: dict[str, int], w: int) -> float:
+        """Bytes per token per layer that the adapters keep: LoRA's A matrices' inputs and rank-r middles, CRMA's."""
+        width = {"attn_in": s["h"], "attn_out": s["a"] * s["e"], "mlp_in": s["h"], "mlp_mid": s["i"]}
+        groups = [_INPUT_OF.get(t, "attn_in") for t in self.targets]
+        total = 4.0 * self.lora_r * len(self.targets)
+        if self.dropout:
+            # Every module drops out its own copy of the input and keeps the copy and the mask (input dtype on CPU).
+            total += sum((4 + w) * width[g] for g in groups)
+        elif w == 4:
+            # o_proj reads a view of the attention output, which attention keeps already.
+            total += sum(4 * width[g] for g in set(groups) - {"attn_out"})
+        else:
+            total += sum(4 * width[g] for g in groups)
+        if self.crma_arms:
+            # CRMA keeps the block's output before its read is added, and n*c-wide states (fp32).
+            total += s["h"] * w + 4 * (3 * self.crma_streams * self.crma_rank + 4 * self.crma_rank + 2)
+        return total
+
+
+def _activation_bytes(
+    meta: nn.Module, s: dict[str, int], w: int, adapters: _Adapters, attn_implementation: str, checkpointing: bool
+) -> tuple[float, float]:
+    """What the decoder keeps for backward, all layers: bytes per token, and per token per position of its row."""
+    norms = 2 * (4 * s["h"] + 4)  # each RMSNorm keeps its input in fp32 and 1/rms
+    if attn_implementation == "sdpa":
+        attention = 4 * s["a"] * s["e"] * w + 4 * s["a"]  # q, expanded k and v, output; fp32 log-sum-exp
+        square = w  # the layer's copy of the b x 1 x t x t mask
+    else:
+        attention = 3 * s["a"] * s["e"] * w
+        square = s["a"] * w  # softmax probabilities, b x a x t x t
+    gated = any(name.endswith("gate_proj") for name, _ in meta.named_modules())
+    layer = norms + attention + (3 if gated else 2) * s["i"] * w + adapters.layer_bytes(s, w)
+    if checkpointing:
+        # Each layer keeps its input; backward recomputes one layer at a time, which then holds a full layer.
+        return float(s["L"] * s["h"] * w + layer), float(square)
+    return float(s["L"] * layer), float(s["L"] * square)
+
+
+def _check_arguments(
+    batch_size: int, seq_len: int, n_arms: int, crma_arms: int | None, attn_implementation: str, lora_targets: object
+) -> None:
+    for field_name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_arms", n_arms)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{field_name}` must be a positive integer; got {value!r}")
+    if crma_arms is not None and not (isinstance(crma_arms, int) and 0 <= crma_arms <= n_arms):
+        raise ValueError(f"`crma_arms` must be None or an integer in [0, n_arms]; got {crma_arms!r}")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"`attn_implementation` must be 'sdpa' or 'eager'; got {attn_implementation!r}")
+    if not lora_targets:
+        raise ValueError("`lora_targets` must name at least one module")
 
 
 def estimate_training_memory(
@@ -246,69 +304,30 @@ def estimate_training_memory(
     Returns:
         `MemoryEstimate`: the parts and the total.
     """
-    for field_name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_arms", n_arms)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{field_name}` must be a positive integer; got {value!r}")
-    if crma_arms is not None and not (isinstance(crma_arms, int) and 0 <= crma_arms <= n_arms):
-        raise ValueError(f"`crma_arms` must be None or an integer in [0, n_arms]; got {crma_arms!r}")
-    if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"`attn_implementation` must be 'sdpa' or 'eager'; got {attn_implementation!r}")
-    if not lora_targets:
-        raise ValueError("`lora_targets` must name at least one module")
-    resolved_device = device if isinstance(device, torch.device) else resolve_device(device)
-    resolved_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, resolved_device)
+    _check_arguments(batch_size, seq_len, n_arms, crma_arms, attn_implementation, lora_targets)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     if isinstance(name_or_config, str):
-        config = model_config(name_or_config, token=token, allow_local=allow_local)
-        label = name_or_config
+        config, label = model_config(name_or_config, token=token, allow_local=allow_local), name_or_config
     else:
         config, label = name_or_config, type(name_or_config).__name__
     meta = check_architecture(label, config)
-    _, weights = weight_bytes(meta, resolved_dtype, quantize_4bit)
+    s, w = _layer_shape(config), torch.empty((), dtype=dtype).element_size()
     crma_arms = n_arms if crma_arms is None else crma_arms
-    s = _layer_shape(config)
-    w = torch.empty((), dtype=resolved_dtype).element_size()
-    targets = list(lora_targets)
-
-    # Adapters: fp32 parameters and two AdamW moments per arm; gradients exist for the arm in its step only.
-    lora = _adapter_params(meta, lora_r, targets)
-    crma = s["L"] * (2 * s["h"] * crma_rank + crma_streams**2 + 2 * crma_streams + 1)
-    per_arm = [lora + (crma if a < crma_arms else 0) for a in range(n_arms)]
-    adapters = 4 * (3 * sum(per_arm) + max(per_arm))
-
-    # One decoder layer, bytes per token (`square`: per token per position of its row).
-    norms = 2 * (4 * s["h"] + 4)  # each RMSNorm keeps its input in fp32 and 1/rms
-    if attn_implementation == "sdpa":
-        attention = 4 * s["a"] * s["e"] * w + 4 * s["a"]  # q, expanded k and v, output; fp32 log-sum-exp
-        square = w  # the layer's copy of the b x 1 x t x t mask
-    else:
-        attention = 3 * s["a"] * s["e"] * w
-        square = s["a"] * w  # softmax probabilities, b x a x t x t
-    gated = any(name.endswith("gate_proj") for name, _ in meta.named_modules())
-    mlp = (3 if gated else 2) * s["i"] * w
-    layer = norms + attention + mlp + _lora_activation_bytes(s, lora_r, targets, w, lora_dropout > 0)
-    if crma_arms:
-        # CRMA keeps the block's output before its read is added, and n*c-wide states (fp32).
-        layer += s["h"] * w + 4 * (3 * crma_streams * crma_rank + 4 * crma_rank + 2)
-    if gradient_checkpointing:
-        # Each layer keeps its input; backward recomputes one layer at a time, which then holds a full layer.
-        activation_token = s["L"] * s["h"] * w + layer
-        activation_square = square
-    else:
-        activation_token = s["L"] * layer
-        activation_square = s["L"] * square
-    # fp32 log-softmax kept for backward, then the loss gradient and log-softmax's gradient beside it.
-    loss_token = 3 * 4 * s["v"]
-    allocator = _ALLOCATOR.get(resolved_device.type, _ALLOCATOR["cuda"])
+    adapters = _Adapters(n_arms, crma_arms, lora_r, list(lora_targets), lora_dropout > 0, crma_rank, crma_streams)
+    per_token, per_square = _activation_bytes(meta, s, w, adapters, attn_implementation, gradient_checkpointing)
+    allocator = _ALLOCATOR.get(device.type, _ALLOCATOR["cuda"])
     return MemoryEstimate(
-        device_type=resolved_device.type,
+        device_type=device.type,
         batch_size=batch_size,
         seq_len=seq_len,
-        weights_bytes=weights,
-        adapter_bytes=adapters,
+        weights_bytes=weight_bytes(meta, dtype, quantize_4bit)[1],
+        adapter_bytes=adapters.state_bytes(meta, s),
         runtime_bytes=allocator.runtime_bytes,
-        activation_token_bytes=float(activation_token),
-        activation_square_bytes=float(activation_square),
-        loss_token_bytes=float(loss_token),
+        activation_token_bytes=per_token,
+        activation_square_bytes=per_square,
+        # fp32 log-softmax kept for backward, then the loss gradient and log-softmax's gradient beside it.
+        loss_token_bytes=float(3 * 4 * s["v"]),
         allocator_factor=allocator.factor,
         allocator_factor_large=allocator.factor_large,
         heap_tokens=_MMAP_THRESHOLD_MAX // (s["h"] * w) if allocator.heap else 0,

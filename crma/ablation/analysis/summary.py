@@ -67,6 +67,10 @@ def _finite(values: Iterable[object]) -> list[float]:
     return [x for x in (as_number(v) for v in values) if x is not None]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def check_weight(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
         raise ValueError(f"`{name}` must be a number in [0, 1); got {value!r}")
@@ -158,6 +162,24 @@ def _heldout(evals: Sequence[EvalRecord], split: str) -> dict[str, Any]:
     }
 
 
+def _gradient_figures(recs: list[StepRecord]) -> dict[str, Any]:
+    """Gradient norms of one arm's steps (in step order): pre-clip, post-clip and LoRA's; clipped steps; spikes."""
+    pre = [r.grad_norm_pre for r in recs]
+    finite_pre = _finite(pre)
+    finite_lora = _finite(r.grad_norm_lora for r in recs if r.grad_norm_lora is not None)
+    spikes = spike_steps(pre)
+    return {
+        "grad_norm_pre_peak": max(finite_pre, default=None),
+        "grad_norm_pre_mean": _mean(finite_pre),
+        "grad_norm_post_peak": max(_finite(r.grad_norm_post for r in recs), default=None),
+        "grad_norm_lora_peak": max(finite_lora, default=None),
+        "grad_norm_lora_mean": _mean(finite_lora),
+        "steps_clipped": sum(bool(r.clipped) for r in recs),
+        "spike_count": len(spikes),
+        "spike_at": [recs[i].step for i in spikes],
+    }
+
+
 def summarize_arm(
     records: Sequence[StepRecord],
     *,
@@ -191,15 +213,10 @@ def summarize_arm(
         raise ValueError(f"summarize_arm expects the records of one arm and one seed; got arms {arms}, seeds {seeds}")
     recs = sorted(records, key=lambda r: r.step)
     losses = [r.loss for r in recs]
-    pre = [r.grad_norm_pre for r in recs]
-    finite_loss, finite_pre = _finite(losses), _finite(pre)
-    finite_post = _finite(r.grad_norm_post for r in recs)
-    finite_lora = _finite(r.grad_norm_lora for r in recs if r.grad_norm_lora is not None)
-    ema = _finite(smooth(losses, FINAL_LOSS_EMA_WEIGHT))
+    finite_loss, ema = _finite(losses), _finite(smooth(losses, FINAL_LOSS_EMA_WEIGHT))
     diverged_at = next(
         (r.step for r in recs if r.diverged or as_number(r.loss) is None or as_number(r.grad_norm_pre) is None), None
     )
-    spikes = spike_steps(pre)
     total_s = as_number(wall_s) if wall_s is not None else sum(_finite(r.step_time_s for r in recs))
     tokens = max(int(r.tokens) for r in recs)
     latest = next((r.crma for r in reversed(recs) if r.crma), None) or {}
@@ -208,14 +225,7 @@ def summarize_arm(
         "seed": seeds[0],
         "final_loss": finite_loss[-1] if finite_loss else None,
         "final_loss_ema": ema[-1] if ema else None,
-        "grad_norm_pre_peak": max(finite_pre) if finite_pre else None,
-        "grad_norm_pre_mean": sum(finite_pre) / len(finite_pre) if finite_pre else None,
-        "grad_norm_post_peak": max(finite_post) if finite_post else None,
-        "grad_norm_lora_peak": max(finite_lora) if finite_lora else None,
-        "grad_norm_lora_mean": sum(finite_lora) / len(finite_lora) if finite_lora else None,
-        "steps_clipped": sum(bool(r.clipped) for r in recs),
-        "spike_count": len(spikes),
-        "spike_at": [recs[i].step for i in spikes],
+        **_gradient_figures(recs),
         "steps": len(recs),
         "diverged": diverged_at is not None,
         "diverged_at": diverged_at,
@@ -261,6 +271,45 @@ def _across(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | int |
     return out
 
 
+def _by_arm_and_seed(items: Iterable[Any]) -> dict[tuple[str, int], list[Any]]:
+    out: dict[tuple[str, int], list[Any]] = {}
+    for item in items:
+        out.setdefault((item.arm, item.seed), []).append(item)
+    return out
+
+
+def _per_seed(
+    records: Sequence[StepRecord], evals: Sequence[EvalRecord], arms: list[str], info: dict[str, dict[str, Any]]
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """`{seed: {arm: summarize_arm(...)}}` of each arm that has records at each seed. `info`'s `wall_s` is used
+    only when there is one seed."""
+    by_key, evals_by_key = _by_arm_and_seed(records), _by_arm_and_seed(evals)
+    seeds = sorted({seed for _, seed in by_key})
+    out: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in seeds}
+    for seed in seeds:
+        for arm in (a for a in arms if (a, seed) in by_key):
+            extra = info.get(arm, {})
+            out[seed][arm] = summarize_arm(
+                by_key[(arm, seed)],
+                trainable_params=extra.get("trainable_params"),
+                wall_s=extra.get("wall_s") if len(seeds) == 1 else None,
+                evals=evals_by_key.get((arm, seed), ()),
+            )
+    return out
+
+
+def _mean_arm(arm: str, per_seed: list[dict[str, Any]], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One arm over seeds: the mean of each metric, `diverged` if any seed did, `diverged_at` the earliest."""
+    diverged = [s["diverged_at"] for s in per_seed if s["diverged"]]
+    return {
+        "arm": arm,
+        **{key: stats[key]["mean"] if key in stats else None for key in METRIC_KEYS},
+        "diverged": bool(diverged),
+        "diverged_at": min(diverged) if diverged else None,
+        "n_seeds": len(per_seed),
+    }
+
+
 def summarize_run(
     records: Sequence[StepRecord],
     *,
@@ -295,52 +344,21 @@ def summarize_run(
     unknown = sorted(set(info) - set(arms))
     if unknown:
         raise ValueError(f"`arm_info` names arm(s) {unknown} that are not in the records; arms present: {arms}")
-    seeds = sorted({r.seed for r in records})
-    by_key: dict[tuple[str, int], list[StepRecord]] = {}
-    for r in records:
-        by_key.setdefault((r.arm, r.seed), []).append(r)
-    evals_by_key: dict[tuple[str, int], list[EvalRecord]] = {}
-    for e in evals:
-        evals_by_key.setdefault((e.arm, e.seed), []).append(e)
-
-    def seed_arms(seed: int, with_wall: bool) -> dict[str, dict[str, Any]]:
-        out = {}
-        for arm in arms:
-            if (arm, seed) not in by_key:
-                continue
-            extra = info.get(arm, {})
-            out[arm] = summarize_arm(
-                by_key[(arm, seed)],
-                trainable_params=extra.get("trainable_params"),
-                wall_s=extra.get("wall_s") if with_wall else None,
-                evals=evals_by_key.get((arm, seed), ()),
-            )
-        return out
-
-    summary: dict[str, Any] = {"baseline": baseline, "seed_list": seeds}
-    if len(seeds) == 1:
-        summary["arms"] = seed_arms(seeds[0], with_wall=True)
+    per_seed = _per_seed(records, evals, arms, info)
+    summary: dict[str, Any] = {"baseline": baseline, "seed_list": list(per_seed)}
+    if len(per_seed) == 1:
+        summary["arms"] = next(iter(per_seed.values()))
         summary["deltas"] = _deltas(summary["arms"], baseline)
         return summary
-
-    summary["seeds"] = {}
-    for seed in seeds:
-        per = seed_arms(seed, with_wall=False)
-        summary["seeds"][seed] = {"arms": per, "deltas": _deltas(per, baseline) if baseline in per else {}}
+    summary["seeds"] = {
+        seed: {"arms": per, "deltas": _deltas(per, baseline) if baseline in per else {}}
+        for seed, per in per_seed.items()
+    }
     summary["across_seeds"], summary["arms"] = {}, {}
     for arm in arms:
-        per_seed = [s["arms"][arm] for s in summary["seeds"].values() if arm in s["arms"]]
-        stats = _across(per_seed)
-        summary["across_seeds"][arm] = stats
-        diverged = [s["diverged_at"] for s in per_seed if s["diverged"]]
-        mean = {key: stats[key]["mean"] if key in stats else None for key in METRIC_KEYS}
-        summary["arms"][arm] = {
-            "arm": arm,
-            **mean,
-            "diverged": bool(diverged),
-            "diverged_at": min(diverged) if diverged else None,
-            "n_seeds": len(per_seed),
-        }
+        of_arm = [per[arm] for per in per_seed.values() if arm in per]
+        summary["across_seeds"][arm] = stats = _across(of_arm)
+        summary["arms"][arm] = _mean_arm(arm, of_arm, stats)
     summary["deltas"] = _deltas(summary["arms"], baseline)
     return summary
 

@@ -3,7 +3,7 @@ tear-down.
 
 Fair by construction, and checked from live state: one seed, one LoRA initialisation (PiSSA decomposed once) copied
 into every arm, the same batch handed to every arm, one RNG stream per arm started from the same state. What an arm
-adds (CRMA, ZClip) is set up from its `ArmSpec`; nothing in `train_step` asks which arm it is.
+adds (CRMA, ZClip) is set up from its `ArmSpec` (see `arm_setup`); nothing in `train_step` asks which arm it is.
 
 In a data-parallel launch (`distributed.DataParallel`) every process holds every arm (rank 0's initial weights are
 broadcast, as DDP does), trains each on its rows of the batch, and sums the arm's gradients over the processes before
@@ -17,17 +17,31 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import crma
-from crma import ZClip, clip_by_norm
 
-from ..spec.arms import ArmSpec, parse_arm
+from ..spec.arms import parse_arm
 from ..spec.config import AblationConfig
+from .arm import Arm, Batch
+from .arm_setup import (
+    SHARED_INIT,
+    add_arm_adapters,
+    check_model,
+    equip,
+    is_pissa,
+    lora_config,
+    matched_note,
+    matched_rank,
+    peft_init,
+    replicate,
+    restore_targets,
+    snapshot_targets,
+)
 from .distributed import DataParallel, Shard
 from .evaluation import EvalSet, heldout_loss
 from .receipt import (
@@ -42,76 +56,7 @@ from .receipt import (
 )
 from .records import EvalRecord, StepRecord
 
-_SHARED_INIT = "shared_init"
-
-
-@dataclass
-class Batch:
-    """What every arm trains on at one step.
-
-    Args:
-        step (`int`): 1-based step.
-        tensors (`dict[str, Tensor]`): `input_ids`, `attention_mask`, `labels` on the model's device.
-        indices (`list[int]`): the examples it holds.
-        loss_scale (`float`): multiplier of the loss for backward (the spike stress step; 1 otherwise).
-        shard (`Shard | None`): this process's rows in a data-parallel run (None: it trains on the whole batch).
-    """
-
-    step: int
-    tensors: dict[str, torch.Tensor]
-    indices: list[int]
-    loss_scale: float = 1.0
-    shard: Shard | None = None
-
-    @property
-    def tokens(self) -> int:
-        """Real (non-padding) tokens of the whole batch, prompt and response."""
-        return int(self.tensors["attention_mask"].sum())
-
-    @property
-    def inputs(self) -> dict[str, torch.Tensor]:
-        """What this process feeds the model: its shard's rows, or the whole batch."""
-        return self.shard.tensors if self.shard is not None else self.tensors
-
-
-@dataclass
-class Arm:
-    """One arm's live training state."""
-
-    label: str
-    spec: ArmSpec
-    adapter: str  # internal peft / CRMA adapter name ("arm0", ...): module keys cannot hold '+' safely
-    lr_scale: float = 1.0  # multiplies every optimizer group's LR (the label's `@x` part)
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-    lora_params: list[torch.nn.Parameter] = field(default_factory=list)
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
-    clipper: ZClip | None = None
-    rng: torch.Tensor | None = None
-    cuda_rng: list[torch.Tensor] | None = None
-    tokens: int = 0
-    rows: int = 0  # batch rows this process fed this arm (a data-parallel process: its shards only)
-    diverged: bool = False
-    init_hash: str = ""
-    trainable: int = 0
-    wall_s: float = 0.0
-    init_dir: Path | None = None  # the initial adapter a trained PiSSA one is converted against when saved
-    batch_digests: list[str] = field(default_factory=list)
-    hyperparameter_digests: list[str] = field(default_factory=list)
-    crma_hyperparameter_digests: list[str] = field(default_factory=list)
-    eval_digests: list[str] = field(default_factory=list)  # which held-out slice it was evaluated on, and when
-
-    def clip(self, max_grad_norm: float) -> crma.ClipResult:
-        """Clip this arm's gradients with its clipper: ZClip, or the fixed norm clip."""
-        if self.clipper is not None:
-            return self.clipper.step(self.params)
-        return clip_by_norm(self.params, max_grad_norm)
-
-    def clipper_facts(self, max_grad_norm: float) -> dict[str, Any]:
-        """The clipper this arm really uses, as the receipt records it."""
-        if self.clipper is not None:
-            return {"kind": "zclip", **self.clipper.config.to_dict()}
-        return {"kind": "clip_grad_norm", "max_norm": max_grad_norm}
+__all__ = ["Arm", "ArmSet", "Batch", "memory_mb"]
 
 
 def memory_mb(device: torch.device) -> float:
@@ -121,23 +66,6 @@ def memory_mb(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def snapshot_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
-    """Copies of the weights LoRA targets: PiSSA rewrites them in place; every seed starts from the originals."""
-    return {
-        name: module.weight.detach().clone()
-        for name, module in model.named_modules()
-        if any(name.endswith(t) for t in targets) and isinstance(getattr(module, "weight", None), torch.Tensor)
-    }
-
-
-@torch.no_grad()
-def restore_targets(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    """Put the weights of `snapshot_targets` back."""
-    modules = dict(model.named_modules())
-    for name, weight in snapshot.items():
-        modules[name].weight.copy_(weight)
 
 
 class ArmSet:
@@ -192,159 +120,36 @@ class ArmSet:
         return all(arm.diverged for arm in self.arms)
 
     # -- set-up -----------------------------------------------------------------------------------------------
-    def _lora_config(self, init: Any, *, rank: int | None = None) -> Any:
-        from peft import LoraConfig
-
-        cfg = self.cfg
-        r = rank or cfg.lora_r
-        # A raised rank keeps the shared components' scale alpha / r: alpha grows with the rank.
-        alpha = cfg.lora_alpha * r / cfg.lora_r
-        return LoraConfig(
-            r=r,
-            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-            init_lora_weights=init,
-            task_type="CAUSAL_LM",
-        )
-
-    def _peft_init(self) -> Any:
-        init = self.cfg.lora_init
-        if init.startswith("pissa") and self.loaded.is_4bit:
-            self.notes.append(
-                "PiSSA needs full-precision weights (peft refuses 4-bit ones): on this 4-bit model every arm's LoRA "
-                "starts from peft's Gaussian init (A ~ N(0, 1/r), B = 0) instead."
-            )
-            return "gaussian"
-        return True if init == "default" else init
-
-    def matched_rank(self, base: torch.nn.Module) -> dict[str, int]:
-        """The smallest LoRA rank whose trainable parameters are ≥ those of `lora+crma` (LoRA at `lora_r` + CRMA),
-        with the counts behind it."""
-        from crma.model import expected_parameter_count
-
-        cfg = self.cfg
-        per_rank = sum(
-            module.in_features + module.out_features
-            for name, module in base.named_modules()
-            if any(name.endswith(t) for t in cfg.lora_targets) and hasattr(module, "in_features")
-        )
-        layers, width = len(crma.utils.find_decoder_layers(base)), base.get_input_embeddings().weight.shape[1]
-        target = per_rank * cfg.lora_r + expected_parameter_count(layers, width, cfg.crma)
-        rank = math.ceil(target / per_rank)
-        return {"rank": rank, "params": per_rank * rank, "lora_crma_params": target}
-
-    def _save_init(self, adapter: str, name: str, init: Any) -> Path:
-        # The initial PiSSA adapter: saving converts a trained one into a plain LoRA for the original base.
-        self.model.peft_config[adapter].init_lora_weights = True
-        self.model.save_pretrained(self._tmp.name, selected_adapters=[adapter])
-        self.model.peft_config[adapter].init_lora_weights = init
-        target = Path(self._tmp.name) / name
-        (Path(self._tmp.name) / adapter).rename(target)
-        return target
-
-    def _add_matched(self, arm: Arm, initial: dict[str, torch.Tensor], rank: int) -> None:
-        """A rank-`rank` LoRA whose first `lora_r` components are the shared init and whose extra ones start from
-        peft's default (Kaiming-uniform A, zero B): the model is unchanged at step 0 and the base stays shared."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        r = self.cfg.lora_r
-        torch.manual_seed(self.seed + 1)  # the extra components are a function of the seed too
-        self.model.add_adapter(arm.adapter, self._lora_config(True, rank=rank))
-        state = {
-            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=arm.adapter).items()
-        }
-        for key, value in initial.items():
-            if "lora_A" in key:
-                state[key][:r] = value
-            elif "lora_B" in key:
-                state[key][:, :r] = value
-        set_peft_model_state_dict(self.model, state, adapter_name=arm.adapter)
-
     def setup(self) -> None:
         """Wrap the base in peft, give every arm the same initial LoRA, attach CRMA where the arm has it, and build
         each arm's optimizer, schedule, clipper and RNG state."""
-        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-        from transformers import get_linear_schedule_with_warmup
+        from peft import get_peft_model
 
         cfg, base = self.cfg, self.loaded.model
-        missing = [t for t in cfg.lora_targets if not any(n.endswith(t) for n, _ in base.named_modules())]
-        if missing:
-            raise ValueError(f"LoRA target module(s) {missing} do not exist in {self.loaded.name}")
-        width = base.get_input_embeddings().weight.shape[1]
-        if any(arm.spec.crma for arm in self.arms) and cfg.crma.rank > width:
-            raise ValueError(
-                f"CRMA rank must be at most the model width ({width}) of {self.loaded.name}; got {cfg.crma.rank}"
-            )
+        check_model(cfg, self.loaded, self.arms)
         if any(arm.spec.matched for arm in self.arms):
-            self.matched = m = self.matched_rank(base)
-            note = (
-                f"lora-matched: LoRA rank {cfg.lora_r} raised to {m['rank']} so its {m['params']:,} trainable "
-                f"parameters are at least lora+crma's {m['lora_crma_params']:,}; its first {cfg.lora_r} components "
-                "start from the shared init, the others from peft's default (zero B), so the model is unchanged at "
-                "step 0."
-            )
+            self.matched = matched_rank(cfg, base)
+            note = matched_note(cfg, self.matched)
             if note not in self.notes:
                 self.notes.append(note)
-        peft_init = self._peft_init()
-        pissa = isinstance(peft_init, str) and peft_init.startswith("pissa")
+        init = peft_init(cfg, self.loaded, self.notes)
         # Seed *before* get_peft_model: the LoRA init must be a function of the seed (LlamaFactory #5446). The shared
         # init lives in its own adapter, decomposed once; every arm copies it, then it is deleted.
         torch.manual_seed(self.seed)
-        self.model = get_peft_model(base, self._lora_config(peft_init), adapter_name=_SHARED_INIT)
-        initial = {
-            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=_SHARED_INIT).items()
-        }
-        shared_dir = self._save_init(_SHARED_INIT, "pissa_init", peft_init) if pissa else None
-        for arm in self.arms:
-            # Every arm starts from the *same* LoRA weights on the *same* (once-mutated) base.
-            if arm.spec.matched:
-                self._add_matched(arm, initial, self.matched["rank"])
-                arm.init_dir = self._save_init(arm.adapter, f"init_{arm.adapter}", False) if pissa else None
-            else:
-                self.model.add_adapter(arm.adapter, self._lora_config(False))
-                set_peft_model_state_dict(self.model, initial, adapter_name=arm.adapter)
-                arm.init_dir = shared_dir
-        self.model.set_adapter(self.arms[0].adapter)
-        self.model.delete_adapter(_SHARED_INIT)
+        self.model = get_peft_model(base, lora_config(cfg, init), adapter_name=SHARED_INIT)
+        add_arm_adapters(self.model, self.arms, cfg, self.seed, init, Path(self._tmp.name), self.matched)
         for arm in self.arms:
             if arm.spec.crma:  # the arm decides the mixing: the Sinkhorn one, or the identity of the control
                 crma.attach(self.model, replace(cfg.crma, mixing=arm.spec.mixing), adapter_name=arm.adapter)
         if self.parallel is not None:
-            self._replicate(pissa)
+            replicate(self.model, self.parallel, self.seed, pissa=is_pissa(init))
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         names = {id(p): n for n, p in self.model.named_parameters()}
         for arm in self.arms:
             self.activate(arm)
-            arm.init_hash = tensor_hash(get_peft_model_state_dict(self.model, adapter_name=arm.adapter))
-            scale = arm.lr_scale
-            groups = crma.param_groups(
-                self.model, cfg.lr * scale, cfg.structural_lr * scale, cfg.gate_lr * scale, cfg.weight_decay
-            )
-            arm.params = [p for g in groups for p in g["params"]]
-            arm.lora_params = [p for p in arm.params if "lora_" in names[id(p)]]
-            arm.trainable = sum(p.numel() for p in arm.params)
-            arm.optimizer = torch.optim.AdamW(groups, lr=cfg.lr * scale)
-            arm.scheduler = get_linear_schedule_with_warmup(arm.optimizer, cfg.warmup_steps, cfg.steps)
-            arm.clipper = ZClip(cfg.zclip) if arm.spec.zclip else None
-            arm.rng, arm.cuda_rng = rng.clone(), cuda_rng
+            equip(arm, self.model, cfg, names, rng, cuda_rng)
         self.model.train()
-
-    def _replicate(self, pissa: bool) -> None:
-        """Give every process rank 0's adapters (and PiSSA's rewritten base weights), as DDP does at construction,
-        and a dropout stream of its own."""
-        parallel = self.parallel
-        tensors = [
-            p
-            for n, p in self.model.named_parameters()
-            if "lora_" in n or n.rsplit(".", 1)[-1].startswith("crma_") or (pissa and n.endswith("base_layer.weight"))
-        ]
-        parallel.broadcast_([t for t in tensors if t.is_floating_point()])
-        if parallel.rank > 0:
-            # The arms of one process share an RNG start (same dropout masks: fair); the processes must not, or
-            # row 0 of every shard would get the same mask. Rank 0 keeps the one-process stream.
-            torch.manual_seed(self.seed * 65_537 + parallel.rank)
 
     def activate(self, arm: Arm) -> None:
         """Make `arm`'s LoRA (and CRMA, or none) the active adapter."""

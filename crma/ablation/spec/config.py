@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,6 +122,22 @@ class AblationConfig(JSONConfig):
     save_adapters: bool = True
 
     def __post_init__(self) -> None:
+        self._check_parts()
+        self._check_slice_and_seeds()
+        self._check_arms()
+        self._check_lr_grid()
+        self._check_eval()
+        self._check_training()
+        self._check_runtime()
+
+    def _each(self, test: Callable[[Any], bool], rule: str, *names: str) -> None:
+        """`require(test(value), name, rule, value)` for each field in `names`."""
+        for name in names:
+            value = getattr(self, name)
+            require(test(value), name, rule, value)
+
+    def _check_parts(self) -> None:
+        """The nested configs, the model, the data and the LoRA init."""
         self.crma = _from_mapping(CRMAConfig, self.crma)
         self.zclip = _from_mapping(ZClipConfig, self.zclip)
         require(isinstance(self.crma, CRMAConfig), "crma", "a CRMAConfig", self.crma)
@@ -131,35 +148,39 @@ class AblationConfig(JSONConfig):
             "'sinkhorn' (each arm sets its own mixing: add the arm lora+crma-nomix for the identity)",
             self.crma.mixing,
         )
-        for name in ("model", "dataset"):
-            value = getattr(self, name)
-            require(isinstance(value, str) and value.strip() != "", name, "a non-empty string", value)
+        self._each(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "model", "dataset")
         require(
             isinstance(self.lora_init, str) and LORA_INIT.match(self.lora_init) is not None,
             "lora_init",
             "'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N in 1..32",
             self.lora_init,
         )
-        for name in ("rows", "steps", "batch_size", "seq_len", "lora_r", "lora_alpha", "diag_every"):
-            value = getattr(self, name)
-            require(is_int(value) and value > 0, name, "an integer ≥ 1", value)
+
+    def _check_slice_and_seeds(self) -> None:
+        """The sizes (slice, steps, batch, LoRA), the slice's start and the seeds."""
+        sizes = ("rows", "steps", "batch_size", "seq_len", "lora_r", "lora_alpha", "diag_every")
+        self._each(lambda v: is_int(v) and v > 0, "an integer ≥ 1", *sizes)
         require(is_int(self.start) and self.start >= 0, "start", "an integer ≥ 0", self.start)
-        low, high = SEED_RANGE
         if isinstance(self.seeds, list) and len(self.seeds) == 1:
             self.seed, self.seeds = self.seeds[0], None  # one seed is just `seed`
-        require(is_int(self.seed) and low <= self.seed < high, "seed", "an integer in [0, 2^32)", self.seed)
+        low, high = SEED_RANGE
+        seed_ok = lambda s: is_int(s) and low <= s < high  # noqa: E731
+        require(seed_ok(self.seed), "seed", "an integer in [0, 2^32)", self.seed)
+        seeds = self.seeds
         require(
-            self.seeds is None
+            seeds is None
             or (
-                isinstance(self.seeds, list)
-                and len(self.seeds) > 0
-                and all(is_int(s) and low <= s < high for s in self.seeds)
-                and len(set(self.seeds)) == len(self.seeds)
+                isinstance(seeds, list)
+                and len(seeds) > 0
+                and all(map(seed_ok, seeds))
+                and len(set(seeds)) == len(seeds)
             ),
             "seeds",
             "None or a list of distinct integers in [0, 2^32)",
-            self.seeds,
+            seeds,
         )
+
+    def _check_arms(self) -> None:
         require(isinstance(self.arms, list) and len(self.arms) > 0, "arms", "a non-empty list of arm names", self.arms)
         for entry in self.arms:
             try:
@@ -172,53 +193,8 @@ class AblationConfig(JSONConfig):
                 f"names from {list(ARM_SPECS)} (each may carry an LR multiplier, e.g. 'lora+crma@x3')",
                 entry,
             )
-        self._check_eval_and_grid()
-        for name in ("lr", "structural_lr", "gate_lr", "max_grad_norm"):
-            value = getattr(self, name)
-            require(is_number(value) and 0 < value < 10, name, "a number in (0, 10)", value)
-        require(
-            is_number(self.weight_decay) and 0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)", self.weight_decay
-        )
-        require(
-            is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self.lora_dropout
-        )
-        require(
-            isinstance(self.lora_targets, list)
-            and len(self.lora_targets) > 0
-            and all(isinstance(t, str) and t.strip() for t in self.lora_targets),
-            "lora_targets",
-            "a non-empty list of module names",
-            self.lora_targets,
-        )
-        require(
-            is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
-            "warmup_steps",
-            "an integer in [0, steps)",
-            self.warmup_steps,
-        )
-        require(
-            self.spike_at is None or (is_int(self.spike_at) and 1 <= self.spike_at <= self.steps),
-            "spike_at",
-            "None or a step in [1, steps]",
-            self.spike_at,
-        )
-        require(
-            is_number(self.spike_scale) and 1 <= self.spike_scale <= 1e4,
-            "spike_scale",
-            "a number in [1, 10000]",
-            self.spike_scale,
-        )
-        require(
-            self.max_wall_s is None or (is_number(self.max_wall_s) and self.max_wall_s > 0),
-            "max_wall_s",
-            "None or a number > 0",
-            self.max_wall_s,
-        )
-        require(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'", self.device)
-        require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "'auto', 'float32' or 'bfloat16'", self.dtype)
-        require(isinstance(self.save_adapters, bool), "save_adapters", "true or false", self.save_adapters)
 
-    def _check_eval_and_grid(self) -> None:
+    def _check_lr_grid(self) -> None:
         grid = self.lr_grid
         require(
             isinstance(grid, list)
@@ -230,36 +206,23 @@ class AblationConfig(JSONConfig):
             grid,
         )
         self.lr_grid = [float(m) for m in grid]
-        tuned = len(self.lr_grid) > 1
         require(
             self.lr_grid == [1.0] or all("@x" not in arm for arm in self.arms),
             "arms",
             "plain arm names when lr_grid sets the multipliers (drop the '@x' suffixes, or lr_grid)",
             self.arms,
         )
-        for name in ("eval_rows", "val_rows", "eval_every", "answer_rows"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 0, name, "an integer ≥ 0", value)
+
+    def _check_eval(self) -> None:
+        """The held-out slices (sizes, start, data; clear of the training rows), their schedule and the answers."""
+        counts = ("eval_rows", "val_rows", "eval_every", "answer_rows")
+        self._each(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", *counts)
+        self._each(lambda v: is_int(v) and 1 <= v <= 1024, "an integer in [1, 1024]", "answer_tokens")
+        self._each(lambda v: v is None or (is_int(v) and v >= 0), "None or an integer ≥ 0", "eval_start")
+        named = lambda v: isinstance(v, str) and v.strip() != ""  # noqa: E731
+        self._each(lambda v: v is None or named(v), "None or a non-empty string", "eval_dataset")
         require(
-            is_int(self.answer_tokens) and 1 <= self.answer_tokens <= 1024,
-            "answer_tokens",
-            "an integer in [1, 1024]",
-            self.answer_tokens,
-        )
-        require(
-            self.eval_start is None or (is_int(self.eval_start) and self.eval_start >= 0),
-            "eval_start",
-            "None or an integer ≥ 0",
-            self.eval_start,
-        )
-        require(
-            self.eval_dataset is None or (isinstance(self.eval_dataset, str) and self.eval_dataset.strip() != ""),
-            "eval_dataset",
-            "None or a non-empty string",
-            self.eval_dataset,
-        )
-        require(
-            not tuned or (self.val_rows > 0 and self.eval_rows > 0),
+            len(self.lr_grid) == 1 or (self.val_rows > 0 and self.eval_rows > 0),
             "val_rows",
             "≥ 1, with eval_rows ≥ 1, when lr_grid has several multipliers (each arm's LR is chosen on the validation "
             "slice and reported on the test slice)",
@@ -277,6 +240,30 @@ class AblationConfig(JSONConfig):
             f"{first}–{last - 1} would overlap them)",
             self.eval_start,
         )
+
+    def _check_training(self) -> None:
+        """The optimizer, LoRA's targets and dropout, the warm-up and the spike stress step."""
+        rates = ("lr", "structural_lr", "gate_lr", "max_grad_norm")
+        self._each(lambda v: is_number(v) and 0 < v < 10, "a number in (0, 10)", *rates)
+        self._each(lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)", "weight_decay", "lora_dropout")
+        require(
+            isinstance(self.lora_targets, list)
+            and len(self.lora_targets) > 0
+            and all(isinstance(t, str) and t.strip() for t in self.lora_targets),
+            "lora_targets",
+            "a non-empty list of module names",
+            self.lora_targets,
+        )
+        steps = self.steps
+        self._each(lambda v: is_int(v) and 0 <= v < steps, "an integer in [0, steps)", "warmup_steps")
+        self._each(lambda v: v is None or (is_int(v) and 1 <= v <= steps), "None or a step in [1, steps]", "spike_at")
+        self._each(lambda v: is_number(v) and 1 <= v <= 1e4, "a number in [1, 10000]", "spike_scale")
+
+    def _check_runtime(self) -> None:
+        self._each(lambda v: v is None or (is_number(v) and v > 0), "None or a number > 0", "max_wall_s")
+        self._each(lambda v: v in ("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'", "device")
+        self._each(lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'", "dtype")
+        self._each(lambda v: isinstance(v, bool), "true or false", "save_adapters")
 
     def slices(self) -> dict[str, tuple[str, int, int]]:
         """`{split: (dataset, start, rows)}` of the training slice and the held-out ones (`val`, `test`) in use."""
