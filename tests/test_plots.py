@@ -14,6 +14,7 @@ from crma.ablation.report.plots import (
     make_delta_figure,
     make_grad_norm_figure,
     make_loss_figure,
+    make_lr_figure,
     make_mixing_figure,
 )
 from crma.ablation.spec.arms import ARM_SPECS
@@ -227,3 +228,25 @@ def test_hover_labels_say_smoothed_or_raw(records):
     assert [list(c) for c in delta.customdata[:2]] == [["-0.0100", "-0.0100"], ["-0.0100", "-0.0100"]]
     assert all(re.fullmatch(r"[+-]\d+\.\d{4}", text) for pair in delta.customdata for text in pair)
     assert _trace(make_delta_figure(records, smoothing=0.0), "lora+crma").hovertemplate == "Δ raw %{customdata[1]}"
+
+
+def test_lr_figure_means_bars_and_the_chosen_multiplier_ringed_in_the_arms_colour():
+    def point(scale, per_seed):
+        good = [v for v in per_seed if v is not None]
+        return {"lr_scale": scale, "per_seed": per_seed, "mean": sum(good) / len(good) if good else None}
+
+    grid = [point(1.0, [2.0, 2.2]), point(3.0, [1.5, 1.7]), point(10.0, [None, None])]
+    selection = {"tuned": True, "arms": {"lora+crma": {"grid": grid, "chosen": 3.0}, "lora": {"grid": grid[2:]}}}
+    fig = make_lr_figure(selection)
+    assert [t.name for t in fig.data] == ["lora+crma", "lora+crma chosen"]  # an arm with no finished point: none
+    line, ring = fig.data
+    assert list(line.x) == [1.0, 3.0] and list(line.y) == pytest.approx([2.1, 1.6])
+    assert list(line.error_y.array) == pytest.approx([0.1, 0.1]) and list(line.error_y.arrayminus) == pytest.approx(
+        [0.1, 0.1]
+    )
+    assert line.line.color == arm_style("lora+crma")["color"] and line.line.dash == arm_style("lora+crma")["dash"]
+    # An open marker is stroked in the marker's colour: the ring is the arm's, not the next colour of the template.
+    assert (ring.x, ring.y) == ((3.0,), (pytest.approx(1.6),)) and ring.marker.symbol == "circle-open"
+    assert ring.marker.color == ring.marker.line.color == arm_style("lora+crma")["color"]
+    assert fig.layout.xaxis.type == "log" and "mean of 2 seed(s)" in fig.layout.title.text
+    assert "No arm was trained at several learning rates" in make_lr_figure({}).layout.annotations[0].text
