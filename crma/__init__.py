@@ -1,7 +1,7 @@
 """CRMA: a Sinkhorn-constrained residual mixing side channel that trains beside LoRA, plus ZClip.
 
 The core imports only torch (peft lazily, to dequantise 4-bit weights). The ablation engine lives in
-`crma.ablation`, the Gradio app in `app.py`.
+`crma.ablation`, the Space's logic in `crma.lab` and its Gradio page in `crma.ui` (started by `app.py`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A local stand-in for the few Hugging Face Hub HTTP endpoints that `crma.ablation.output.publish.push_results` reaches.
+"""A local stand-in for the few Hugging Face Hub HTTP endpoints that `push_results` (crma.ablation.output.publish)
+reaches.
 
 It serves only 127.0.0.1 on a free port, in a daemon thread, and implements exactly what the real
 `huggingface_hub` 2.4 client sends for `whoami`, `create_repo` (and the `repo_info` it falls back to

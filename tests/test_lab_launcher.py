@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
 
 import pytest
 from stand_in_engines import gpu_worker, hangs_in_a_step

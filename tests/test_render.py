@@ -11,6 +11,7 @@ import pytest
 
 from crma.ablation.analysis.attribution import attribution
 from crma.ablation.analysis.summary import summarize_run
+from crma.ablation.report import render
 from crma.ablation.report.charts import CHART_KEYS, ChartData, draw_charts
 from crma.ablation.report.render import (
     attribution_markdown,
@@ -199,3 +200,27 @@ def test_the_page_the_report_and_the_png_export_show_the_same_charts(records, tm
     from crma.ui.layout import build_page  # the page: one plot per chart of the list, in its order
 
     assert list(build_page().charts.plots) == list(CHART_KEYS)
+
+
+def test_a_machine_without_chromium_says_so_in_the_run_and_on_the_page(records, tmp_path, monkeypatch):
+    from choreographer.browsers.chromium import Chromium
+
+    from crma.ui.layout import build_page
+
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    monkeypatch.setattr(render, "_CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setattr(Chromium, "find_browser", staticmethod(lambda **kwargs: None))
+    assert render.png_browser() is None
+    with pytest.raises(RuntimeError, match="no Chrome or Chromium on this machine"):
+        write_png_charts(draw_charts(ChartData(records)), tmp_path / "png")
+    assert not (tmp_path / "png").exists()
+    by_id = {b.elem_id: b for b in build_page().demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["no-png-note"].value.startswith("ℹ️ No Chrome or Chromium on this machine")
+
+
+def test_a_machine_with_chromium_has_no_such_note(monkeypatch):
+    from crma.ui.layout import build_page
+
+    monkeypatch.setattr(render, "png_browser", lambda: "/usr/bin/chromium")
+    ids = {getattr(b, "elem_id", None) for b in build_page().demo.blocks.values()}
+    assert "no-png-note" not in ids and "default-note" in ids

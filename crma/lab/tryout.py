@@ -1,4 +1,4 @@
-""""Try the adapters": every arm of a finished run answers one prompt beside the base model, streamed token by token,
+""" "Try the adapters": every arm of a finished run answers one prompt beside the base model, streamed token by token,
 bounded for a public Space (token budget, prompt length, a wall cap for the whole request), sharing the run slot.
 
 `stream_answers` takes plain arguments so that on ZeroGPU it runs inside `spaces.GPU`'s worker, as a run does; it

@@ -7,6 +7,7 @@ import os
 
 import gradio as gr
 
+from crma.ablation.report import render
 from crma.lab import estimates
 from crma.lab.page_assets import METHOD
 from crma.ui.page import Page
@@ -33,6 +34,8 @@ def build_page(study_dir: str | os.PathLike[str] | None = None) -> Page:
             "time; the results so far are kept."
         )
         default_note = gr.Markdown(f"ℹ️ {note}", elem_id="default-note")
+        if render.png_browser() is None:  # a newcomer's machine without Chromium: say so before a run lacks its PNGs
+            gr.Markdown(f"ℹ️ {render.NO_BROWSER[0].upper()}{render.NO_BROWSER[1:]}.", elem_id="no-png-note")
         run_state = gr.State(None)
         browser_run = gr.BrowserState(None, storage_key="crma-lab-run")
         app_url = gr.State(None)

@@ -86,6 +86,24 @@ def write_reports(folder: Path, result: Any, cfg: Any, *, charts: bool = True) -
             result.notes.append(f"PNG charts not written: {exc}")
 
 
+NO_BROWSER = (
+    "no Chrome or Chromium on this machine, so the PNG charts are not written (report.html and the page still have "
+    "every chart): install Debian's `chromium` (`make app` tries), on a Space via packages.txt, or set BROWSER_PATH"
+)
+
+
+def png_browser() -> str | None:
+    """The Chrome/Chromium kaleido would draw the PNG charts with, found as kaleido finds it (None: there is none)."""
+    if os.environ.get("BROWSER_PATH"):
+        return os.environ["BROWSER_PATH"]
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False)
+    except Exception:  # choreographer moved or broke: say nothing is there rather than fail a run
+        return None
+
+
 def write_png_charts(
     figures: dict[str, Any],
     out_dir: str | os.PathLike[str],
@@ -122,6 +140,8 @@ def write_png_charts(
 
     if not os.environ.get("BROWSER_PATH") and os.path.exists(_CHROMIUM):
         os.environ["BROWSER_PATH"] = _CHROMIUM
+    if png_browser() is None:
+        raise RuntimeError(NO_BROWSER)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{prefix}{key}.png" for key in chosen]
