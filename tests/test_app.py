@@ -711,3 +711,21 @@ def test_a_run_waits_for_the_slot_of_a_run_whose_page_went_away(page, monkeypatc
     assert final[page.results.panel]["visible"] is True
     assert slot.acquire(timeout=TIMEOUT_S)  # given back, once
     slot.release()
+
+
+def test_the_readmes_client_example_runs_as_written(client):
+    """The README's gradio_client example, against this server, with a tiny run in place of its SmolLM2 one."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in block)
+    settings = '{"model": "smollm2-135m", "rows": 200, "steps": 30, "eval_rows": 16}'
+    assert code.count(settings) == 1 and code.count('Client("http://127.0.0.1:7860")') == 1
+    code = code.replace(settings, repr({**TINY, "steps": 2})).replace('"http://127.0.0.1:7860"', repr(client.src))
+    printed: list[tuple] = []
+    namespace = {"print": lambda *args: printed.append(args)}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README, run as a test
+    status, mean, ci95, archive = printed[-1]
+    assert status == "finished" and isinstance(mean, float) and ci95 is None  # one seed: no interval
+    assert Path(archive).is_file() and namespace["answer"]["done"] is True
+    assert namespace["answer"]["arm"] == "lora+crma"  # the last arm to answer, after the base model and the others
