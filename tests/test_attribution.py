@@ -144,6 +144,12 @@ def test_a_tuned_run_is_attributed_at_each_arms_best_lr_and_at_the_shared_lr() -
     at_shared = shared["contrasts"]["side_channel"]["metrics"]["final_test_loss"]
     assert at_best["mean"] == pytest.approx(-0.1) and at_shared["mean"] == pytest.approx(-0.5)
     assert best["contrasts"]["sinkhorn"]["metrics"]["final_test_loss"]["mean"] == pytest.approx(0.0)
+    # The text says which answer it is: tuned LRs, judged on the held-out test slice.
+    from crma.ablation.report.sections import attribution_sentences
+
+    sentences = attribution_sentences({**summary, "attribution": block})
+    assert sentences[0].startswith("Primary outcome: the final held-out (test) loss, a held-out figure")
+    assert sentences[1].startswith("LRs tuned: the answer is each arm at its own best LR")
 
 
 def test_an_engine_run_of_the_grid_carries_attribution() -> None:

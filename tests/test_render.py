@@ -102,9 +102,10 @@ def test_attribution_markdown_one_seed_and_without_the_grid(records):
         sentences[0]
         == "- Primary outcome: the final training loss, a training figure: no held-out slice was evaluated."
     )
+    assert sentences[1].startswith("- LRs not tuned: every arm trained at one shared LR")
     # One sentence per contrast on the primary figure (the other effects stay in the table on one seed): the grid's
     # three and CRMA against ZClip LoRA.
-    assert len(sentences) == 1 + 4 and all("no interval can be given with one seed" in line for line in sentences[1:])
+    assert len(sentences) == 2 + 4 and all("no interval can be given with one seed" in line for line in sentences[2:])
     assert attribution_markdown(summary, level=0).startswith("**At the shared LR**")
     two = summarize_run([r for r in records if r.arm in ("lora", "lora+crma")])
     two["attribution"] = attribution(two)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crma.ablation.report.charts import CHARTS
 from crma.ablation.report.render import attribution_markdown
 
 STUDY_DIR_ENV = "CRMA_STUDY_DIR"
 _REPO = Path(__file__).resolve().parents[2]
 _CONDITION_TITLES = {"plain": "Plain training", "spike": "With a spike"}
-_CHART_TITLES = {"loss": "loss", "grad_norm": "gradient norm", "loss_delta": "loss difference"}
 
 
 def study_dir() -> Path:
@@ -63,10 +63,10 @@ def load_published_study(folder: str | os.PathLike[str] | None = None) -> Publis
         return PublishedStudy(f"The published study in `{root.name}/summary.json` could not be read ({exc}).")
     charts = []
     for condition in study.get("conditions", {}):
-        for stem, what in _CHART_TITLES.items():
-            png = root / f"{condition}_{stem}.png"
+        for chart in CHARTS:
+            png = root / f"{condition}_{chart.key}.png"
             if png.is_file():
-                charts.append((str(png), f"{_CONDITION_TITLES.get(condition, condition)}: {what}"))
+                charts.append((str(png), f"{_CONDITION_TITLES.get(condition, condition)}: {chart.title.lower()}"))
     return PublishedStudy(text, charts, found=True)
 
 
@@ -84,11 +84,17 @@ def study_panel_markdown(study: dict[str, Any]) -> str:
     seeds = list(p["seeds"])
     machine = study.get("machine") or {}
     commit = (study.get("commit") or "unknown")[:12]
-    spike = p.get("spike_at")
+    spike, train_end = p.get("spike_at"), p["rows"]
+    val_end = train_end + p.get("val_rows", 0)
+    grid = ", ".join(f"×{m:g}" for m in p.get("lr_grid", [1.0]))
     lines = [
-        f"The committed study: {p['model']}, bundled rows 0–{p['rows'] - 1}, **{len(seeds)} seeds** "
+        f"The committed study: {p['model']} on the bundled set, **{len(seeds)} seeds** "
         f"({', '.join(map(str, seeds))}), **{p['steps']} steps**, batch {p['batch_size']} × {p['seq_len']} tokens, "
-        f"arms {', '.join(p['arms'])}; once plain and once with a corrupted batch at step {spike}. "
+        f"arms {', '.join(p['arms'])}. "
+        f"Training rows 0–{train_end - 1}; each arm tried at LR multipliers {grid} (further where its best sat at an "
+        f"edge) and judged at the one with the lowest loss on validation rows {train_end}–{val_end - 1}; "
+        f"**the answer is the held-out loss on test rows {val_end}–{val_end + p.get('test_rows', 0) - 1}**, which "
+        f"no choice looked at. Once plain and once with a corrupted batch at step {spike}. "
         f"Wall time {_duration(study['wall_s'])} on {machine.get('cpus', '?')} CPU cores, commit `{commit}`. "
         "Reproduce it with `python -m crma study`.",
         "",
@@ -115,8 +121,9 @@ def _missing_message() -> str:
     p = StudyProtocol()
     return (
         "**No published study yet.** The maintainers run `python -m crma study` — "
-        f"{p.model}, {len(p.seeds)} seeds, {p.steps} steps, arms {', '.join(p.arms)}, once plain and once with a "
-        f"corrupted batch at step {p.spike_at} — and commit its results to `assets/study/`; this panel will show its "
+        f"{p.model}, {len(p.seeds)} seeds, {p.steps} steps, arms {', '.join(p.arms)}, each at its own best LR on a "
+        f"validation slice, judged on a held-out test slice, once plain and once with a corrupted batch at step "
+        f"{p.spike_at} — and commit its results to `assets/study/`; this panel will show its "
         "effects with 95 % intervals. Until then a run here is the only evidence: run several seeds before trusting "
         "a difference."
     )

@@ -208,6 +208,21 @@ def _why_no_attribution(block: dict[str, Any], labels: set[str]) -> list[str]:
     return out
 
 
+def _lr_sentence(sets: dict[str, Any]) -> str:
+    """Whether the learning rates were tuned: the first thing a reader of an effect between adapters asks."""
+    if "best_lr" in sets:
+        return (
+            "LRs tuned: the answer is each arm at its own best LR (chosen on the validation slice, reported on the "
+            "test slice); the shared-LR figures are there for comparison."
+        )
+    if sets.get("as_run", {}).get("lr") == "shared LR":
+        return (
+            "LRs not tuned: every arm trained at one shared LR (CRMA's own parameters at their own, faster LRs), so "
+            "an effect may be one of learning speed; tune the LR per arm (`--lr-grid`) to judge each at its best."
+        )
+    return "LRs set by hand per arm (`name@xK`), not tuned on a validation slice."
+
+
 def attribution_sentences(summary: dict[str, Any]) -> list[str]:
     """Plain sentences the numbers support: what the run's primary figure is (held-out or training, tuned LRs or
     not), every contrast's effect on it, and the other effects whose interval excludes zero; or why there is no
@@ -220,7 +235,7 @@ def attribution_sentences(summary: dict[str, Any]) -> list[str]:
         kind = "a held-out figure (the test slice)"
     else:
         kind = "a training figure: no held-out slice was evaluated"
-    out = [f"Primary outcome: {_PRIMARY_NAMES.get(primary, primary)}, {kind}."]
+    out = [f"Primary outcome: {_PRIMARY_NAMES.get(primary, primary)}, {kind}.", _lr_sentence(block["sets"])]
     for name, chosen in block["sets"].items():
         prefix = f"{_SET_TITLES.get(name, name)}: " if len(block["sets"]) > 1 else ""
         for contrast in chosen["contrasts"].values():
