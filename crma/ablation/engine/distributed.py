@@ -140,41 +140,41 @@ class DataParallel:
             batch_loss_tokens=int(per_row.sum()),
         )
 
-    # -- collectives ----------------------------------------------------------------------------------------------
+    # -- collectives (accelerate's, on one flat buffer per dtype) ----------------------------------------------------
     @torch.no_grad()
     def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace every `.grad` by its sum over the processes (the parameters whose `.grad` is None are skipped;
         every process has the same ones, since every process runs the same graph)."""
+        from accelerate.utils import reduce
+
         for group in _buckets(p.grad for p in params if p.grad is not None):
-            flat = torch.cat([g.reshape(-1) for g in group])
-            torch.distributed.all_reduce(flat)
-            _unflatten_into(flat, group)
+            _unflatten_into(reduce(torch.cat([g.reshape(-1) for g in group]), reduction="sum"), group)
 
     @torch.no_grad()
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite `tensors` on every process with rank 0's values (in place)."""
+        from accelerate.utils import broadcast
+
         for group in _buckets(tensors):
-            flat = torch.cat([t.detach().reshape(-1) for t in group])
-            torch.distributed.broadcast(flat, src=0)
-            _unflatten_into(flat, group)
+            _unflatten_into(broadcast(torch.cat([t.detach().reshape(-1) for t in group]), from_process=0), group)
 
     def sum(self, value: torch.Tensor) -> float:
         """The sum over the processes of a 0-dim tensor, as a float (a host sync)."""
-        total = value.detach().float().reshape(1).clone()
-        torch.distributed.all_reduce(total)
-        return total.item()
+        from accelerate.utils import reduce
+
+        return reduce(value.detach().float().reshape(1), reduction="sum").item()
 
     def any(self, flag: bool) -> bool:
         """True on every process when `flag` is true on at least one."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        from accelerate.utils import reduce
+
+        return bool(reduce(torch.tensor([float(flag)], device=self.device), reduction="max").item() > 0)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's `obj` (picklable), in rank order, on every process."""
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])  # one list per process, concatenated: one `obj` each
 
     def close(self) -> None:
         """Leave the process group (end of the launch)."""
