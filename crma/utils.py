@@ -10,6 +10,12 @@ from torch import nn
 SUPPORTED = "Llama, Mistral, Qwen2 and other decoders whose blocks sit in a `model.layers` ModuleList"
 
 
+def is_lora_target(name: str, targets: list[str]) -> bool:
+    """Whether module `name` is one peft's LoRA wraps for `target_modules=targets` (peft's rule: the name is a target
+    or ends with "." + a target), so the engine, the estimator and peft agree on which modules train."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks of a (possibly peft-wrapped) HF causal LM, or a ValueError naming the need."""
     for name, module in model.named_modules():

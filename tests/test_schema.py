@@ -64,6 +64,8 @@ def test_values_override_a_base() -> None:
         ({"steps": 2.5}, "steps", "Steps must be a whole number; got 2.5"),
         ({"steps": True}, "steps", "Steps must be a number; got True"),
         ({"seq_len": ""}, "seq_len", "Seq len is empty; enter a value"),
+        # One rule in one place: a row needs a prompt and a response token; the data layer would refuse 1 too.
+        ({"seq_len": 1}, "seq_len", "Seq len must be an integer ≥ 2 (a prompt token and a response token); got 1"),
         ({"lr": "nan"}, "lr", "LR must be a finite number; got 'nan'"),
         ({"lr": 50}, "lr", "LR must be a number in (0, 10); got 50"),
         ({"save_adapters": "maybe"}, "save_adapters", "Save adapters must be true or false; got 'maybe'"),

@@ -21,6 +21,7 @@ from crma.ablation.models.devices import resolve_device, resolve_dtype
 from crma.ablation.models.errors import ModelLoadError
 from crma.ablation.models.hub import Token
 from crma.ablation.models.weights import weight_bytes
+from crma.utils import is_lora_target
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -173,10 +174,9 @@ def _layer_shape(config: PretrainedConfig) -> dict[str, int]:
 
 
 def _adapter_params(meta: nn.Module, lora_r: int, lora_targets: list[str]) -> int:
-    # peft's rule: a module is targeted when its name is a target or ends with "." + target.
     total = 0
     for name, module in meta.named_modules():
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in lora_targets):
+        if isinstance(module, nn.Linear) and is_lora_target(name, lora_targets):
             total += lora_r * (module.in_features + module.out_features)
     return total
 

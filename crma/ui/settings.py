@@ -10,7 +10,7 @@ import gradio as gr
 from crma.ablation.data import MAX_UPLOAD_BYTES
 from crma.ablation.models import describe_presets
 from crma.ablation.spec.arms import ARM_SPECS
-from crma.ablation.spec.config import AblationConfig
+from crma.ablation.spec.config import MIN_SEQ_LEN, AblationConfig
 from crma.ablation.spec.schema import label
 
 # The form's settings, in the order the run handler receives them after (upload, smoothing, log_scale, app_url).
@@ -168,7 +168,7 @@ def _hyperparameters(cfg: AblationConfig) -> dict[str, Any]:
             )
             gate_lr = gr.Textbox(value=f"{cfg.gate_lr:g}", label=label("gate_lr"), info="CRMA's output gate α")
         with gr.Row():
-            batch_size, seq_len = _whole("batch_size", cfg.batch_size, 1), _whole("seq_len", cfg.seq_len, 8)
+            batch_size, seq_len = _whole("batch_size", cfg.batch_size, 1), _whole("seq_len", cfg.seq_len, MIN_SEQ_LEN)
         with gr.Row():
             lora_r = _whole("lora_r", cfg.lora_r, 1)
             lora_targets = gr.Textbox(value=",".join(cfg.lora_targets), label=label("lora_targets"))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..spec.config import MIN_SEQ_LEN
 from .errors import DataError, check_text
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF causal LMs) skip
@@ -178,8 +179,8 @@ def build_example_set(
     Raises:
         `DataError`: a `seq_len` under 2, a tokenizer without an eos token, or a row text that is not valid Unicode.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise DataError(f"`seq_len` must be an integer >= 2; got {seq_len!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
+        raise DataError(f"`seq_len` must be an integer >= {MIN_SEQ_LEN}; got {seq_len!r}")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no eos token, so responses cannot be terminated; set `tokenizer.eos_token`")

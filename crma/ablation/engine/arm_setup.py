@@ -27,7 +27,7 @@ def snapshot_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, to
     return {
         name: module.weight.detach().clone()
         for name, module in model.named_modules()
-        if any(name.endswith(t) for t in targets) and isinstance(getattr(module, "weight", None), torch.Tensor)
+        if crma.utils.is_lora_target(name, targets) and isinstance(getattr(module, "weight", None), torch.Tensor)
     }
 
 
@@ -42,7 +42,8 @@ def restore_targets(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -
 def check_model(cfg: AblationConfig, loaded: Any, arms: list[Arm]) -> None:
     """Raise `ValueError` when the base model lacks a LoRA target, or is narrower than the CRMA rank of an arm."""
     base = loaded.model
-    missing = [t for t in cfg.lora_targets if not any(n.endswith(t) for n, _ in base.named_modules())]
+    names = [n for n, _ in base.named_modules()]
+    missing = [t for t in cfg.lora_targets if not any(crma.utils.is_lora_target(n, [t]) for n in names)]
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} do not exist in {loaded.name}")
     width = base.get_input_embeddings().weight.shape[1]
@@ -58,7 +59,7 @@ def matched_rank(cfg: AblationConfig, base: torch.nn.Module) -> dict[str, int]:
     per_rank = sum(
         module.in_features + module.out_features
         for name, module in base.named_modules()
-        if any(name.endswith(t) for t in cfg.lora_targets) and hasattr(module, "in_features")
+        if crma.utils.is_lora_target(name, cfg.lora_targets) and hasattr(module, "in_features")
     )
     layers, width = len(crma.utils.find_decoder_layers(base)), base.get_input_embeddings().weight.shape[1]
     target = per_rank * cfg.lora_r + expected_parameter_count(layers, width, cfg.crma)

@@ -12,6 +12,8 @@ from crma.config import CRMAConfig, JSONConfig, ZClipConfig, is_int, is_number, 
 
 from .arms import ARM_SPECS, GRID_ARMS, arm_labels, parse_arm
 
+MIN_SEQ_LEN = 2
+
 # What `config.json` records about the launch beside the fields: read back, not a setting anyone chooses.
 LAUNCH_KEYS = ("world_size",)
 SEED_RANGE = (0, 2**32)  # torch.manual_seed and numpy both take this range
@@ -158,8 +160,11 @@ class AblationConfig(JSONConfig):
 
     def _check_slice_and_seeds(self) -> None:
         """The sizes (slice, steps, batch, LoRA), the slice's start and the seeds."""
-        sizes = ("rows", "steps", "batch_size", "seq_len", "lora_r", "lora_alpha", "diag_every")
+        sizes = ("rows", "steps", "batch_size", "lora_r", "lora_alpha", "diag_every")
         self._each(lambda v: is_int(v) and v > 0, "an integer ≥ 1", *sizes)
+        # A row needs one prompt token and one response token to have a loss: the data layer checks the same rule.
+        rule = f"an integer ≥ {MIN_SEQ_LEN} (a prompt token and a response token)"
+        require(is_int(self.seq_len) and self.seq_len >= MIN_SEQ_LEN, "seq_len", rule, self.seq_len)
         require(is_int(self.start) and self.start >= 0, "start", "an integer ≥ 0", self.start)
         if isinstance(self.seeds, list) and len(self.seeds) == 1:
             self.seed, self.seeds = self.seeds[0], None  # one seed is just `seed`
