@@ -189,3 +189,32 @@ def test_hostile_requests_get_one_line_and_stay_in_their_caps(finished_run, monk
     assert {e["arm"] for e in events} == {BASE, *ARMS} and all(e["ended"] == "stopped" for e in events)
     with pytest.raises(ValueError, match="no finished run"):
         list(tryout.stream_answers(str(out.parent / "missing"), "Say hi.", "", GREEDY.to_json()))
+
+
+def test_a_run_pushed_to_the_hub_and_downloaded_answers_the_same(finished_run, tmp_path, monkeypatch) -> None:
+    """`crma generate` works on a run made anywhere: the files a push uploads, written into a fresh folder as a
+    download would, answer exactly as the run folder they came from."""
+    import huggingface_hub.constants as hf_constants
+    from hub_standin import HubStandIn, TokenInfo
+
+    from crma.ablation.output.publish import push_results
+
+    out, _, _ = finished_run
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    hub = HubStandIn({"hf_visitor": TokenInfo("alice")}).start()
+    try:
+        push_results(out, "alice/run", token="hf_visitor", endpoint=hub.url)
+        files = dict(hub.repos["alice/run"].files)
+    finally:
+        hub.stop()
+    downloaded = tmp_path / "downloaded"
+    for rel, data in files.items():
+        (downloaded / rel).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / rel).write_bytes(data)
+    with AdapterBank.from_run(out) as here, AdapterBank.from_run(downloaded) as there:
+        assert there.labels == here.labels == ARMS
+        ids = here.prompt_ids(ROW)
+        assert there.prompt_ids(ROW) == ids
+        for arm in [BASE, *ARMS]:
+            assert there.answer(arm, ids, GREEDY).token_ids == here.answer(arm, ids, GREEDY).token_ids, arm
