@@ -97,7 +97,7 @@ def test_estimate_gpu_seconds_is_monotone_and_clamped():
         for m in ("smollm2-135m", "org/Some-Model-7B")
     )
     assert large > small
-    assert estimates.estimate_gpu_seconds(_cfg({"model": "tiny-random", "steps": 1})) == low
+    assert estimates.estimate_gpu_seconds(_cfg({"model": "tiny-random", "steps": 1, "answer_rows": 0})) == low
     biggest = _cfg({"model": "mistral-7b", "steps": 1000, "seeds": "1,2,3,4,5", "arms": list(ARM_SPECS)})
     assert estimates.estimate_gpu_seconds(biggest) == high
 
@@ -139,3 +139,19 @@ def test_gpu_available_is_false_on_a_cpu_machine(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     assert estimates.gpu_available() is False
     assert estimates.device_label(_cfg({})).startswith("CPU (")
+
+
+def test_the_estimate_counts_the_end_of_run_answers():
+    cfg = _cfg({"model": "smollm2-135m", "arms": "lora,lora+crma", "eval_rows": 8, "answer_rows": 3})
+    step = estimates.estimate_step_seconds(cfg, gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS)
+    # 3 columns (base + 2 arms) x 3 prompts x 48 tokens, each at least the 0.05 s per-token overhead of generate.
+    per_token = max(step / (3 * cfg.batch_size * cfg.seq_len), 0.05)
+    assert estimates.answer_seconds(cfg, step, gpu=False) == pytest.approx(3 * 3 * 48 * per_token)
+    run = estimates.estimate_run_seconds(cfg, gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS)
+    none = estimates.estimate_run_seconds(
+        replace(cfg, answer_rows=0), gpu=False, cpu_flops=estimates.REFERENCE_CPU_FLOPS
+    )
+    assert run - none == pytest.approx(3 * 3 * 48 * per_token)
+    # No held-out rows or no saved adapters: nothing answers, nothing to wait for.
+    for quiet in (replace(cfg, eval_rows=0, val_rows=0), replace(cfg, save_adapters=False)):
+        assert estimates.answer_seconds(quiet, step, gpu=False) == 0.0

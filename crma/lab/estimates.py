@@ -208,7 +208,18 @@ def estimate_run_seconds(cfg: AblationConfig, *, gpu: bool, cpu_flops: float | N
     # A forward pass is about a third of a training step (no backward); a held-out row costs a batch row's share.
     evals = evaluations_per_seed(cfg) * arms * (cfg.val_rows + cfg.eval_rows) * step / (3 * cfg.batch_size)
     finish = 15 + 3 * arms  # adapters, report.html and the PNG charts (a headless browser starts)
-    return load + len(cfg.seed_list) * (setup + steps + evals) + finish
+    return load + len(cfg.seed_list) * (setup + steps + evals) + answer_seconds(cfg, step, gpu=gpu) + finish
+
+
+def answer_seconds(cfg: AblationConfig, step_s: float, *, gpu: bool) -> float:
+    """Time of the end-of-run answers: every arm and the base model, `answer_rows` held-out prompts of
+    `answer_tokens` tokens each; a token costs a one-token forward (a third of a step's per-token share), at least
+    the per-token overhead of `generate`: 0.05 s on CPU (SmolLM2-135M measured 0.065-0.084 s per token on 2 cores
+    shared with a training run; unloaded was not measured), 0.015 s on a GPU (a guess: no GPU was measured)."""
+    if not cfg.answer_rows or not (cfg.eval_rows or cfg.val_rows) or not cfg.save_adapters:
+        return 0.0
+    per_token = max(step_s / (3 * cfg.batch_size * cfg.seq_len), 0.015 if gpu else 0.05)
+    return (len(cfg.arm_labels) + 1) * cfg.answer_rows * cfg.answer_tokens * per_token
 
 
 def estimate_gpu_seconds(cfg: AblationConfig) -> int:
