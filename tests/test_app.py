@@ -582,6 +582,7 @@ def test_study_panel_shows_the_committed_study(in_process, toy_study, monkeypatc
     assert "Primary outcome: the final held-out (test) loss" in text and "own best LR" in text
     assert "validation rows 16–21; **the answer is the held-out loss on test rows 22–27**" in text  # toy protocol
     assert "LRs tuned: the answer is each arm at its own best LR" in text
+    assert "#### The author's claims, against this study" in text and "a lower peak gradient norm" in text
     captions = [item["caption"] for item in page.study.charts.value]
     assert captions == ["Plain training: loss", "With a spike: gradient norm"] and page.study.charts.visible
 

@@ -57,6 +57,11 @@ def test_toy_study_publishes_its_files_and_resumes_where_it_stopped(tmp_path) ->
     assert study["wall_s"] > 0 and study["cell_commits"]
     text = (out / "study.md").read_text()
     assert "## Plain" in text and "## Spike stress at step 3" in text and "Each arm's learning rate" in text
+    # The author's claims, each from its contrast in the published summary (the same table the page shows).
+    from crma.ablation.report.claims import verdict_cell
+
+    claimed = plain["attribution"]["sets"]["best_lr"]["contrasts"]["crma_with_zclip"]["metrics"]["final_test_loss"]
+    assert "## The author's claims, against this study" in text and verdict_cell(claimed) in text
     if os.path.exists("/usr/bin/chromium"):
         assert (out / "plain_lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / "spike_grad_norm.png").read_bytes()[:4] == b"\x89PNG"

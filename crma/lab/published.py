@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crma.ablation.report.blocks import to_markdown
 from crma.ablation.report.charts import CHARTS
+from crma.ablation.report.claims import claims_blocks
 from crma.ablation.report.render import attribution_markdown
 
 STUDY_DIR_ENV = "CRMA_STUDY_DIR"
@@ -100,6 +102,8 @@ def study_panel_markdown(study: dict[str, Any]) -> str:
         "",
         "A short run on one seed gives one number per effect and no interval; here each effect has a 95 % interval "
         "over the study's seeds. An interval that contains 0 means the study cannot tell the effect from noise.",
+        "",
+        to_markdown(claims_blocks(study, level=4)).strip(),
     ]
     status = study.get("status") or {}
     for name, summary in study["conditions"].items():

@@ -411,6 +411,7 @@ def study_markdown(study: dict[str, Any]) -> str:
     """`study.md`: the protocol and its cost, how each arm's LR was chosen, per condition the attribution at each
     arm's best LR and at the shared LR, and each arm's figures."""
     from ..report.charts import CHARTS
+    from ..report.claims import claims_blocks
     from ..report.render import Bullets, Heading, Para, Table, attribution_blocks, lr_selection_blocks, to_markdown
 
     p = study["protocol"]
@@ -438,6 +439,7 @@ def study_markdown(study: dict[str, Any]) -> str:
             f"ran on commit(s) {commits}; published by `{(study.get('commit') or 'unknown')[:12]}`. Reproduce: "
             "`python -m crma study` (finished cells in `runs/study/` are kept: an interrupted study continues)."
         ),
+        *claims_blocks(study, level=2),
     ]
     for name, summary in study["conditions"].items():
         title = "Plain" if name == "plain" else f"Spike stress at step {p['spike_at']} (each arm at its chosen LR)"
